@@ -1,0 +1,241 @@
+"""The bus: a mutual-TLS NATS connection for one identity, signed publishing, and guarded consumers.
+
+`Bus.publish` signs a catalogue payload and publishes it with its event id as `Nats-Msg-Id`, so a
+retried publish is stored once. `Bus.consume` runs a durable pull consumer with explicit acks: every
+message is decoded and verified by the codec before the handler sees it; rejected messages go to the
+dead-letter subject with the reason and an `event.rejected` report, and are acked so the consumer keeps
+going. A handler that raises is redelivered with back-off until the consumer's budget is spent, then
+dead-lettered: nothing is lost, nothing loops forever.
+
+Signature checks run inline: one Ed25519 verification costs tens of microseconds, less than a thread
+hop; bulk work (audit replay) batches it in a process pool instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from shared.codec import Codec, Event
+from shared.consumers import ConsumerSpec
+from shared.errors import BusError, Reason, RejectedEvent
+from shared.events import DEAD_LETTER_SUBJECT, EventRejected
+from shared.identity import Identity
+from shared.ids import derive_event_id
+from shared.models import Frozen
+from shared.natsconf import inbox_prefix
+from shared.pki import Pki
+from shared.telemetry import current_job, extract_context, get_logger, inject_context, tracer
+
+__all__ = ["Bus", "Handler", "map_nats_errors", "tls_context"]
+
+log = get_logger("qvm.bus")
+Handler = Callable[[Event], Awaitable[None]]
+
+
+@contextlib.contextmanager
+def map_nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py and socket errors into `BusError` at the boundary."""
+    try:
+        yield
+    except BusError:
+        raise
+    except (nats.errors.Error, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise BusError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def tls_context(pki: Pki, ident: Identity) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
+    cert, key = pki.tls_files(ident)
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+@dataclass
+class Bus:
+    nc: NatsClient
+    js: JetStreamContext
+    codec: Codec
+    identity: Identity
+    permission_errors: int = 0
+
+    @classmethod
+    async def connect(cls, url: str, pki: Pki, ident: Identity, *, connect_timeout: float = 5.0) -> Bus:
+        codec = Codec(pki.signer(ident), pki.load_trust())
+        holder: list[Bus] = []
+
+        async def on_error(exc: Exception) -> None:
+            if "permissions violation" in str(exc).lower():
+                if holder:
+                    holder[0].permission_errors += 1
+                log.warning("bus permission violation", extra={"error": str(exc)[:300]})
+            else:
+                log.warning("bus error", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+
+        with map_nats_errors(f"connect {ident} to {url}"):
+            nc = await nats.connect(
+                url, tls=tls_context(pki, ident), name=str(ident), inbox_prefix=inbox_prefix(ident),
+                connect_timeout=connect_timeout, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                allow_reconnect=True, error_cb=on_error,
+            )
+        bus = cls(nc, nc.jetstream(timeout=10.0), codec, ident)
+        holder.append(bus)
+        return bus
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    # ------------------------------------------------------------ publish
+    async def publish(
+        self,
+        payload: Frozen,
+        *,
+        job_id: str | None = None,
+        node_id: str | None = None,
+        event_id: str | None = None,
+        caused_by: Event | None = None,
+        discriminator: str = "",
+    ) -> bool:
+        """Sign and publish; returns False when JetStream already stored this event id (a retry).
+
+        With `caused_by`, the event id is derived from the cause's id (and `discriminator`), which makes
+        a redelivered cause produce the same event, stored once.
+        """
+        if caused_by is not None and event_id is None:
+            event_id = derive_event_id(caused_by.id, type(payload).__name__, discriminator)
+        with tracer().start_as_current_span(f"publish {type(payload).__name__}", kind=SpanKind.PRODUCER) as span:
+            out = self.codec.encode(payload, job_id=job_id, node_id=node_id, event_id=event_id,
+                                    trace=inject_context())
+            span.set_attribute("qvm.event_id", out.event_id)
+            span.set_attribute("messaging.destination.name", out.subject)
+            if job_id:
+                span.set_attribute("qvm.job_id", job_id)
+            headers = {"Nats-Msg-Id": out.event_id, **out.envelope.trace}
+            with map_nats_errors(f"publish {out.subject}"):
+                ack = await self.js.publish(out.subject, out.data, headers=headers)
+            return not ack.duplicate
+
+    # ------------------------------------------------------------ consume
+    async def ensure_consumer(self, spec: ConsumerSpec) -> str:
+        """Create or update the durable consumer (idempotent); returns its name."""
+        name = spec.name(self.identity)
+        filters = spec.filters(self.identity)
+        cfg = ConsumerConfig(
+            name=name, durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=spec.ack_wait_s, max_deliver=spec.max_deliver, max_ack_pending=4096,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
+        )
+        with map_nats_errors(f"provision consumer {name}"):
+            await self.js.add_consumer(spec.stream, config=cfg)
+        return name
+
+    async def consume(
+        self, spec: ConsumerSpec, handler: Handler, stop: asyncio.Event, *, batch: int = 128
+    ) -> None:
+        """Pull, verify, dispatch and ack until `stop` is set. Handlers of one batch run concurrently."""
+        name = await self.ensure_consumer(spec)
+        with map_nats_errors(f"bind consumer {name}"):
+            sub = await self.js.pull_subscribe_bind(name, spec.stream)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(batch, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                    return
+                except nats.errors.Error as exc:
+                    log.warning("fetch failed", extra={"consumer": name, "error": str(exc)[:300]})
+                    await asyncio.sleep(0.5)
+                    continue
+                await asyncio.gather(*(self._process(m, spec, name, handler) for m in msgs))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _process(self, msg: Msg, spec: ConsumerSpec, consumer: str, handler: Handler) -> None:
+        try:
+            event = self.codec.decode(msg.subject, msg.data)
+        except RejectedEvent as rej:
+            await self.dead_letter(msg, consumer, rej.reason, rej.detail)
+            return
+        token = current_job.set(event.job_id)
+        parent = extract_context(event.envelope.trace)
+        try:
+            with tracer().start_as_current_span(
+                f"handle {event.spec.type}", context=parent, kind=SpanKind.CONSUMER,
+                attributes={"qvm.event_id": event.id, "qvm.consumer": consumer},
+            ) as span:
+                try:
+                    await handler(event)
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(trace.Status(trace.StatusCode.ERROR))
+                    await self._handler_failed(msg, spec, consumer, event, exc)
+                    return
+            await msg.ack()
+        finally:
+            current_job.reset(token)
+
+    async def _handler_failed(
+        self, msg: Msg, spec: ConsumerSpec, consumer: str, event: Event, exc: Exception
+    ) -> None:
+        delivered = msg.metadata.num_delivered
+        log.warning("handler failed", exc_info=exc,
+                    extra={"consumer": consumer, "event_type": str(event.spec.type), "event_id": event.id,
+                           "delivery": delivered})
+        if delivered >= spec.max_deliver:
+            await self.dead_letter(msg, consumer, Reason.HANDLER_FAILED,
+                                   f"{type(exc).__name__}: {str(exc)[:500]} after {delivered} deliveries")
+            return
+        delay = spec.backoff_s[min(delivered - 1, len(spec.backoff_s) - 1)]
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+
+    async def dead_letter(self, msg: Msg, consumer: str, reason: Reason, detail: str) -> None:
+        """Store the raw message with the reason, report `event.rejected`, then ack the original."""
+        seq = msg.metadata.sequence.stream if msg.metadata else 0
+        log.warning("dead-lettered message", extra={"consumer": consumer, "reason": reason.value,
+                                                    "detail": detail[:300], "subject": msg.subject[:200],
+                                                    "stream_seq": seq})
+        headers = {
+            "Qvm-Reason": reason.value, "Qvm-Detail": detail[:1000], "Qvm-Subject": msg.subject[:500],
+            "Qvm-Stream-Seq": str(seq), "Qvm-Consumer": consumer,
+            "Nats-Msg-Id": f"dead-{consumer}-{seq}",
+        }
+        dl_subject = DEAD_LETTER_SUBJECT.format(producer=str(self.identity))
+        try:
+            with map_nats_errors("dead-letter"):
+                await self.js.publish(dl_subject, msg.data, headers=headers)
+                report = EventRejected(consumer=consumer, subject=msg.subject[:500], stream_seq=seq,
+                                       reason=reason, detail=detail[:1000], size=len(msg.data))
+                await self.publish(report)
+        except BusError as exc:
+            # Keep the original un-acked: it is redelivered and dead-lettered again later; nothing is lost.
+            log.error("dead-letter publish failed", extra={"error": str(exc)[:300]})
+            return
+        await msg.ack()
+
+    # ------------------------------------------------------------ helpers
+    async def stream_info(self, stream: str) -> Any:
+        with map_nats_errors(f"stream info {stream}"):
+            try:
+                return await self.js.stream_info(stream)
+            except NotFoundError:
+                return None
+

@@ -1,0 +1,200 @@
+"""The one way events are encoded and decoded: msgpack envelope, Ed25519 signature, catalogue checks.
+
+Wire format (msgpack): `[1, envelope_bytes, signer_identity, signature]` where `envelope_bytes` is the
+msgpack map of an `Envelope` and `signature = Ed25519(signer_key, envelope_bytes)`. Signing the exact
+bytes avoids any canonicalisation question.
+
+`decode` runs every check before a handler may see the event, in this order: size, outer shape, wire
+version, known signer, signature, envelope schema, signer == producer, known type and schema version,
+producer role allowed for the type, node-agents only for their own node, payload schema, subject ==
+the catalogue's subject for those ids. Any failure raises `RejectedEvent` with a stable `Reason`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from pydantic import Field, ValidationError, field_validator
+
+from shared.errors import Reason, RejectedEvent
+from shared.events import EventSpec, payload_field_node, spec_for, spec_of_payload, subject_for
+from shared.identity import ID_PATTERN, NODE_ID_PATTERN, Identity, Role
+from shared.ids import new_event_id
+from shared.models import Frozen
+from shared.pki import Signer, TrustBundle
+
+__all__ = ["MAX_MESSAGE_BYTES", "WIRE_VERSION", "Codec", "Envelope", "Event", "Outgoing"]
+
+WIRE_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20
+_UUID7 = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+class Envelope(Frozen):
+    """What every event carries besides its payload; signed as a whole."""
+
+    id: str = Field(pattern=_UUID7, description="UUIDv7, also the Nats-Msg-Id.")
+    type: str = Field(max_length=64)
+    v: int = Field(ge=1, le=1000, description="Schema version of the payload.")
+    time_ns: int = Field(ge=0)
+    producer: str = Field(max_length=128)
+    job_id: str | None = Field(None, pattern=ID_PATTERN)
+    node_id: str | None = Field(None, pattern=NODE_ID_PATTERN)
+    instance_id: str | None = Field(None, pattern=ID_PATTERN)
+    trace: dict[str, str] = Field(default_factory=dict, max_length=8)
+    payload: dict[str, Any]
+
+    @field_validator("trace")
+    @classmethod
+    def _small_trace(cls, v: dict[str, str]) -> dict[str, str]:
+        if any(len(k) > 64 or len(val) > 512 for k, val in v.items()):
+            raise ValueError("trace context too large")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A decoded, verified event."""
+
+    envelope: Envelope
+    payload: Frozen
+    spec: EventSpec
+    subject: str
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def job_id(self) -> str | None:
+        return self.envelope.job_id
+
+    @property
+    def node_id(self) -> str | None:
+        return self.envelope.node_id
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    subject: str
+    data: bytes
+    event_id: str
+    envelope: Envelope
+
+
+class Codec:
+    """Encode as `signer`; decode and verify against `trust`."""
+
+    def __init__(self, signer: Signer | None, trust: TrustBundle) -> None:
+        self.signer = signer
+        self.trust = trust
+
+    # ------------------------------------------------------------ encode
+    def encode(
+        self,
+        payload: Frozen,
+        *,
+        job_id: str | None = None,
+        node_id: str | None = None,
+        instance_id: str | None = None,
+        event_id: str | None = None,
+        trace: dict[str, str] | None = None,
+        time_ns: int | None = None,
+    ) -> Outgoing:
+        if self.signer is None:
+            raise RuntimeError("this codec has no signing key")
+        spec = spec_of_payload(payload)
+        producer = str(self.signer.identity)
+        if spec.node_scoped:
+            node_id = self.signer.identity.node_id
+        envelope = Envelope(
+            id=event_id or new_event_id(),
+            type=spec.type.value,
+            v=spec.version,
+            time_ns=time_ns if time_ns is not None else time.time_ns(),
+            producer=producer,
+            job_id=job_id,
+            node_id=node_id,
+            instance_id=instance_id,
+            trace=trace or {},
+            payload=payload.model_dump(mode="json"),
+        )
+        subject = subject_for(spec, job_id=job_id, node_id=node_id, producer=producer)
+        env_bytes = msgpack.packb(envelope.model_dump(mode="json"), use_bin_type=True)
+        data = msgpack.packb([WIRE_VERSION, env_bytes, producer, self.signer.sign(env_bytes)], use_bin_type=True)
+        return Outgoing(subject, data, envelope.id, envelope)
+
+    # ------------------------------------------------------------ decode
+    def decode(self, subject: str, data: bytes) -> Event:
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise RejectedEvent(Reason.TOO_LARGE, f"{len(data)} bytes")
+        outer = _unpack(data)
+        if not (isinstance(outer, list) and len(outer) == 4):
+            raise RejectedEvent(Reason.MALFORMED, "wire message is not a 4-element array")
+        version, env_bytes, signer, signature = outer
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise RejectedEvent(Reason.MALFORMED, "wire version is not an integer")
+        if version != WIRE_VERSION:
+            raise RejectedEvent(Reason.UNSUPPORTED_VERSION, f"wire version {version}")
+        if not (isinstance(env_bytes, bytes) and isinstance(signer, str) and isinstance(signature, bytes)):
+            raise RejectedEvent(Reason.MALFORMED, "wire fields have the wrong types")
+        key = self.trust.key_for(signer)
+        if key is None:
+            raise RejectedEvent(Reason.UNKNOWN_SIGNER, f"signer {signer[:128]!r} is not in the trust bundle")
+        try:
+            key.verify(signature, env_bytes)
+        except InvalidSignature:
+            raise RejectedEvent(Reason.BAD_SIGNATURE, f"signature by {signer} does not verify") from None
+        raw = _unpack(env_bytes)
+        if not isinstance(raw, dict):
+            raise RejectedEvent(Reason.MALFORMED, "envelope is not a map")
+        try:
+            envelope = Envelope.model_validate(raw)
+        except ValidationError as exc:
+            raise RejectedEvent(Reason.SCHEMA_INVALID, _short(exc)) from None
+        return self._check(subject, signer, envelope)
+
+    def _check(self, subject: str, signer: str, envelope: Envelope) -> Event:
+        if envelope.producer != signer:
+            raise RejectedEvent(Reason.PRODUCER_NOT_ALLOWED, "producer differs from signer")
+        spec = spec_for(envelope.type)
+        if spec is None:
+            raise RejectedEvent(Reason.UNKNOWN_TYPE, f"type {envelope.type!r} is not in the catalogue")
+        if envelope.v != spec.version:
+            raise RejectedEvent(Reason.UNSUPPORTED_VERSION, f"{spec.type} v{envelope.v}, expected v{spec.version}")
+        ident = Identity.parse(signer)  # trust bundle only holds valid identities
+        if ident.role not in spec.producers:
+            raise RejectedEvent(Reason.PRODUCER_NOT_ALLOWED, f"{ident.role} may not emit {spec.type}")
+        if ident.role is Role.NODE_AGENT and envelope.node_id != ident.node_id:
+            raise RejectedEvent(Reason.PRODUCER_NOT_ALLOWED, f"{signer} may not speak for node {envelope.node_id}")
+        try:
+            payload = spec.payload.model_validate(envelope.payload)
+        except ValidationError as exc:
+            raise RejectedEvent(Reason.SCHEMA_INVALID, _short(exc)) from None
+        named = payload_field_node(payload)
+        if named is not None and named != envelope.node_id:
+            raise RejectedEvent(Reason.SUBJECT_MISMATCH, "payload node differs from envelope node")
+        try:
+            expected = subject_for(spec, job_id=envelope.job_id, node_id=envelope.node_id, producer=signer)
+        except ValueError as exc:
+            raise RejectedEvent(Reason.SCHEMA_INVALID, str(exc)) from None
+        if expected != subject:
+            raise RejectedEvent(Reason.SUBJECT_MISMATCH, f"published on {subject[:200]!r}, expected {expected!r}")
+        return Event(envelope, payload, spec, subject)
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # untrusted bytes: every failure mode of the parser is a clean rejection
+        raise RejectedEvent(Reason.MALFORMED, f"not msgpack ({type(exc).__name__})") from None
+
+
+def _short(exc: ValidationError) -> str:
+    errs = exc.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errs[:3]]
+    return "; ".join(parts)[:1000]

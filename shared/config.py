@@ -1,0 +1,53 @@
+"""Settings for every qvm process, from environment variables (`QVM_*`) or a `qvm.toml`-free .env.
+
+Defaults give the embedded single-machine stack; a real deployment sets `QVM_NATS_URL` to its NATS
+cluster, `QVM_PKI_DIR` to the directory holding this process's certificates, and tunes the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+from shared.models import TrustState
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QVM_", env_file=None, extra="ignore")
+
+    state_dir: Path = Field(Path(".qvm"), description="Embedded stack state: PKI, NATS store, logs.")
+    nats_url: str | None = Field(None, description="External NATS (tls://...). Unset: the embedded server.")
+    pki_dir: Path | None = Field(None, description="Certificates; default <state_dir>/pki.")
+
+    stream_replicas: int = Field(1, ge=1, le=5, description="JetStream replicas per stream (3 on a cluster).")
+    stream_max_age_s: float = Field(90 * 86400, gt=0, description="How long lifecycle events are kept.")
+    dead_letter_max_age_s: float = Field(30 * 86400, gt=0)
+    duplicate_window_s: float = Field(600, gt=0, description="Nats-Msg-Id dedupe window.")
+
+    min_trust: TrustState = Field(TrustState.TRUSTED, description="Lowest node trust the scheduler places on.")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    offline_after_s: float = Field(20.0, gt=0, description="A node silent this long is offline.")
+    sweep_interval_s: float = Field(2.0, gt=0)
+
+    deadline_pending_s: float = Field(3600, gt=0, description="Longest a job may wait for capacity.")
+    deadline_placed_s: float = Field(60, gt=0, description="Longest a node may take to accept.")
+    deadline_provisioning_s: float = Field(900, gt=0, description="Longest from accept to a running VM.")
+
+    node_id: str | None = Field(None, description="The node-agent's node id (default: from the hostname).")
+
+    @property
+    def pki_path(self) -> Path:
+        return self.pki_dir or self.state_dir / "pki"
+
+    def resolve_nats_url(self) -> str:
+        if self.nats_url:
+            return self.nats_url
+        f = self.state_dir / "nats.url"
+        if f.exists():
+            return f.read_text().strip()
+        raise ConfigError("no NATS url: set QVM_NATS_URL or start the embedded stack with `qvm up`")

@@ -1,0 +1,61 @@
+"""Every durable JetStream consumer qvm uses, declared next to the catalogue.
+
+Declaring consumers (who reads which events from which stream) lets the NATS permission generator grant
+each identity exactly the consumers it owns, and lets `qvm up` and the services provision them
+idempotently. Node-agent consumers are per node: their name and filter carry the node id, so an agent
+can only ever read its own assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.events import CATALOGUE, STREAMS, Domain, EventType, subject_filter
+from shared.identity import Identity, Role
+
+__all__ = ["CONSUMERS", "ConsumerSpec", "consumers_for"]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    key: str
+    role: Role
+    domain: Domain
+    events: tuple[EventType, ...]
+    description: str
+    max_deliver: int = 6
+    backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    ack_wait_s: float = 30.0
+
+    @property
+    def stream(self) -> str:
+        return STREAMS[self.domain].name
+
+    def name(self, ident: Identity) -> str:
+        return f"{ident.token}-{self.key}"
+
+    def filters(self, ident: Identity) -> list[str]:
+        fixed = {"node_id": ident.node_id} if ident.role is Role.NODE_AGENT and ident.node_id else {}
+        return [subject_filter(CATALOGUE[e], **fixed) for e in self.events]
+
+
+E = EventType
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    ConsumerSpec("jobs", Role.SCHEDULER, Domain.JOBS,
+                 (E.JOB_SUBMITTED, E.JOB_REFUSED, E.JOB_FAILED, E.JOB_CANCELLED, E.JOB_ACCEPTED),
+                 "Placement work, shared by all scheduler replicas."),
+    ConsumerSpec("nodes", Role.SCHEDULER, Domain.NODES, (E.NODE_REGISTERED, E.NODE_HEARTBEAT),
+                 "Registry updates, shared by all scheduler replicas."),
+    ConsumerSpec("teardown", Role.SCHEDULER, Domain.TEARDOWN, (E.TEARDOWN_REQUESTED,),
+                 "Free a torn-down job's claim."),
+    ConsumerSpec("assignments", Role.NODE_AGENT, Domain.JOBS, (E.JOB_PLACED,),
+                 "This node's assignments only."),
+    ConsumerSpec("teardown", Role.NODE_AGENT, Domain.TEARDOWN, (E.TEARDOWN_REQUESTED,),
+                 "Teardown requests for this node only."),
+    ConsumerSpec("offline", Role.JANITOR, Domain.NODES, (E.NODE_OFFLINE,),
+                 "Nodes gone offline: fail and tear down their jobs."),
+)
+
+
+def consumers_for(ident: Identity) -> list[ConsumerSpec]:
+    return [c for c in CONSUMERS if c.role is ident.role]

@@ -1,0 +1,292 @@
+"""The event catalogue: the single source of truth for every event's schema, subject, stream and parties.
+
+Each lifecycle event is one `EventSpec`: its payload model, its subject template, the stream (domain)
+that stores it, the roles allowed to produce it and the roles that consume it. Nothing in qvm builds a
+subject string by hand: services call `subject_for(...)`, the NATS permission generator and the docs
+generator read `CATALOGUE`, and the codec checks every received event against its spec.
+
+Subject templates use `{job_id}`, `{node_id}` and `{producer}`; `node_scoped` events carry the producing
+node's id in the subject, which is what lets the NATS server itself refuse a node-agent that publishes
+for another node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import Field
+
+from shared.errors import Reason
+from shared.identity import JobId, NodeId, Role
+from shared.models import Frozen, HardwareProfile, Inventory, ResourceClaim, SecurityLevel
+
+__all__ = [
+    "CATALOGUE",
+    "DEAD_LETTER_SUBJECT",
+    "STREAMS",
+    "Domain",
+    "EventRejected",
+    "EventSpec",
+    "EventType",
+    "JobAccepted",
+    "JobCancelRequested",
+    "JobCancelled",
+    "JobFailed",
+    "JobPending",
+    "JobPlaced",
+    "JobRefused",
+    "JobSubmitted",
+    "NodeHeartbeat",
+    "NodeOffline",
+    "NodeRegistered",
+    "StreamSpec",
+    "TeardownRequested",
+    "spec_for",
+    "subject_for",
+]
+
+
+class Domain(StrEnum):
+    """One JetStream stream per lifecycle domain."""
+
+    JOBS = "jobs"
+    NODES = "nodes"
+    ATTESTATION = "attestation"
+    KEYS = "keys"
+    TEARDOWN = "teardown"
+    DEAD = "dead"  # dead letters and `event.rejected` reports
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    domain: Domain
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+
+
+STREAMS: Mapping[Domain, StreamSpec] = {
+    d: StreamSpec(d, f"QVM_{d.value.upper()}", (f"qvm.{d.value}.>",), desc)
+    for d, desc in [
+        (Domain.JOBS, "Job lifecycle: submission, placement, acceptance, failure, cancellation."),
+        (Domain.NODES, "Node registration, heartbeats and liveness."),
+        (Domain.ATTESTATION, "Challenges, evidence and attestation results."),
+        (Domain.KEYS, "Wrapped key releases and key destruction."),
+        (Domain.TEARDOWN, "Teardown requests and wipe evidence."),
+        (Domain.DEAD, "Poison messages with the reason, and signed event.rejected reports."),
+    ]
+}
+
+
+class EventType(StrEnum):
+    JOB_SUBMITTED = "job.submitted"
+    JOB_PENDING = "job.pending"
+    JOB_PLACED = "job.placed"
+    JOB_ACCEPTED = "job.accepted"
+    JOB_REFUSED = "job.refused"
+    JOB_CANCEL_REQUESTED = "job.cancel_requested"
+    JOB_CANCELLED = "job.cancelled"
+    JOB_FAILED = "job.failed"
+    NODE_REGISTERED = "node.registered"
+    NODE_HEARTBEAT = "node.heartbeat"
+    NODE_OFFLINE = "node.offline"
+    TEARDOWN_REQUESTED = "teardown.requested"
+    EVENT_REJECTED = "event.rejected"
+
+
+# ---------------------------------------------------------------- payloads
+
+
+class JobSubmitted(Frozen):
+    """A client's job, as the marketplace hands it to qvm."""
+
+    owner: str = Field(max_length=128, description="The client (marketplace account) that owns the job.")
+    image: str = Field(max_length=512, description="Guest image reference (a signed image bundle).")
+    command: tuple[str, ...] = Field((), max_length=256, description="Workload argv inside the guest.")
+    profile: HardwareProfile = HardwareProfile()
+    security: SecurityLevel = SecurityLevel.BASIC
+    max_runtime_s: int = Field(3600, ge=1, le=30 * 86400, description="Hard limit on the workload's run time.")
+
+
+class JobPending(Frozen):
+    """No node can take the job now; it stays queued and is retried when capacity appears."""
+
+    reason: str = Field(max_length=64, examples=["no_capacity", "no_trusted_node"])
+    detail: str = Field("", max_length=1024)
+
+
+class JobPlaced(Frozen):
+    node_id: NodeId
+    attempt: int = Field(ge=0, description="Placement attempt; a refusal starts the next one.")
+    claim: ResourceClaim
+
+
+class JobAccepted(Frozen):
+    node_id: NodeId
+    attempt: int = Field(ge=0)
+
+
+class JobRefused(Frozen):
+    node_id: NodeId
+    attempt: int = Field(ge=0)
+    reason: str = Field(max_length=64, examples=["insufficient_ram", "gpu_missing"])
+    detail: str = Field("", max_length=1024)
+
+
+class JobCancelRequested(Frozen):
+    reason: str = Field("client_request", max_length=256)
+
+
+class JobCancelled(Frozen):
+    reason: str = Field(max_length=256)
+
+
+class JobFailed(Frozen):
+    reason: str = Field(max_length=64, examples=["deadline_exceeded", "node_lost"])
+    detail: str = Field("", max_length=1024)
+    phase: str = Field("", max_length=32, description="The job state the failure happened in.")
+
+
+class NodeRegistered(Frozen):
+    inventory: Inventory
+    agent_version: str = Field(max_length=64)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class NodeHeartbeat(Frozen):
+    seq: int = Field(ge=0, description="Monotonic per agent run.")
+    jobs: tuple[JobId, ...] = Field((), max_length=4096, description="Jobs the agent currently holds.")
+
+
+class NodeOffline(Frozen):
+    last_seen_ns: int = Field(ge=0)
+    reason: str = Field("heartbeat_timeout", max_length=64)
+
+
+class TeardownRequested(Frozen):
+    node_id: NodeId
+    reason: str = Field(max_length=64)
+
+
+class EventRejected(Frozen):
+    """A consumer refused a message before any handler saw it; the raw message is in the dead letters."""
+
+    consumer: str = Field(max_length=128)
+    subject: str = Field(max_length=512)
+    stream_seq: int = Field(ge=0)
+    reason: Reason
+    detail: str = Field(max_length=1024)
+    size: int = Field(ge=0)
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: EventType
+    payload: type[Frozen]
+    domain: Domain
+    subject: str  # template
+    producers: frozenset[Role]
+    consumers: frozenset[Role]
+    description: str
+    version: int = 1
+
+    @property
+    def node_scoped(self) -> bool:
+        """The producer's node id is part of the subject (node-agent events)."""
+        return Role.NODE_AGENT in self.producers and "{node_id}" in self.subject
+
+
+_ALL_SERVICES = frozenset(
+    {Role.SCHEDULER, Role.NODE_AGENT, Role.ATTESTATION_VERIFIER, Role.KEY_BROKER, Role.JANITOR}
+)
+_R = Role
+
+
+def _spec(
+    t: EventType,
+    payload: type[Frozen],
+    subject: str,
+    producers: set[Role],
+    consumers: set[Role],
+    description: str,
+) -> EventSpec:
+    domain = Domain(subject.split(".")[1])
+    return EventSpec(t, payload, domain, subject, frozenset(producers), frozenset(consumers), description)
+
+
+_SPECS = [
+    _spec(EventType.JOB_SUBMITTED, JobSubmitted, "qvm.jobs.{job_id}.submitted",
+          {_R.MARKETPLACE}, {_R.SCHEDULER, _R.JANITOR}, "A client job enters qvm."),
+    _spec(EventType.JOB_PENDING, JobPending, "qvm.jobs.{job_id}.pending",
+          {_R.SCHEDULER}, {_R.JANITOR}, "No node fits now; the job waits for capacity."),
+    _spec(EventType.JOB_PLACED, JobPlaced, "qvm.jobs.{job_id}.placed.{node_id}",
+          {_R.SCHEDULER}, {_R.NODE_AGENT, _R.JANITOR},
+          "Capacity reserved on a node; the subject is that node's assignment queue."),
+    _spec(EventType.JOB_ACCEPTED, JobAccepted, "qvm.jobs.{job_id}.accepted.{node_id}",
+          {_R.NODE_AGENT}, {_R.SCHEDULER, _R.JANITOR}, "The node's own hardware check passed."),
+    _spec(EventType.JOB_REFUSED, JobRefused, "qvm.jobs.{job_id}.refused.{node_id}",
+          {_R.NODE_AGENT}, {_R.SCHEDULER, _R.JANITOR},
+          "The node's hardware check failed; the scheduler releases the claim and places again."),
+    _spec(EventType.JOB_CANCEL_REQUESTED, JobCancelRequested, "qvm.jobs.{job_id}.cancel_requested",
+          {_R.MARKETPLACE}, {_R.SCHEDULER, _R.JANITOR}, "The client asks to stop the job."),
+    _spec(EventType.JOB_CANCELLED, JobCancelled, "qvm.jobs.{job_id}.cancelled",
+          {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job was cancelled."),
+    _spec(EventType.JOB_FAILED, JobFailed, "qvm.jobs.{job_id}.failed",
+          {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job failed, with a reason code."),
+    _spec(EventType.NODE_REGISTERED, NodeRegistered, "qvm.nodes.{node_id}.registered",
+          {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent announces itself with its measured inventory."),
+    _spec(EventType.NODE_HEARTBEAT, NodeHeartbeat, "qvm.nodes.{node_id}.heartbeat",
+          {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent is alive."),
+    _spec(EventType.NODE_OFFLINE, NodeOffline, "qvm.nodes.{node_id}.offline",
+          {_R.SCHEDULER}, {_R.JANITOR}, "A node's heartbeats stopped."),
+    _spec(EventType.TEARDOWN_REQUESTED, TeardownRequested, "qvm.teardown.{job_id}.requested.{node_id}",
+          {_R.JANITOR}, {_R.NODE_AGENT, _R.SCHEDULER}, "Tear a job down on its node and free its claim."),
+    _spec(EventType.EVENT_REJECTED, EventRejected, "qvm.dead.rejected.{producer}",
+          set(_ALL_SERVICES), {_R.ADMIN}, "A consumer dead-lettered a message, with the reason."),
+]
+
+DEAD_LETTER_SUBJECT = "qvm.dead.raw.{producer}"
+"""Raw poison messages, stored unchanged with `Qvm-Reason`, `Qvm-Detail`, `Qvm-Subject` and
+`Qvm-Stream-Seq` headers; not an envelope, so not a catalogue entry."""
+
+CATALOGUE: Mapping[EventType, EventSpec] = {s.type: s for s in _SPECS}
+_BY_NAME: Mapping[str, EventSpec] = {s.type.value: s for s in _SPECS}
+_BY_PAYLOAD: Mapping[type[Frozen], EventSpec] = {s.payload: s for s in _SPECS}
+
+
+def spec_for(type_name: str) -> EventSpec | None:
+    return _BY_NAME.get(type_name)
+
+
+def spec_of_payload(payload: Frozen) -> EventSpec:
+    return _BY_PAYLOAD[type(payload)]
+
+
+def subject_for(
+    spec: EventSpec, *, job_id: str | None = None, node_id: str | None = None, producer: str | None = None
+) -> str:
+    """Render a spec's subject; every placeholder it names must be given."""
+    values = {"job_id": job_id, "node_id": node_id, "producer": producer}
+    needed = {k: v for k, v in values.items() if "{" + k + "}" in spec.subject}
+    missing = [k for k, v in needed.items() if not v]
+    if missing:
+        raise ValueError(f"{spec.type}: subject needs {', '.join(missing)}")
+    return spec.subject.format(**needed)
+
+
+def subject_filter(spec: EventSpec, **fixed: str) -> str:
+    """The subject with every placeholder not fixed replaced by a wildcard (for consumers, permissions)."""
+    values = {"job_id": "*", "node_id": "*", "producer": ">"}
+    values.update(fixed)
+    return spec.subject.format(**values)
+
+
+def payload_field_node(payload: Frozen) -> str | None:
+    """Events whose payload names a node (placed/accepted/refused) must agree with their subject."""
+    node = getattr(payload, "node_id", None)
+    return node if isinstance(node, str) else None

@@ -1,0 +1,133 @@
+"""The job lifecycle as an explicit state machine; a job's state is a fold of its events.
+
+    (none) --submitted--> pending --placed--> placed --accepted--> provisioning --> attesting
+    pending <--refused-- placed            --> keys-released --> running --> stopping --> cleaning --> done
+    any non-terminal --failed--> failed(reason);  any non-terminal --cancelled--> cancelled
+
+Later phases (provisioning .. done) are entered by the events their issues add. `apply` returns the new
+view or raises `TransitionNotAllowed`; it never mutates. Re-applying an event already folded (same id,
+as on JetStream redelivery) is a no-op, which keeps every consumer idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from shared.codec import Event
+from shared.errors import TransitionNotAllowed
+from shared.events import EventType, JobCancelRequested, JobFailed, JobPlaced, JobRefused, JobSubmitted
+
+__all__ = ["TERMINAL", "JobBook", "JobState", "JobView", "apply"]
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    PLACED = "placed"
+    PROVISIONING = "provisioning"
+    ATTESTING = "attesting"
+    KEYS_RELEASED = "keys-released"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CLEANING = "cleaning"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+_ACTIVE = frozenset(JobState) - TERMINAL
+_S = JobState
+
+# event type -> (states it may arrive in; None = the job does not exist yet)
+ALLOWED_FROM: dict[EventType, frozenset[JobState | None]] = {
+    EventType.JOB_SUBMITTED: frozenset({None}),
+    EventType.JOB_PENDING: frozenset({_S.PENDING}),
+    EventType.JOB_PLACED: frozenset({_S.PENDING}),
+    EventType.JOB_ACCEPTED: frozenset({_S.PLACED}),
+    EventType.JOB_REFUSED: frozenset({_S.PLACED}),
+    EventType.JOB_CANCEL_REQUESTED: frozenset(_ACTIVE),
+    EventType.JOB_CANCELLED: frozenset(_ACTIVE),
+    EventType.JOB_FAILED: frozenset(_ACTIVE),
+}
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What the fold knows about one job."""
+
+    job_id: str
+    state: JobState
+    since_ns: int
+    spec: JobSubmitted | None = None
+    node_id: str | None = None
+    attempt: int = 0
+    reason: str = ""
+    cancel_requested: bool = False
+    submitted_id: str = ""
+    seen: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def apply(view: JobView | None, event: Event) -> JobView:
+    """Fold one job event into the view (pure)."""
+    job_id = event.job_id or ""
+    if view is not None and event.id in view.seen:
+        return view
+    etype = EventType(event.spec.type)
+    allowed = ALLOWED_FROM.get(etype)
+    current = view.state if view else None
+    if allowed is None or current not in allowed:
+        raise TransitionNotAllowed(job_id, str(current) if current else "absent", etype.value)
+    p = event.payload
+    t = event.envelope.time_ns
+    if view is None:
+        assert isinstance(p, JobSubmitted)
+        return JobView(job_id, _S.PENDING, t, spec=p, submitted_id=event.id, seen=frozenset({event.id}))
+    seen = view.seen | {event.id}
+    match etype:
+        case EventType.JOB_PENDING:
+            return replace(view, seen=seen, reason=getattr(p, "reason", ""))
+        case EventType.JOB_PLACED:
+            assert isinstance(p, JobPlaced)
+            return replace(view, state=_S.PLACED, since_ns=t, node_id=p.node_id, attempt=p.attempt, seen=seen)
+        case EventType.JOB_ACCEPTED | EventType.JOB_REFUSED:
+            if event.node_id != view.node_id or getattr(p, "attempt", -1) != view.attempt:
+                raise TransitionNotAllowed(job_id, f"{view.state} on {view.node_id}#{view.attempt}", etype.value)
+            if isinstance(p, JobRefused):
+                return replace(view, state=_S.PENDING, since_ns=t, node_id=None, attempt=view.attempt + 1,
+                               reason=p.reason, seen=seen)
+            return replace(view, state=_S.PROVISIONING, since_ns=t, seen=seen)
+        case EventType.JOB_CANCEL_REQUESTED:
+            assert isinstance(p, JobCancelRequested)
+            return replace(view, cancel_requested=True, reason=p.reason, seen=seen)
+        case EventType.JOB_CANCELLED:
+            return replace(view, state=_S.CANCELLED, since_ns=t, reason=getattr(p, "reason", ""), seen=seen)
+        case EventType.JOB_FAILED:
+            assert isinstance(p, JobFailed)
+            return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
+    raise TransitionNotAllowed(job_id, str(view.state), etype.value)  # pragma: no cover - table is exhaustive
+
+
+class JobBook:
+    """Every job's view, folded from the job stream (in stream order)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobView] = {}
+
+    def apply(self, event: Event) -> JobView:
+        """Fold one event; raises `TransitionNotAllowed` and leaves the book unchanged when illegal."""
+        job_id = event.job_id or ""
+        new = apply(self.jobs.get(job_id), event)
+        self.jobs[job_id] = new
+        return new
+
+    def active(self) -> Iterable[JobView]:
+        return (v for v in self.jobs.values() if not v.terminal)
+
+    def get(self, job_id: str) -> JobView | None:
+        return self.jobs.get(job_id)

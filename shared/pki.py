@@ -1,0 +1,264 @@
+"""Development PKI: one CA, a TLS server certificate, and per identity a TLS client certificate and an
+Ed25519 event-signing certificate.
+
+The TLS client certificate's SAN (DNS) is the identity; NATS maps it to a user (`verify_and_map`), so the
+bus knows who is connected without passwords. The Ed25519 signing certificate binds an identity to the
+key that signs its events; consumers only trust signing keys whose certificate our CA issued (the trust
+bundle). Private keys are written 0600 and never leave their owner's directory.
+
+Layout under the PKI directory:
+    ca.pem, ca-key.pem, server.pem, server-key.pem, trust-bundle.pem
+    identities/<identity>/{tls.pem, tls-key.pem, sign.pem, sign-key.pem}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.errors import PkiError
+from shared.identity import SERVICE_ROLES, Identity, Role
+
+__all__ = [
+    "DEFAULT_IDENTITIES",
+    "Pki",
+    "Signer",
+    "TrustBundle",
+]
+
+VALIDITY = dt.timedelta(days=825)
+DEFAULT_IDENTITIES: tuple[Identity, ...] = tuple(
+    Identity(r) for r in (*SERVICE_ROLES, Role.MARKETPLACE, Role.ADMIN) if r is not Role.NODE_AGENT
+)
+
+
+@dataclass(frozen=True)
+class Signer:
+    """An identity and the private key that signs its events (held in memory)."""
+
+    identity: Identity
+    key: ed25519.Ed25519PrivateKey
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
+
+
+class TrustBundle:
+    """Signing keys of every identity our CA vouches for, looked up by identity string."""
+
+    def __init__(self, keys: dict[str, ed25519.Ed25519PublicKey]) -> None:
+        self._keys = keys
+
+    def key_for(self, identity: str) -> ed25519.Ed25519PublicKey | None:
+        return self._keys.get(identity)
+
+    def identities(self) -> list[str]:
+        return sorted(self._keys)
+
+    @classmethod
+    def load(cls, bundle_pem: bytes, ca_pem: bytes, *, now: dt.datetime | None = None) -> TrustBundle:
+        """Load signing certificates, keeping only Ed25519 ones issued by the CA and valid now."""
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        now = now or dt.datetime.now(dt.UTC)
+        keys: dict[str, ed25519.Ed25519PublicKey] = {}
+        for cert in x509.load_pem_x509_certificates(bundle_pem):
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                raise PkiError(f"signing certificate {cert.subject.rfc4514_string()} not issued by CA") from exc
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                raise PkiError(f"signing certificate {cert.subject.rfc4514_string()} is expired")
+            key = cert.public_key()
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise PkiError("signing certificates must hold Ed25519 keys")
+            keys[_identity_of(cert)] = key
+        return cls(keys)
+
+
+def _identity_of(cert: x509.Certificate) -> str:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = san.get_values_for_type(x509.DNSName)
+    if len(names) != 1:
+        raise PkiError("a qvm certificate names exactly one identity")
+    Identity.parse(names[0])  # validates
+    return names[0]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class Pki:
+    """A PKI directory: create it, issue identities, and load what services need."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # ---- paths
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server-key.pem"
+
+    @property
+    def trust_bundle(self) -> Path:
+        return self.root / "trust-bundle.pem"
+
+    def identity_dir(self, identity: Identity | str) -> Path:
+        return self.root / "identities" / str(identity)
+
+    def exists(self) -> bool:
+        return self.ca_cert.exists() and (self.root / "ca-key.pem").exists()
+
+    def identities(self) -> list[Identity]:
+        base = self.root / "identities"
+        if not base.is_dir():
+            return []
+        return sorted((Identity.parse(p.name) for p in base.iterdir() if p.is_dir()), key=str)
+
+    # ---- creation
+    def init(self, nodes: Iterable[str] = (), extra: Iterable[Identity] = ()) -> list[Identity]:
+        """Create the CA and server certificate once, then issue any identity not yet issued."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        if not self.exists():
+            self._create_ca()
+            self._issue_server()
+        wanted = [*DEFAULT_IDENTITIES, *(Identity(Role.NODE_AGENT, n) for n in nodes), *extra]
+        issued = [i for i in wanted if not (self.identity_dir(i) / "sign.pem").exists()]
+        for ident in issued:
+            self.issue(ident, write_bundle=False)
+        self.write_trust_bundle()
+        return issued
+
+    def _create_ca(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qvm development CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(self.root / "ca-key.pem", _pem_key(key))
+        self.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key((self.root / "ca-key.pem").read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError("CA key must be ECDSA")
+        return cert, key
+
+    def _build(
+        self,
+        public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey,
+        cn: str,
+        san: list[x509.GeneralName],
+        eku: list[x509.ObjectIdentifier] | None,
+    ) -> bytes:
+        ca_cert, ca_key = self._ca()
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        )
+        if eku:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def _issue_server(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        san: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.DNSName("nats"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+        pem = self._build(key.public_key(), "qvm nats", san, [ExtendedKeyUsageOID.SERVER_AUTH,
+                                                                ExtendedKeyUsageOID.CLIENT_AUTH])
+        _write_private(self.server_key, _pem_key(key))
+        self.server_cert.write_bytes(pem)
+
+    def issue(self, ident: Identity, *, write_bundle: bool = True) -> None:
+        """Issue the TLS client and Ed25519 signing certificates for one identity."""
+        d = self.identity_dir(ident)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        san: list[x509.GeneralName] = [x509.DNSName(str(ident))]
+        tls_key = ec.generate_private_key(ec.SECP256R1())
+        tls = self._build(tls_key.public_key(), str(ident), san, [ExtendedKeyUsageOID.CLIENT_AUTH])
+        sign_key = ed25519.Ed25519PrivateKey.generate()
+        sign = self._build(sign_key.public_key(), str(ident), san, None)
+        _write_private(d / "tls-key.pem", _pem_key(tls_key))
+        (d / "tls.pem").write_bytes(tls)
+        _write_private(d / "sign-key.pem", _pem_key(sign_key))
+        (d / "sign.pem").write_bytes(sign)
+        if write_bundle:
+            self.write_trust_bundle()
+
+    def write_trust_bundle(self) -> None:
+        certs = [self.identity_dir(i) / "sign.pem" for i in self.identities()]
+        self.trust_bundle.write_bytes(b"".join(p.read_bytes() for p in certs if p.exists()))
+
+    # ---- loading
+    def signer(self, ident: Identity) -> Signer:
+        path = self.identity_dir(ident) / "sign-key.pem"
+        if not path.exists():
+            raise PkiError(f"no signing key for {ident} under {self.root} (run `qvm pki init`)")
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise PkiError(f"signing key of {ident} is not Ed25519")
+        return Signer(ident, key)
+
+    def load_trust(self) -> TrustBundle:
+        if not self.trust_bundle.exists() or not self.ca_cert.exists():
+            raise PkiError(f"no trust bundle under {self.root} (run `qvm pki init`)")
+        return TrustBundle.load(self.trust_bundle.read_bytes(), self.ca_cert.read_bytes())
+
+    def tls_files(self, ident: Identity) -> tuple[Path, Path]:
+        d = self.identity_dir(ident)
+        if not (d / "tls.pem").exists():
+            raise PkiError(f"no TLS client certificate for {ident} under {self.root}")
+        return d / "tls.pem", d / "tls-key.pem"

@@ -1,0 +1,137 @@
+"""Tracing and structured logs.
+
+Every publish and every handler is an OpenTelemetry span. The W3C trace context is injected into the
+NATS headers and into the (signed) envelope, and a handler's span continues the trace of the event it
+handles, so one job is one trace across all services. Logs are JSON lines carrying the service, job id
+and trace id; callers pass ids and reason codes, never key material or payload contents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+__all__ = [
+    "JsonFormatter",
+    "current_job",
+    "extract_context",
+    "get_logger",
+    "inject_context",
+    "setup_logging",
+    "setup_tracing",
+    "tracer",
+]
+
+current_job: ContextVar[str | None] = ContextVar("qvm_job", default=None)
+_service: ContextVar[str] = ContextVar("qvm_service", default="qvm")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, service, logger, message, job and trace ids, extras."""
+
+    _skip = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        span = trace.get_current_span().get_span_context()
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "service": _service.get(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        job = current_job.get()
+        if job:
+            out["job_id"] = job
+        if span.is_valid:
+            out["trace_id"] = format(span.trace_id, "032x")
+        for k, v in record.__dict__.items():
+            if k not in self._skip and not k.startswith("_"):
+                out[k] = v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        return json.dumps(out, separators=(",", ":"))
+
+
+def setup_logging(service: str, level: str | None = None) -> None:
+    _service.set(service)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("QVM_LOG_LEVEL", "INFO")).upper())
+    logging.getLogger("nats").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # ssl eof_received chatter on close
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+class JsonlSpanExporter(SpanExporter):
+    """Appends finished spans as JSON lines to a file (QVM_TRACE_FILE); enough to follow one job's trace
+    without running a collector. Production deployments swap in an OTLP exporter."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with open(self._path, "a", encoding="utf-8") as f:
+            for s in spans:
+                ctx = s.get_span_context()
+                parent = s.parent.span_id if s.parent else None
+                f.write(json.dumps({
+                    "name": s.name, "trace_id": format(ctx.trace_id, "032x") if ctx else None,
+                    "span_id": format(ctx.span_id, "016x") if ctx else None,
+                    "parent_id": format(parent, "016x") if parent else None,
+                    "service": _service.get(), "start_ns": s.start_time, "end_ns": s.end_time,
+                    "attributes": dict(s.attributes or {}),
+                }) + "\n")
+        return SpanExportResult.SUCCESS
+
+
+_configured = False
+
+
+def setup_tracing(service: str) -> None:
+    """Install a tracer provider once per process; export to QVM_TRACE_FILE when it is set."""
+    global _configured
+    if _configured:
+        return
+    provider = TracerProvider()
+    path = os.environ.get("QVM_TRACE_FILE")
+    if path:
+        provider.add_span_processor(SimpleSpanProcessor(JsonlSpanExporter(path)))
+    trace.set_tracer_provider(provider)
+    _service.set(service)
+    _configured = True
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("qvm")
+
+
+def inject_context() -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str]) -> otel_context.Context:
+    return extract(dict(carrier))
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000
