@@ -53,7 +53,7 @@ def map_nats_errors(what: str) -> Iterator[None]:
         yield
     except BusError:
         raise
-    except (nats.errors.Error, OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError, ssl.SSLError) as exc:
         raise BusError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -155,7 +155,7 @@ class Bus:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                     return
@@ -214,7 +214,7 @@ class Bus:
                                                     "detail": detail[:300], "subject": msg.subject[:200],
                                                     "stream_seq": seq})
         headers = {
-            "Qvm-Reason": reason.value, "Qvm-Detail": detail[:1000], "Qvm-Subject": msg.subject[:500],
+            "Qvm-Reason": reason.value, "Qvm-Detail": _header_safe(detail[:1000]), "Qvm-Subject": msg.subject[:500],
             "Qvm-Stream-Seq": str(seq), "Qvm-Consumer": consumer,
             "Nats-Msg-Id": f"dead-{consumer}-{seq}",
         }
@@ -239,3 +239,8 @@ class Bus:
             except NotFoundError:
                 return None
 
+
+
+def _header_safe(text: str) -> str:
+    """NATS headers are line-based: no CR/LF or other control characters in a value."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)

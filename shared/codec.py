@@ -109,8 +109,8 @@ class Codec:
             raise RuntimeError("this codec has no signing key")
         spec = spec_of_payload(payload)
         producer = str(self.signer.identity)
-        if spec.node_scoped:
-            node_id = self.signer.identity.node_id
+        if self.signer.identity.node_id is not None:
+            node_id = self.signer.identity.node_id  # a node-agent only ever speaks for its own node
         envelope = Envelope(
             id=event_id or new_event_id(),
             type=spec.type.value,

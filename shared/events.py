@@ -12,6 +12,7 @@ for another node.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -187,7 +188,7 @@ class EventRejected(Frozen):
 @dataclass(frozen=True)
 class EventSpec:
     type: EventType
-    payload: type[Frozen]
+    payload: builtins.type[Frozen]
     domain: Domain
     subject: str  # template
     producers: frozenset[Role]
@@ -233,7 +234,7 @@ _SPECS = [
           {_R.NODE_AGENT}, {_R.SCHEDULER, _R.JANITOR},
           "The node's hardware check failed; the scheduler releases the claim and places again."),
     _spec(EventType.JOB_CANCEL_REQUESTED, JobCancelRequested, "qvm.jobs.{job_id}.cancel_requested",
-          {_R.MARKETPLACE}, {_R.SCHEDULER, _R.JANITOR}, "The client asks to stop the job."),
+          {_R.MARKETPLACE}, {_R.JANITOR}, "The client asks to stop the job."),
     _spec(EventType.JOB_CANCELLED, JobCancelled, "qvm.jobs.{job_id}.cancelled",
           {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job was cancelled."),
     _spec(EventType.JOB_FAILED, JobFailed, "qvm.jobs.{job_id}.failed",

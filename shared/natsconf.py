@@ -56,13 +56,14 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
         # Folding job history at start: ordered (ephemeral) consumers on the jobs stream.
         jobs = STREAMS[Domain.JOBS].name
         pub += [f"$JS.API.CONSUMER.CREATE.{jobs}", f"$JS.API.CONSUMER.CREATE.{jobs}.>",
-                f"$JS.API.CONSUMER.DELETE.{jobs}.>", f"$JS.FC.{jobs}.>", f"$JS.API.STREAM.INFO.{jobs}"]
+                f"$JS.API.CONSUMER.DELETE.{jobs}.>", f"$JS.FC.{jobs}.>", f"$JS.API.STREAM.INFO.{jobs}",
+                f"$JS.API.CONSUMER.INFO.{jobs}.*"]
     if ident.role is Role.SCHEDULER:
         for bucket in KV_BUCKETS:
             pub += [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
                     f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
                     f"$JS.API.CONSUMER.CREATE.KV_{bucket}.>", f"$JS.API.CONSUMER.DELETE.KV_{bucket}.>",
-                    f"$JS.FC.KV_{bucket}.>"]
+                    f"$JS.FC.KV_{bucket}.>", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*"]
     return {"publish": {"allow": sorted(set(pub))}, "subscribe": {"allow": sub}}
 
 

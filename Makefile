@@ -1,0 +1,45 @@
+# The README's two commands are `make demo` and `make test`; both run `setup` first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qvm-installed
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential
+
+.PHONY: setup apt demo test bench lint docs clean
+
+setup: $(STAMP) apt
+
+$(STAMP): pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 (3.11+) is required"; exit 1; }
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# Debian packages later phases need (TPM, QEMU, cryptsetup); installed only when missing.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  echo "installing: $$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+demo: setup
+	$(VENV)/bin/qvm demo
+
+test: setup
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/mypy
+
+docs: setup
+	$(PY) -m shared.docsgen > docs/events.md
+
+clean:
+	rm -rf .qvm $(VENV) *.egg-info

@@ -1,0 +1,8 @@
+"""`python -m services.janitor`: deadline and orphan sweeps, teardown requests."""
+
+from services.janitor.service import Janitor
+from shared.identity import Identity, Role
+from shared.runtime import serve
+
+if __name__ == "__main__":
+    serve("janitor", lambda s: Identity(Role.JANITOR), Janitor.create)

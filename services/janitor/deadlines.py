@@ -1,0 +1,50 @@
+"""What the janitor must do now, decided from the folded job book alone (pure, testable without a bus).
+
+- A job in a phase past that phase's deadline fails with `deadline_exceeded` (phase recorded).
+- A job on a node that went offline fails with `node_lost`.
+- A job whose client asked to cancel is cancelled.
+Every failed or cancelled job that holds a node gets a teardown request for that node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.config import Settings
+from shared.lifecycle import JobBook, JobState, JobView
+
+__all__ = ["Action", "due_actions", "jobs_on_node"]
+
+
+@dataclass(frozen=True)
+class Action:
+    job: JobView
+    kind: str  # "fail" | "cancel"
+    reason: str
+    detail: str = ""
+
+
+def _deadlines(settings: Settings) -> dict[JobState, float]:
+    return {
+        JobState.PENDING: settings.deadline_pending_s,
+        JobState.PLACED: settings.deadline_placed_s,
+        JobState.PROVISIONING: settings.deadline_provisioning_s,
+    }
+
+
+def due_actions(book: JobBook, now_ns: int, settings: Settings) -> list[Action]:
+    limits = _deadlines(settings)
+    out: list[Action] = []
+    for job in book.active():
+        if job.cancel_requested:
+            out.append(Action(job, "cancel", job.reason or "client_request"))
+            continue
+        limit = limits.get(job.state)
+        if limit is not None and now_ns - job.since_ns > limit * 1e9:
+            out.append(Action(job, "fail", "deadline_exceeded",
+                              f"{job.state} for more than {limit:g}s"))
+    return out
+
+
+def jobs_on_node(book: JobBook, node_id: str) -> list[JobView]:
+    return [j for j in book.active() if j.node_id == node_id]

@@ -1,0 +1,43 @@
+"""The node's own check of an assignment: does this host really have what the scheduler reserved?
+
+The scheduler decides from registered inventory; the agent re-checks against the live machine (RAM
+available now, GPUs present now) minus what its accepted jobs already hold, so a stale registry or a
+lying peer cannot overcommit the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from shared.events import JobPlaced
+from shared.models import Inventory, ResourceClaim
+
+__all__ = ["Refusal", "check_assignment"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    detail: str
+
+
+def check_assignment(
+    placed: JobPlaced, live: Inventory, mem_available_mib: int, held: Iterable[ResourceClaim]
+) -> Refusal | None:
+    held = list(held)
+    claim = placed.claim
+    cores_free = live.cpu_cores - sum(c.cpu_cores for c in held)
+    if claim.cpu_cores > cores_free:
+        return Refusal("insufficient_cpu", f"needs {claim.cpu_cores} cores, {cores_free} free")
+    ram_free = min(live.ram_mib - sum(c.ram_mib for c in held), mem_available_mib)
+    if claim.ram_mib > ram_free:
+        return Refusal("insufficient_ram", f"needs {claim.ram_mib} MiB, {ram_free} MiB available")
+    present = {g.uuid for g in live.gpus}
+    missing = [u for u in claim.gpu_uuids if u not in present]
+    if missing:
+        return Refusal("gpu_missing", f"{len(missing)} claimed GPU(s) not present on this host")
+    busy = {u for c in held for u in c.gpu_uuids} & set(claim.gpu_uuids)
+    if busy:
+        return Refusal("gpu_busy", f"{len(busy)} claimed GPU(s) already held by another job")
+    return None

@@ -1,0 +1,123 @@
+"""The node-agent, bus side: register, heartbeat, check assignments, accept or refuse.
+
+consume  job.placed for this node only, teardown.requested for this node only
+decide   `check_assignment` against the live host and the jobs this agent already holds
+act      hold the job's resources
+emit     node.registered at start, node.heartbeat every interval, job.accepted / job.refused (ids
+         derived from the assignment, so a redelivered assignment is answered once)
+
+The micro VM that runs an accepted job arrives with the VM runtime; here the agent holds the job's
+resources until the job's teardown is requested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from services.node_agent.hardware_check import Refusal, check_assignment
+from services.node_agent.inventory import HostReader, nvml_gpus
+from shared.bus import Bus
+from shared.codec import Event
+from shared.config import Settings
+from shared.consumers import CONSUMERS, ConsumerSpec
+from shared.events import JobAccepted, JobPlaced, JobRefused, NodeHeartbeat, NodeRegistered, TeardownRequested
+from shared.models import GpuInfo, Inventory, ResourceClaim
+from shared.telemetry import get_logger
+
+__all__ = ["AGENT_VERSION", "NodeAgent"]
+
+AGENT_VERSION = "0.1.0"
+log = get_logger("qvm.node_agent")
+
+
+def _consumer(key: str) -> ConsumerSpec:
+    return next(c for c in CONSUMERS if c.role.value == "node-agent" and c.key == key)
+
+
+class NodeAgent:
+    def __init__(self, bus: Bus, settings: Settings, host: HostReader | None = None,
+                 inventory: Inventory | None = None,
+                 read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus) -> None:
+        """`inventory`/`read_gpus` are injectable for tests on machines without GPUs (the NVML boundary)."""
+        assert bus.identity.node_id, "a node-agent bus identity carries its node id"
+        self.bus = bus
+        self.node_id = bus.identity.node_id
+        self.settings = settings
+        self.host = host or HostReader()
+        self.read_gpus = read_gpus
+        self.inventory = inventory or self.host.inventory(gpus=read_gpus())
+        self.held: dict[str, ResourceClaim] = {}
+        self._beat = 0
+
+    @classmethod
+    async def create(cls, bus: Bus, settings: Settings) -> NodeAgent:
+        return cls(bus, settings)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.bus.publish(NodeRegistered(inventory=self.inventory, agent_version=AGENT_VERSION),
+                               node_id=self.node_id)
+        log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
+                                      "gpus": len(self.inventory.gpus)})
+        tasks = [
+            asyncio.create_task(self.bus.consume(_consumer("assignments"), self.on_assignment, stop)),
+            asyncio.create_task(self.bus.consume(_consumer("teardown"), self.on_teardown, stop)),
+            asyncio.create_task(self._heartbeats(stop)),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ consume
+    async def on_assignment(self, event: Event) -> None:
+        assert isinstance(event.payload, JobPlaced)
+        placed = event.payload
+        job_id = event.job_id or ""
+        if job_id in self.held:  # redelivered: answer the same way again (deduplicated by id)
+            await self._accept(job_id, placed, event)
+            return
+        # decide
+        others = [c for j, c in self.held.items() if j != job_id]
+        refusal = await asyncio.to_thread(self._check, placed, others)
+        # act + emit
+        if refusal is not None:
+            log.warning("assignment refused", extra={"reason": refusal.reason, "detail": refusal.detail})
+            await self.bus.publish(JobRefused(node_id=self.node_id, attempt=placed.attempt, reason=refusal.reason,
+                                              detail=refusal.detail),
+                                   job_id=job_id, node_id=self.node_id, caused_by=event)
+            return
+        self.held[job_id] = placed.claim
+        await self._accept(job_id, placed, event)
+
+    def _check(self, placed: JobPlaced, others: list[ResourceClaim]) -> Refusal | None:
+        """Blocking (procfs, NVML): runs in a worker thread."""
+        live = self.inventory.model_copy(update={"gpus": self.read_gpus()})
+        return check_assignment(placed, live, self.host.meminfo_mib("MemAvailable") or live.ram_mib, others)
+
+    async def _accept(self, job_id: str, placed: JobPlaced, event: Event) -> None:
+        await self.bus.publish(JobAccepted(node_id=self.node_id, attempt=placed.attempt), job_id=job_id,
+                               node_id=self.node_id, caused_by=event)
+        log.info("assignment accepted", extra={"attempt": placed.attempt})
+
+    async def on_teardown(self, event: Event) -> None:
+        assert isinstance(event.payload, TeardownRequested)
+        if self.held.pop(event.job_id or "", None) is not None:
+            log.info("job released", extra={"reason": event.payload.reason})
+
+    # ------------------------------------------------------------ heartbeats
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
+            if stop.is_set():
+                return
+            self._beat += 1
+            try:
+                await self.bus.publish(NodeHeartbeat(seq=self._beat, jobs=tuple(sorted(self.held))),
+                                       node_id=self.node_id)
+            except Exception as exc:  # a missed beat is reported, the next one retries
+                log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})

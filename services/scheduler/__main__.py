@@ -1,0 +1,8 @@
+"""`python -m services.scheduler`: run one scheduler replica (run as many as you like)."""
+
+from services.scheduler.service import Scheduler
+from shared.identity import Identity, Role
+from shared.runtime import serve
+
+if __name__ == "__main__":
+    serve("scheduler", lambda s: Identity(Role.SCHEDULER), Scheduler.create)

@@ -1,0 +1,191 @@
+"""The node registry: live node records in the `qvm_nodes` JetStream KV bucket, cached in memory.
+
+Every write is a compare-and-set on the key's revision (`kv.update(last=rev)`), so two scheduler
+replicas can never both take the same GPU: the loser's write fails, it re-reads and decides again.
+Inside one replica, decisions are synchronous against a view that includes claims still being written
+(tentative claims), so a burst of jobs spreads over nodes instead of queueing on the best one; writes
+to one node are serialised by a per-node lock. A KV watch keeps the cache current with other replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+
+import msgpack
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from services.scheduler.placement import Claim, NodeRecord, with_claims
+from shared.bus import map_nats_errors
+from shared.telemetry import get_logger
+
+__all__ = ["Conflict", "Registry"]
+
+log = get_logger("qvm.scheduler.registry")
+Mutation = Callable[[NodeRecord | None], NodeRecord | None]
+
+
+class Conflict(Exception):
+    """A mutation found the node's current record no longer allows the change."""
+
+
+def _encode(rec: NodeRecord) -> bytes:
+    data: bytes = msgpack.packb(rec.model_dump(mode="json"), use_bin_type=True)
+    return data
+
+
+def _decode(data: bytes) -> NodeRecord | None:
+    try:
+        return NodeRecord.model_validate(msgpack.unpackb(data, raw=False))
+    except (ValueError, TypeError, ValidationError, msgpack.UnpackException):
+        return None
+
+
+class Registry:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self._confirmed: dict[str, tuple[NodeRecord, int]] = {}
+        self._tentative: dict[str, dict[str, Claim]] = {}
+        self._views: dict[str, NodeRecord] = {}
+        self._buckets: dict[int, dict[str, None]] = {}
+        self._bucket_of: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.capacity_changed = asyncio.Event()
+
+    # ------------------------------------------------------------ reading
+    def get(self, node_id: str) -> NodeRecord | None:
+        return self._views.get(node_id)
+
+    def nodes(self) -> list[NodeRecord]:
+        return list(self._views.values())
+
+    def candidates(self, min_free_gpus: int) -> Iterator[NodeRecord]:
+        """Views in ascending order of free GPUs, starting at `min_free_gpus`."""
+        for k in sorted(b for b in self._buckets if b >= min_free_gpus):
+            for node_id in list(self._buckets[k]):
+                yield self._views[node_id]
+
+    def node_of_job(self, job_id: str) -> list[str]:
+        return [n for n, (rec, _) in self._confirmed.items() if job_id in rec.claims]
+
+    # ------------------------------------------------------------ cache upkeep
+    def _refresh_view(self, node_id: str) -> None:
+        conf = self._confirmed.get(node_id)
+        old = self._views.get(node_id)
+        if conf is None:
+            self._views.pop(node_id, None)
+            self._unbucket(node_id)
+            return
+        rec = conf[0]
+        tent = self._tentative.get(node_id)
+        view = with_claims(rec, {**rec.claims, **tent}) if tent else rec
+        self._views[node_id] = view
+        self._unbucket(node_id)
+        k = len(view.free_gpus())
+        self._buckets.setdefault(k, {})[node_id] = None
+        self._bucket_of[node_id] = k
+        if old is None or len(view.free_gpus()) > len(old.free_gpus()) or view.free_cpu() > old.free_cpu() \
+                or view.status != old.status:
+            self.capacity_changed.set()
+
+    def _unbucket(self, node_id: str) -> None:
+        k = self._bucket_of.pop(node_id, None)
+        if k is not None:
+            self._buckets[k].pop(node_id, None)
+            if not self._buckets[k]:
+                del self._buckets[k]
+
+    def _store(self, node_id: str, rec: NodeRecord | None, rev: int) -> None:
+        cur = self._confirmed.get(node_id)
+        if cur is not None and cur[1] >= rev:
+            return  # our own write, seen again through the watch, or an older one
+        if rec is None:
+            self._confirmed.pop(node_id, None)
+        else:
+            self._confirmed[node_id] = (rec, rev)
+        self._refresh_view(node_id)
+
+    async def load_and_watch(self, stop: asyncio.Event, ready: asyncio.Event) -> None:
+        """Load every record, then follow changes until `stop`."""
+        with map_nats_errors("watch node registry"):
+            watcher = await self.kv.watchall()
+        try:
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                except TimeoutError:
+                    continue
+                except Exception as exc:  # nats-py raises its own timeout type here
+                    if "Timeout" in type(exc).__name__:
+                        continue
+                    raise
+                if entry is None:
+                    ready.set()
+                    continue
+                rec = None if entry.operation in ("DEL", "PURGE") or not entry.value else _decode(entry.value)
+                if rec is None and entry.value and entry.operation not in ("DEL", "PURGE"):
+                    log.warning("unreadable registry record skipped", extra={"node_id": entry.key})
+                    continue
+                self._store(entry.key, rec, entry.revision or 0)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    # ------------------------------------------------------------ tentative claims
+    def hold(self, node_id: str, job_id: str, claim: Claim) -> None:
+        self._tentative.setdefault(node_id, {})[job_id] = claim
+        self._refresh_view(node_id)
+
+    def unhold(self, node_id: str, job_id: str) -> None:
+        tent = self._tentative.get(node_id)
+        if tent and tent.pop(job_id, None) is not None:
+            if not tent:
+                del self._tentative[node_id]
+            self._refresh_view(node_id)
+
+    # ------------------------------------------------------------ writing
+    async def update(self, node_id: str, mutate: Mutation) -> NodeRecord | None:
+        """Apply `mutate` to the current record with compare-and-set, re-reading on conflict.
+
+        `mutate` gets the confirmed record (None if absent) and returns the new one, None to delete,
+        or raises `Conflict` to give up. Returns the record now stored.
+        """
+        lock = self._locks.setdefault(node_id, asyncio.Lock())
+        async with lock:
+            for _ in range(50):
+                cur = self._confirmed.get(node_id)
+                rec, rev = cur if cur else (None, 0)
+                new = mutate(rec)
+                if new is rec:
+                    return rec
+                try:
+                    with map_nats_errors(f"registry write {node_id}"):
+                        if new is None:
+                            await self.kv.delete(node_id, last=rev)
+                            self._store(node_id, None, rev + 1)
+                            return None
+                        new_rev = await self.kv.update(node_id, _encode(new), last=rev)
+                    self._store(node_id, new, new_rev)
+                    return new
+                except KeyWrongLastSequenceError:
+                    await self._reload(node_id)
+            raise Conflict(f"node {node_id}: too many concurrent writers")
+
+    async def _reload(self, node_id: str) -> None:
+        with map_nats_errors(f"registry read {node_id}"):
+            try:
+                entry = await self.kv.get(node_id)
+            except (NotFoundError, Exception) as exc:
+                if "NotFound" in type(exc).__name__ or "KeyDeleted" in type(exc).__name__:
+                    self._confirmed.pop(node_id, None)
+                    self._refresh_view(node_id)
+                    return
+                raise
+        rec = _decode(entry.value) if entry.value else None
+        self._confirmed.pop(node_id, None)
+        if rec is not None:
+            self._confirmed[node_id] = (rec, entry.revision or 0)
+        self._refresh_view(node_id)

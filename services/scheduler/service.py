@@ -1,0 +1,304 @@
+"""The scheduler: consume job and node events, decide placements, reserve capacity, emit placements.
+
+consume  job.submitted / refused / accepted / failed / cancelled, node.registered / heartbeat,
+         teardown.requested (durable consumers shared by all replicas)
+decide   `placement.choose` over the registry's current view
+act      compare-and-set the claim into the node's registry record; park unplaceable jobs in `qvm_jobs`
+emit     job.placed (id derived from the submission and attempt: a retry or a second replica making
+         the same decision is stored once, and the loser rolls its claim back), job.pending, node.offline
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgpack
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from services.scheduler.placement import (
+    Claim,
+    NodeRecord,
+    NodeStatus,
+    NoFit,
+    choose,
+    claim_still_fits,
+    with_claims,
+)
+from services.scheduler.registry import Conflict, Registry
+from shared.bus import Bus, map_nats_errors
+from shared.codec import Event
+from shared.config import Settings
+from shared.consumers import CONSUMERS, ConsumerSpec
+from shared.events import (
+    EventType,
+    JobAccepted,
+    JobPending,
+    JobPlaced,
+    JobRefused,
+    JobSubmitted,
+    NodeHeartbeat,
+    NodeOffline,
+    NodeRegistered,
+)
+from shared.identity import Role
+from shared.ids import derive_event_id
+from shared.models import Frozen
+from shared.telemetry import get_logger
+
+__all__ = ["PendingJob", "Scheduler"]
+
+log = get_logger("qvm.scheduler")
+
+
+class PendingJob(Frozen):
+    """A job waiting for capacity (value in the `qvm_jobs` bucket)."""
+
+    spec: JobSubmitted
+    submitted_id: str
+    attempt: int
+    excluded: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def _consumer(key: str) -> ConsumerSpec:
+    return next(c for c in CONSUMERS if c.role is Role.SCHEDULER and c.key == key)
+
+
+class Scheduler:
+    def __init__(self, bus: Bus, settings: Settings, nodes_kv: KeyValue, jobs_kv: KeyValue) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.registry = Registry(nodes_kv)
+        self.pending_kv = jobs_kv
+        self.placed = 0
+
+    @classmethod
+    async def create(cls, bus: Bus, settings: Settings) -> Scheduler:
+        with map_nats_errors("open scheduler buckets"):
+            return cls(bus, settings, await bus.js.key_value("qvm_nodes"), await bus.js.key_value("qvm_jobs"))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        ready = asyncio.Event()
+        watch = asyncio.create_task(self.registry.load_and_watch(stop, ready))
+        await asyncio.wait([asyncio.ensure_future(ready.wait()), watch], return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            watch.result()  # raises the watch failure
+        tasks = [
+            watch,
+            asyncio.create_task(self.bus.consume(_consumer("jobs"), self.on_job_event, stop)),
+            asyncio.create_task(self.bus.consume(_consumer("nodes"), self.on_node_event, stop)),
+            asyncio.create_task(self.bus.consume(_consumer("teardown"), self.on_teardown, stop)),
+            asyncio.create_task(self._sweeper(stop)),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ================================================================ consume
+    async def on_job_event(self, event: Event) -> None:
+        job_id = event.job_id or ""
+        match event.payload:
+            case JobSubmitted() as spec:
+                await self.place(job_id, spec, event.id, attempt=0, excluded=())
+            case JobRefused() as refused:
+                await self.on_refused(job_id, refused)
+            case JobAccepted() as accepted:
+                await self.drop_stray_claims(job_id, keep=accepted.node_id)
+            case _ if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
+                await self.release_job(job_id)
+
+    async def on_node_event(self, event: Event) -> None:
+        node_id = event.node_id or ""
+        now = time.time_ns()
+        match event.payload:
+            case NodeRegistered() as reg:
+                def register(rec: NodeRecord | None) -> NodeRecord:
+                    if rec is None:
+                        return NodeRecord(node_id=node_id, inventory=reg.inventory, agent_version=reg.agent_version,
+                                          last_seen_ns=now, last_event_id=event.id)
+                    return with_claims(rec, rec.claims, inventory=reg.inventory, agent_version=reg.agent_version,
+                                       status=NodeStatus.ONLINE, last_seen_ns=now, last_event_id=event.id)
+                await self.registry.update(node_id, register)
+                log.info("node registered", extra={"node_id": node_id, "gpus": len(reg.inventory.gpus)})
+            case NodeHeartbeat():
+                def beat(rec: NodeRecord | None) -> NodeRecord | None:
+                    if rec is None:
+                        return None  # heartbeat before registration: nothing to update yet
+                    return with_claims(rec, rec.claims, status=NodeStatus.ONLINE, last_seen_ns=now,
+                                       last_event_id=event.id)
+                await self.registry.update(node_id, beat)
+
+    async def on_teardown(self, event: Event) -> None:
+        await self.release_job(event.job_id or "")
+
+    # ================================================================ decide + act
+    async def place(
+        self, job_id: str, spec: JobSubmitted, submitted_id: str, *, attempt: int, excluded: tuple[str, ...]
+    ) -> bool:
+        """Place one attempt of a job; idempotent. Returns True once the job is placed."""
+        placed_id = derive_event_id(submitted_id, "JobPlaced", str(attempt))
+        for node_id in self.registry.node_of_job(job_id):  # redelivery: the decision is already made
+            rec = self.registry.get(node_id)
+            held = rec.claims.get(job_id) if rec else None
+            if held is not None and held.attempt == attempt:
+                await self.bus.publish(JobPlaced(node_id=node_id, attempt=attempt, claim=held.claim),
+                                       job_id=job_id, node_id=node_id, event_id=placed_id)
+                return True
+        for _ in range(8):
+            decision = choose(self.registry.candidates(spec.profile.gpus.count), spec, self.settings.min_trust,
+                              excluded)
+            if isinstance(decision, NoFit):
+                await self.park(job_id, PendingJob(spec=spec, submitted_id=submitted_id, attempt=attempt,
+                                                   excluded=excluded, reason=decision.reason), decision.detail)
+                return False
+            claim = Claim(claim=decision.claim, attempt=attempt, submitted_id=submitted_id, spec=spec,
+                          excluded=excluded)
+            if not await self._reserve(decision.node_id, job_id, claim):
+                continue
+            stored = await self.bus.publish(JobPlaced(node_id=decision.node_id, attempt=attempt, claim=claim.claim),
+                                            job_id=job_id, node_id=decision.node_id, event_id=placed_id)
+            if not stored:
+                # Another replica placed this attempt first: its placement stands, ours is rolled back.
+                await self._unreserve(decision.node_id, job_id)
+                return True
+            self.placed += 1
+            await self._unpark(job_id)
+            return True
+        log.warning("placement contention, will retry", extra={"job_id": job_id})
+        await self.park(job_id, PendingJob(spec=spec, submitted_id=submitted_id, attempt=attempt,
+                                           excluded=excluded, reason="contention"), "registry contention")
+        return False
+
+    async def _reserve(self, node_id: str, job_id: str, claim: Claim) -> bool:
+        self.registry.hold(node_id, job_id, claim)
+
+        def add(rec: NodeRecord | None) -> NodeRecord:
+            if rec is None or job_id in rec.claims or not claim_still_fits(rec, claim.claim):
+                raise Conflict(node_id)
+            return with_claims(rec, {**rec.claims, job_id: claim})
+
+        try:
+            await self.registry.update(node_id, add)
+            return True
+        except Conflict:
+            return False
+        finally:
+            self.registry.unhold(node_id, job_id)
+
+    async def _unreserve(self, node_id: str, job_id: str, only_attempt: int | None = None) -> None:
+        def drop(rec: NodeRecord | None) -> NodeRecord | None:
+            if rec is None or job_id not in rec.claims:
+                return rec
+            if only_attempt is not None and rec.claims[job_id].attempt != only_attempt:
+                return rec
+            return with_claims(rec, {j: c for j, c in rec.claims.items() if j != job_id})
+
+        await self.registry.update(node_id, drop)
+
+    async def on_refused(self, job_id: str, refused: JobRefused) -> None:
+        rec = self.registry.get(refused.node_id)
+        held = rec.claims.get(job_id) if rec else None
+        if held is not None and held.attempt == refused.attempt:
+            log.info("node refused job, placing again",
+                     extra={"node_id": refused.node_id, "reason": refused.reason})
+            await self.place(job_id, held.spec, held.submitted_id, attempt=refused.attempt + 1,
+                             excluded=(*held.excluded, refused.node_id))
+        await self._unreserve(refused.node_id, job_id, only_attempt=refused.attempt)
+
+    async def drop_stray_claims(self, job_id: str, keep: str) -> None:
+        """A crash between reserving and publishing can leave a claim on a node the job never got."""
+        for node_id in self.registry.node_of_job(job_id):
+            if node_id != keep:
+                await self._unreserve(node_id, job_id)
+
+    async def release_job(self, job_id: str) -> None:
+        for node_id in self.registry.node_of_job(job_id):
+            await self._unreserve(node_id, job_id)
+        await self._unpark(job_id)
+
+    # ================================================================ pending jobs
+    async def park(self, job_id: str, pending: PendingJob, detail: str) -> None:
+        # Publish first: a replica that later finds the parked job places it after this event.
+        await self.bus.publish(JobPending(reason=pending.reason, detail=detail[:1024]), job_id=job_id,
+                               event_id=derive_event_id(pending.submitted_id, "JobPending", str(pending.attempt),
+                                                        pending.reason))
+        with map_nats_errors("park job"):
+            await self.pending_kv.put(job_id, msgpack.packb(pending.model_dump(mode="json"), use_bin_type=True))
+
+    async def _unpark(self, job_id: str) -> None:
+        with contextlib.suppress(KeyNotFoundError), map_nats_errors("unpark job"):
+            await self.pending_kv.purge(job_id)
+
+    async def retry_pending(self) -> int:
+        """Try every parked job again (after capacity appeared); returns how many were placed."""
+        with map_nats_errors("list pending jobs"):
+            try:
+                keys = await self.pending_kv.keys()
+            except NoKeysError:
+                return 0
+        placed = 0
+        for job_id in keys:
+            try:
+                entry = await self.pending_kv.get(job_id)
+            except KeyNotFoundError:
+                continue
+            except Exception as exc:
+                if "Deleted" in type(exc).__name__ or "NotFound" in type(exc).__name__:
+                    continue
+                raise
+            if not entry.value:
+                continue
+            try:
+                pending = PendingJob.model_validate(msgpack.unpackb(entry.value, raw=False))
+            except (ValueError, TypeError, ValidationError):
+                log.warning("unreadable pending entry dropped", extra={"job_id": job_id})
+                await self._unpark(job_id)
+                continue
+            if await self.place(job_id, pending.spec, pending.submitted_id, attempt=pending.attempt,
+                                excluded=pending.excluded):
+                placed += 1
+        return placed
+
+    # ================================================================ sweeps
+    async def _sweeper(self, stop: asyncio.Event) -> None:
+        """Mark silent nodes offline; retry pending jobs when capacity appeared."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.capacity_changed.wait(), self.settings.sweep_interval_s)
+            if stop.is_set():
+                return
+            try:
+                await self.mark_offline()
+                if self.registry.capacity_changed.is_set():
+                    self.registry.capacity_changed.clear()
+                    await asyncio.sleep(0.05)  # let a burst of registrations land first
+                    await self.retry_pending()
+            except Exception as exc:  # a sweep failure must not stop the scheduler; next sweep retries
+                log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+
+    async def mark_offline(self) -> list[str]:
+        limit = time.time_ns() - int(self.settings.offline_after_s * 1e9)
+        gone: list[str] = []
+        for rec in self.registry.nodes():
+            if rec.status is NodeStatus.ONLINE and rec.last_seen_ns < limit:
+                def offline(cur: NodeRecord | None) -> NodeRecord | None:
+                    if cur is None or cur.status is not NodeStatus.ONLINE or cur.last_seen_ns >= limit:
+                        raise Conflict("node came back")
+                    return with_claims(cur, cur.claims, status=NodeStatus.OFFLINE)
+                try:
+                    await self.registry.update(rec.node_id, offline)
+                except Conflict:
+                    continue
+                await self.bus.publish(NodeOffline(last_seen_ns=rec.last_seen_ns), node_id=rec.node_id,
+                                       event_id=derive_event_id(rec.last_event_id, "NodeOffline")
+                                       if rec.last_event_id else None)
+                log.warning("node offline", extra={"node_id": rec.node_id})
+                gone.append(rec.node_id)
+        return gone

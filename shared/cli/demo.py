@@ -1,0 +1,126 @@
+"""`make demo`: the embedded stack end to end, narrated.
+
+1. PKI and nats-server with mutual TLS; streams provisioned.
+2. scheduler, janitor and this host's node-agent as supervised processes.
+3. The node registers with its real inventory; a job is submitted as the marketplace.
+4. The job is placed on this node and accepted by its node-agent.
+5. `qvm audit replay`: every signature and transition checked; then the stack stops.
+
+There is no attestation verifier yet (issue #4), so no node can be `trusted`: the demo lowers the
+scheduler's minimum trust to `unverified`, and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from rich.console import Console
+from rich.table import Table
+
+from shared.audit import audit_replay
+from shared.bus import Bus
+from shared.cli.stack import LocalStack
+from shared.config import Settings
+from shared.identity import Identity, Role
+from shared.jobspec import load_job
+from shared.lifecycle import JobState
+from shared.models import TrustState
+from shared.replay import Verifier, read_stream
+
+__all__ = ["run_demo"]
+
+
+async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    settings = Settings(state_dir=state_dir, heartbeat_interval_s=2.0)
+    from shared.cli.main import local_node_id
+
+    node_id = settings.node_id or local_node_id()
+    stack = LocalStack(settings, node_id, TrustState.UNVERIFIED)
+    console.rule("[bold]qvm demo")
+    console.print("[yellow]No attestation verifier yet (issue #4): minimum trust lowered to 'unverified' "
+                  "for this demo.[/yellow]")
+    try:
+        url = await stack.start()
+        console.print(f"1. nats-server up at {url} (mutual TLS, per-identity permissions, JetStream)")
+        console.print(f"2. services started: {', '.join(stack.services)} (logs: {state_dir / 'logs'})")
+        admin = await Bus.connect(url, stack.pki, Identity(Role.ADMIN))
+        market = await Bus.connect(url, stack.pki, Identity(Role.MARKETPLACE))
+        try:
+            rec = await _wait_node(admin, node_id, 30)
+            inv = rec["inventory"]
+            console.print(f"3. node [bold]{node_id}[/bold] registered: {inv['cpu_cores']} cores "
+                          f"({inv['cpu_model']}), {inv['ram_mib']} MiB RAM, {len(inv['gpus'])} GPU(s), "
+                          f"VMMs {inv['vmms'] or 'none'}, trust {rec['trust']}")
+            job_id, job = load_job(job_file)
+            job_id = f"{job_id}-{int(time.time())}"
+            await market.publish(job, job_id=job_id)
+            console.print(f"4. submitted job [bold]{job_id}[/bold] as the marketplace ({job_file})")
+            state = await _wait_job(admin, job_id, console, 30)
+            if state is not JobState.PROVISIONING:
+                console.print(f"[red]job ended in {state}, expected accepted[/red]")
+                return 1
+            verifier = Verifier(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
+            try:
+                report = await audit_replay(admin.js, verifier)
+            finally:
+                verifier.close()
+            console.print(f"5. audit replay: {report.events} events, signatures and transitions checked: "
+                          + ("[green]clean[/green]" if report.ok else f"[red]{report.violations}[/red]"))
+            if not report.ok:
+                return 1
+        finally:
+            await admin.close()
+            await market.close()
+    finally:
+        await asyncio.to_thread(stack.stop)
+        console.print("6. stack stopped")
+    console.rule("[green]demo ok")
+    return 0
+
+
+async def _wait_node(admin: Bus, node_id: str, seconds: float) -> dict[str, Any]:
+    kv = await admin.js.key_value("qvm_nodes")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            entry = await kv.get(node_id)
+            if entry.value:
+                rec: dict[str, Any] = msgpack.unpackb(entry.value, raw=False)
+                return rec
+        except Exception:  # not there yet
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"node {node_id} did not register within {seconds}s")
+
+
+async def _wait_job(admin: Bus, job_id: str, console: Console, seconds: float) -> JobState | None:
+    from shared.lifecycle import JobBook
+
+    deadline = time.monotonic() + seconds
+    table = Table(title=f"job {job_id}")
+    for col in ("event", "producer", "subject"):
+        table.add_column(col)
+    while time.monotonic() < deadline:
+        book = JobBook()
+        rows = []
+        async for batch in read_stream(admin.js, "QVM_JOBS", f"qvm.jobs.{job_id}.>"):
+            for m in batch:
+                ev = admin.codec.decode(m.subject, m.data)
+                book.apply(ev)
+                rows.append((str(ev.spec.type), ev.envelope.producer, m.subject))
+        view = book.get(job_id)
+        if view and (view.terminal or view.state is JobState.PROVISIONING):
+            for r in rows:
+                table.add_row(*r)
+            console.print(table)
+            console.print(f"   job state: [bold]{view.state}[/bold] on node {view.node_id}")
+            return view.state
+        await asyncio.sleep(0.2)
+    return None

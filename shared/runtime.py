@@ -1,0 +1,78 @@
+"""What every service's `__main__` shares: settings, logs, tracing, connecting, signals, clean stop.
+
+A service is an object with `async run(stop)`; `serve()` builds it with a connected `Bus` and runs it
+until SIGINT/SIGTERM. Connecting retries with back-off, so services may start before NATS is ready
+(as under docker-compose or `qvm up`) without crash loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from shared.bus import Bus
+from shared.config import Settings
+from shared.errors import BusError, QvmError
+from shared.identity import Identity
+from shared.pki import Pki
+from shared.telemetry import get_logger, setup_logging, setup_tracing
+
+__all__ = ["Service", "connect_with_retry", "serve"]
+
+log = get_logger("qvm.runtime")
+
+
+class Service(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+async def connect_with_retry(settings: Settings, ident: Identity, stop: asyncio.Event | None = None,
+                             attempts: int = 60) -> Bus:
+    pki = Pki(settings.pki_path)
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await Bus.connect(settings.resolve_nats_url(), pki, ident)
+        except (BusError, QvmError) as exc:
+            if attempt == attempts or (stop and stop.is_set()):
+                raise
+            log.warning("connect failed, retrying", extra={"error": str(exc)[:300], "attempt": attempt})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise BusError("unreachable")
+
+
+def serve(name: str, ident_of: Callable[[Settings], Identity],
+          build: Callable[[Bus, Settings], Awaitable[Service]]) -> None:
+    """Entry point body for `python -m services.<name>`."""
+    setup_logging(name)
+    setup_tracing(name)
+    try:
+        settings = Settings()
+        asyncio.run(_main(settings, ident_of(settings), build))
+    except QvmError as exc:
+        log.error("service stopped", extra={"error": str(exc)[:1000]})
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # a bug: one JSON line for the supervisor's log, exit non-zero to be restarted
+        log.error("service crashed", exc_info=exc)
+        sys.exit(1)
+
+
+async def _main(settings: Settings, ident: Identity, build: Callable[[Bus, Settings], Awaitable[Service]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    bus = await connect_with_retry(settings, ident, stop)
+    try:
+        service = await build(bus, settings)
+        log.info("service started", extra={"identity": str(ident)})
+        await service.run(stop)
+    finally:
+        await bus.close()
+        log.info("service stopped", extra={"identity": str(ident)})
