@@ -1,0 +1,177 @@
+"""The backbone end to end against a real nats-server: placement, acceptance, refusal, pending,
+two scheduler replicas under a burst, deadlines and lost nodes."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from services.janitor.service import Janitor
+from services.node_agent.service import NodeAgent
+from services.scheduler.placement import NodeRecord
+from services.scheduler.service import Scheduler
+from shared.events import Domain, EventType, HardwareProfile, JobSubmitted, NodeRegistered
+from shared.lifecycle import JobState
+from shared.models import GpuRequest, TrustState
+from tests.framework.flow import events_of, eventually, gpu_inventory, job_book, running
+
+pytestmark = pytest.mark.nats
+
+GPU_JOB = JobSubmitted(owner="alice", image="img", profile=HardwareProfile(
+    cpu_cores=2, ram_mib=1024, gpus=GpuRequest(count=1, model="H100", min_vram_mib=40000)))
+
+
+def settings_for(stack, **kw):
+    return stack.settings.model_copy(update={"min_trust": TrustState.UNVERIFIED, **kw})
+
+
+async def agent(stack, node, settings, live_gpus=None):
+    inv = gpu_inventory(node)
+    bus = await stack.bus("node-agent", node)
+    return NodeAgent(bus, settings, inventory=inv, read_gpus=lambda: inv.gpus if live_gpus is None else live_gpus)
+
+
+async def state_of(admin, job_id):
+    view = (await job_book(admin)).get(job_id)
+    return view.state if view else None
+
+
+async def test_job_is_placed_and_accepted_in_one_trace(stack):
+    settings = settings_for(stack)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    async with running(sched, await agent(stack, "node-a", settings)):
+        await eventually(lambda: _registered(admin, "node-a"), what="registration")
+        await market.publish(GPU_JOB, job_id="job-1")
+        await eventually(lambda: _is(admin, "job-1", JobState.PROVISIONING), what="acceptance")
+    evs = await events_of(admin, subject="qvm.jobs.job-1.>")
+    assert [str(e.spec.type) for e in evs] == ["job.submitted", "job.placed", "job.accepted"]
+    assert evs[1].payload.node_id == "node-a" and evs[1].payload.claim.gpu_uuids == ("GPU-node-a-0",)
+    trace_ids = {e.envelope.trace["traceparent"].split("-")[1] for e in evs}
+    assert len(trace_ids) == 1, "one job is one trace across services"
+
+
+async def test_untrusted_nodes_get_no_work_by_default(stack):
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), stack.settings)  # default: trusted only
+    async with running(sched, await agent(stack, "node-a", stack.settings)):
+        await eventually(lambda: _registered(admin, "node-a"), what="registration")
+        await market.publish(GPU_JOB, job_id="job-1")
+        await eventually(lambda: _has(admin, "job-1", EventType.JOB_PENDING), what="pending")
+    pending = [e for e in await events_of(admin) if e.spec.type is EventType.JOB_PENDING]
+    assert pending[0].payload.reason == "untrusted"
+    assert await state_of(admin, "job-1") is JobState.PENDING
+
+
+async def test_refusal_moves_the_job_to_another_node(stack):
+    settings = settings_for(stack)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    # node-a registered 8 GPUs but its live NVML shows none: its own hardware check must refuse.
+    liar = await agent(stack, "node-a", settings, live_gpus=())
+    async with running(sched, liar):
+        await eventually(lambda: _registered(admin, "node-a"), what="registration")
+        await market.publish(GPU_JOB, job_id="job-1")
+        await eventually(lambda: _has(admin, "job-1", EventType.JOB_REFUSED), what="refusal")
+        async with running(await agent(stack, "node-b", settings)):
+            await eventually(lambda: _is(admin, "job-1", JobState.PROVISIONING), what="accepted on node-b")
+    view = (await job_book(admin)).get("job-1")
+    assert view.node_id == "node-b" and view.attempt == 1
+    refused = [e for e in await events_of(admin) if e.spec.type is EventType.JOB_REFUSED][0]
+    assert refused.payload.reason == "gpu_missing"
+    nodes = await _records(admin)
+    assert "job-1" not in nodes["node-a"].claims and "job-1" in nodes["node-b"].claims
+
+
+async def test_two_replicas_never_double_book_a_gpu(stack):
+    settings = settings_for(stack)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    for node in ("node-a", "node-b"):
+        nb = await stack.bus("node-agent", node)
+        await nb.publish(NodeRegistered(inventory=gpu_inventory(node), agent_version="test"))
+    s1 = await Scheduler.create(await stack.bus("scheduler"), settings)
+    s2 = await Scheduler.create(await stack.bus("scheduler"), settings)
+    async with running(s1, s2):
+        await eventually(lambda: _registered(admin, "node-b"), what="registration")
+        for i in range(40):
+            await market.publish(GPU_JOB, job_id=f"burst-{i}")
+
+        async def settled() -> bool:
+            evs = await events_of(admin)
+            decided = {e.job_id for e in evs if e.spec.type in (EventType.JOB_PLACED, EventType.JOB_PENDING)}
+            return len(decided) == 40
+        await eventually(settled, timeout=60, what="40 decisions")
+    placed = [e for e in await events_of(admin) if e.spec.type is EventType.JOB_PLACED]
+    assert len(placed) == 16 == len({e.job_id for e in placed}), "16 GPUs, each job placed once"
+    gpus = [u for e in placed for u in e.payload.claim.gpu_uuids]
+    assert len(gpus) == len(set(gpus)) == 16
+    claims = [u for rec in (await _records(admin)).values() for c in rec.claims.values() for u in c.claim.gpu_uuids]
+    assert sorted(claims) == sorted(gpus)
+    assert s1.placed + s2.placed == 16 and s1.placed and s2.placed, "both replicas did work"
+
+
+async def test_janitor_fails_a_job_past_its_deadline_and_requests_teardown(stack):
+    settings = settings_for(stack, deadline_placed_s=0.5, sweep_interval_s=0.2)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    nb = await stack.bus("node-agent", "node-a")  # registered, but no agent answers its assignments
+    await nb.publish(NodeRegistered(inventory=gpu_inventory("node-a"), agent_version="test"))
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    janitor = Janitor(await stack.bus("janitor"), settings)
+    async with running(sched, janitor):
+        await market.publish(GPU_JOB, job_id="slow-1")
+        await eventually(lambda: _is(admin, "slow-1", JobState.FAILED), what="deadline failure")
+        await eventually(lambda: _claims_empty(admin, "node-a"), what="claim released")
+    failed = [e for e in await events_of(admin) if e.spec.type is EventType.JOB_FAILED]
+    assert (failed[0].payload.reason, failed[0].payload.phase) == ("deadline_exceeded", "placed")
+    teardown = await events_of(admin, Domain.TEARDOWN)
+    assert [(e.job_id, e.payload.node_id) for e in teardown] == [("slow-1", "node-a")]
+
+
+async def test_jobs_on_a_silent_node_fail_as_node_lost(stack):
+    settings = settings_for(stack, heartbeat_interval_s=0.2, offline_after_s=1.0, sweep_interval_s=0.2)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    janitor = Janitor(await stack.bus("janitor"), settings)
+    async with running(sched, janitor):
+        a = await agent(stack, "node-a", settings)
+        async with running(a):
+            await eventually(lambda: _registered(admin, "node-a"), what="registration")
+            await market.publish(GPU_JOB, job_id="job-1")
+            await eventually(lambda: _is(admin, "job-1", JobState.PROVISIONING), what="acceptance")
+        # the agent is gone: heartbeats stop
+        await eventually(lambda: _is(admin, "job-1", JobState.FAILED), timeout=30, what="node_lost")
+    failed = [e for e in await events_of(admin) if e.spec.type is EventType.JOB_FAILED][0]
+    assert failed.payload.reason == "node_lost"
+    offline = [e for e in await events_of(admin, Domain.NODES)
+               if e.spec.type is EventType.NODE_OFFLINE]
+    assert [e.node_id for e in offline] == ["node-a"]
+
+
+# ---------------------------------------------------------------- helpers
+async def _records(admin) -> dict[str, NodeRecord]:
+    kv = await admin.js.key_value("qvm_nodes")
+    out = {}
+    for k in await kv.keys():
+        entry = await kv.get(k)
+        out[k] = NodeRecord.model_validate(msgpack.unpackb(entry.value, raw=False))
+    return out
+
+
+async def _registered(admin, node) -> bool:
+    try:
+        return node in await _records(admin)
+    except Exception:
+        return False
+
+
+async def _claims_empty(admin, node) -> bool:
+    return not (await _records(admin))[node].claims
+
+
+async def _is(admin, job_id, state) -> bool:
+    return await state_of(admin, job_id) is state
+
+
+async def _has(admin, job_id, etype) -> bool:
+    return any(e.spec.type is etype for e in await events_of(admin, subject=f"qvm.jobs.{job_id}.>"))
+
