@@ -25,7 +25,9 @@ from pydantic import Field
 from shared.events import JobSubmitted
 from shared.models import Frozen, GpuInfo, Inventory, ResourceClaim, SecurityLevel, TrustState
 
-__all__ = ["Claim", "NoFit", "NodeRecord", "NodeStatus", "Placement", "choose", "claim_still_fits", "fits", "with_claims"]
+__all__ = [
+    "Claim", "NoFit", "NodeRecord", "NodeStatus", "Placement", "choose", "claim_still_fits", "fits", "with_claims",
+]
 
 
 class NodeStatus(StrEnum):

@@ -36,8 +36,7 @@ __all__ = ["run_demo"]
 
 
 async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
+    await asyncio.to_thread(shutil.rmtree, state_dir, True)  # a fresh demo every time
     settings = Settings(state_dir=state_dir, heartbeat_interval_s=2.0)
     from shared.cli.main import local_node_id
 

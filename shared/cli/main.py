@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -141,10 +142,8 @@ def up(
             while not stop.is_set():
                 for r in stack.supervise_once():
                     err.print(f"[yellow]restarted {r}[/yellow]")
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
-                except TimeoutError:
-                    pass
         finally:
             await asyncio.to_thread(stack.stop)
             console.print("qvm stack stopped")
