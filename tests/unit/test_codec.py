@@ -1,0 +1,377 @@
+"""Codec: signed msgpack round trips, and every rejection with its exact `Reason`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from shared.codec import MAX_MESSAGE_BYTES, WIRE_VERSION, Codec, Event
+from shared.errors import Reason, RejectedEvent
+from shared.events import (
+    EventRejected,
+    EventType,
+    JobAccepted,
+    JobCancelRequested,
+    JobFailed,
+    JobPlaced,
+    JobSubmitted,
+    NodeHeartbeat,
+    NodeRegistered,
+    TeardownRequested,
+)
+from shared.identity import Identity, Role
+from shared.ids import new_event_id
+from shared.models import GpuRequest, HardwareProfile, Inventory, ResourceClaim, SecurityLevel
+from shared.pki import Pki, Signer
+
+MARKET = Identity(Role.MARKETPLACE)
+SCHED = Identity(Role.SCHEDULER)
+JANITOR = Identity(Role.JANITOR)
+NODE_A = Identity(Role.NODE_AGENT, "node-a")
+NODE_B = Identity(Role.NODE_AGENT, "node-b")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    p = Pki(tmp_path_factory.mktemp("codec") / "pki")
+    p.init(nodes=("node-a", "node-b"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def reader(pki: Pki) -> Codec:
+    """A verifying codec with no signing key (what a consumer uses)."""
+    return Codec(None, pki.load_trust())
+
+
+def codec_for(pki: Pki, ident: Identity) -> Codec:
+    return Codec(pki.signer(ident), pki.load_trust())
+
+
+def unwrap(data: bytes) -> tuple[int, bytes, str, bytes]:
+    version, env_bytes, signer, sig = msgpack.unpackb(data, raw=False)
+    return version, env_bytes, signer, sig
+
+
+def envelope_of(data: bytes) -> dict[str, Any]:
+    env = msgpack.unpackb(unwrap(data)[1], raw=False)
+    assert isinstance(env, dict)
+    return env
+
+
+def wire(env: dict[str, Any], signer: Signer, *, claimed: str | None = None, version: int = WIRE_VERSION) -> bytes:
+    """Hand-built wire bytes: `env` packed and signed by `signer`, announcing `claimed` (default: signer)."""
+    env_bytes = msgpack.packb(env, use_bin_type=True)
+    signer_name = claimed if claimed is not None else str(signer.identity)
+    return msgpack.packb([version, env_bytes, signer_name, signer.sign(env_bytes)], use_bin_type=True)
+
+
+def rejected(reader: Codec, subject: str, data: bytes) -> RejectedEvent:
+    with pytest.raises(RejectedEvent) as info:
+        reader.decode(subject, data)
+    return info.value
+
+
+# ---------------------------------------------------------------- round trips
+
+ROUND_TRIPS = [
+    pytest.param(
+        MARKET,
+        JobSubmitted(owner="alice", image="registry/img:1", command=("python", "train.py"),
+                     profile=HardwareProfile(cpu_cores=8, ram_mib=32768, gpus=GpuRequest(count=1, model="H100")),
+                     security=SecurityLevel.CONFIDENTIAL, max_runtime_s=7200),
+        {"job_id": "job-1"}, "qvm.jobs.job-1.submitted", id="job.submitted",
+    ),
+    pytest.param(
+        SCHED,
+        JobPlaced(node_id="node-a", attempt=2, claim=ResourceClaim(cpu_cores=4, ram_mib=2048, gpu_uuids=("GPU-1",))),
+        {"job_id": "job-1", "node_id": "node-a"}, "qvm.jobs.job-1.placed.node-a", id="job.placed",
+    ),
+    pytest.param(
+        NODE_A, JobAccepted(node_id="node-a", attempt=2), {"job_id": "job-1"},
+        "qvm.jobs.job-1.accepted.node-a", id="job.accepted",
+    ),
+    pytest.param(
+        NODE_B, NodeHeartbeat(seq=7, jobs=("job-1", "job-2")), {}, "qvm.nodes.node-b.heartbeat",
+        id="node.heartbeat",
+    ),
+    pytest.param(
+        NODE_A,
+        NodeRegistered(inventory=Inventory(hostname="h", cpu_model="EPYC", cpu_cores=64, ram_mib=1 << 19,
+                                           kvm=True, vmms=("qemu-microvm",)),
+                       agent_version="0.1.0", labels={"zone": "eu"}),
+        {}, "qvm.nodes.node-a.registered", id="node.registered",
+    ),
+    pytest.param(
+        JANITOR, JobFailed(reason="deadline_exceeded", detail="late", phase="placed"), {"job_id": "job-9"},
+        "qvm.jobs.job-9.failed", id="job.failed",
+    ),
+    pytest.param(
+        MARKET, JobCancelRequested(), {"job_id": "job-9"}, "qvm.jobs.job-9.cancel_requested",
+        id="job.cancel_requested",
+    ),
+    pytest.param(
+        JANITOR, TeardownRequested(node_id="node-b", reason="node_lost"), {"job_id": "job-9", "node_id": "node-b"},
+        "qvm.teardown.job-9.requested.node-b", id="teardown.requested",
+    ),
+    pytest.param(
+        SCHED,
+        EventRejected(consumer="scheduler-jobs", subject="qvm.jobs.x.submitted", stream_seq=3,
+                      reason=Reason.BAD_SIGNATURE, detail="nope", size=10),
+        {}, "qvm.dead.rejected.scheduler", id="event.rejected",
+    ),
+    pytest.param(
+        NODE_A,
+        EventRejected(consumer="node-agent_node-a-assignments", subject="qvm.jobs.x.placed.node-a", stream_seq=4,
+                      reason=Reason.MALFORMED, detail="", size=1),
+        {}, "qvm.dead.rejected.node-agent.node-a", id="event.rejected-by-node-agent",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ident", "payload", "ids", "subject"), ROUND_TRIPS)
+def test_round_trip(pki: Pki, reader: Codec, ident: Identity, payload: Any, ids: dict[str, str],
+                    subject: str) -> None:
+    out = codec_for(pki, ident).encode(payload, trace={"traceparent": "00-abc-def-01"}, **ids)
+    assert out.subject == subject
+    assert out.event_id == out.envelope.id
+    ev = reader.decode(out.subject, out.data)
+    assert isinstance(ev, Event)
+    assert ev.payload == payload
+    assert type(ev.payload) is type(payload)
+    assert ev.envelope == out.envelope
+    assert ev.envelope.producer == str(ident)
+    assert ev.id == out.event_id
+    assert ev.subject == subject
+    assert ev.spec.payload is type(payload)
+    assert ev.job_id == ids.get("job_id")
+    assert ev.envelope.trace == {"traceparent": "00-abc-def-01"}
+    if ident.role is Role.NODE_AGENT and ev.spec.node_scoped:
+        assert ev.node_id == ident.node_id
+
+
+def test_encode_keeps_given_id_and_time(pki: Pki, reader: Codec) -> None:
+    eid = new_event_id()
+    out = codec_for(pki, MARKET).encode(JobSubmitted(owner="o", image="i"), job_id="j1", event_id=eid, time_ns=42)
+    ev = reader.decode(out.subject, out.data)
+    assert ev.id == eid
+    assert ev.envelope.time_ns == 42
+
+
+def test_node_agent_cannot_encode_for_another_node(pki: Pki, reader: Codec) -> None:
+    """Node-scoped events always carry the signer's own node, whatever the caller passes."""
+    out = codec_for(pki, NODE_A).encode(NodeHeartbeat(seq=1), node_id="node-b")
+    assert out.subject == "qvm.nodes.node-a.heartbeat"
+    assert reader.decode(out.subject, out.data).node_id == "node-a"
+
+
+def test_codec_without_key_cannot_encode(reader: Codec) -> None:
+    with pytest.raises(RuntimeError):
+        reader.encode(JobSubmitted(owner="o", image="i"), job_id="j1")
+
+
+# ---------------------------------------------------------------- rejections
+
+
+@pytest.fixture(scope="module")
+def submitted(pki: Pki) -> tuple[str, bytes]:
+    out = codec_for(pki, MARKET).encode(JobSubmitted(owner="alice", image="img"), job_id="j1")
+    return out.subject, out.data
+
+
+def test_unknown_signer(tmp_path: Path, pki: Pki, reader: Codec) -> None:
+    """A key from another CA, even for an identity name we know, is refused; so is an unknown name."""
+    other = Pki(tmp_path / "other")
+    other.init(nodes=("node-z",))
+    foreign = Codec(other.signer(Identity(Role.NODE_AGENT, "node-z")), other.load_trust())
+    out = foreign.encode(NodeHeartbeat(seq=1))
+    assert rejected(reader, out.subject, out.data).reason is Reason.UNKNOWN_SIGNER
+    # The same identity name as a trusted one, but the other CA's key: the name is known, the key is not.
+    fake_market = Codec(other.signer(MARKET), other.load_trust())
+    out = fake_market.encode(JobSubmitted(owner="o", image="i"), job_id="j1")
+    assert rejected(reader, out.subject, out.data).reason is Reason.BAD_SIGNATURE
+
+
+def test_bad_signature_flipped_byte(reader: Codec, submitted: tuple[str, bytes]) -> None:
+    subject, data = submitted
+    version, env_bytes, signer, sig = unwrap(data)
+    for i in (0, len(env_bytes) // 2, len(env_bytes) - 1):
+        tampered = bytearray(env_bytes)
+        tampered[i] ^= 0x01
+        bad = msgpack.packb([version, bytes(tampered), signer, sig], use_bin_type=True)
+        assert rejected(reader, subject, bad).reason is Reason.BAD_SIGNATURE
+    # A flipped signature bit too.
+    bad_sig = bytes([sig[0] ^ 0x80]) + sig[1:]
+    bad = msgpack.packb([version, env_bytes, signer, bad_sig], use_bin_type=True)
+    assert rejected(reader, subject, bad).reason is Reason.BAD_SIGNATURE
+
+
+def test_signature_of_another_signer(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    """Valid envelope and signature, but the wire names a different (trusted) signer."""
+    subject, data = submitted
+    version, env_bytes, _, sig = unwrap(data)
+    bad = msgpack.packb([version, env_bytes, "scheduler", sig], use_bin_type=True)
+    assert rejected(reader, subject, bad).reason is Reason.BAD_SIGNATURE
+
+
+def test_forged_producer(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    """Signed correctly by marketplace, but the envelope claims the scheduler produced it."""
+    subject, data = submitted
+    env = envelope_of(data)
+    env["producer"] = "scheduler"
+    rej = rejected(reader, subject, wire(env, pki.signer(MARKET)))
+    assert rej.reason is Reason.PRODUCER_NOT_ALLOWED
+    assert "differs from signer" in rej.detail
+
+
+def test_forged_producer_node_b_key_claims_node_a(pki: Pki, reader: Codec) -> None:
+    out = codec_for(pki, NODE_A).encode(NodeHeartbeat(seq=3))
+    env = envelope_of(out.data)
+    # node-b signs node-a's heartbeat (and says so on the wire): producer != signer.
+    assert rejected(reader, out.subject, wire(env, pki.signer(NODE_B))).reason is Reason.PRODUCER_NOT_ALLOWED
+    # node-b signs it but the wire claims node-a: the signature does not verify under node-a's key.
+    forged = wire(env, pki.signer(NODE_B), claimed=str(NODE_A))
+    assert rejected(reader, out.subject, forged).reason is Reason.BAD_SIGNATURE
+
+
+def test_unknown_type(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    subject, data = submitted
+    env = envelope_of(data)
+    env["type"] = "job.exploded"
+    assert rejected(reader, subject, wire(env, pki.signer(MARKET))).reason is Reason.UNKNOWN_TYPE
+
+
+def test_wrong_schema_version(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    subject, data = submitted
+    env = envelope_of(data)
+    env["v"] = 2
+    assert rejected(reader, subject, wire(env, pki.signer(MARKET))).reason is Reason.UNSUPPORTED_VERSION
+
+
+def test_producer_role_not_allowed(pki: Pki, reader: Codec) -> None:
+    claim = ResourceClaim(cpu_cores=1, ram_mib=64)
+    out = codec_for(pki, MARKET).encode(JobPlaced(node_id="node-a", attempt=0, claim=claim), job_id="j1",
+                                        node_id="node-a")
+    assert out.subject == "qvm.jobs.j1.placed.node-a"
+    rej = rejected(reader, out.subject, out.data)
+    assert rej.reason is Reason.PRODUCER_NOT_ALLOWED
+    assert "job.placed" in rej.detail
+    # A node-agent may not submit jobs either.
+    out = codec_for(pki, NODE_A).encode(JobSubmitted(owner="o", image="i"), job_id="j1")
+    assert rejected(reader, out.subject, out.data).reason is Reason.PRODUCER_NOT_ALLOWED
+
+
+def test_node_agent_speaking_for_another_node(pki: Pki, reader: Codec) -> None:
+    out = codec_for(pki, NODE_A).encode(JobAccepted(node_id="node-a", attempt=0), job_id="j1")
+    env = envelope_of(out.data)
+    env["node_id"] = "node-b"
+    env["payload"]["node_id"] = "node-b"
+    rej = rejected(reader, "qvm.jobs.j1.accepted.node-b", wire(env, pki.signer(NODE_A)))
+    assert rej.reason is Reason.PRODUCER_NOT_ALLOWED
+    assert "node-b" in rej.detail
+    # Heartbeat for node-b, signed by node-a.
+    hb = envelope_of(codec_for(pki, NODE_A).encode(NodeHeartbeat(seq=1)).data)
+    hb["node_id"] = "node-b"
+    rej = rejected(reader, "qvm.nodes.node-b.heartbeat", wire(hb, pki.signer(NODE_A)))
+    assert rej.reason is Reason.PRODUCER_NOT_ALLOWED
+
+
+def test_subject_mismatch(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    subject, data = submitted
+    assert reader.decode(subject, data).subject == subject  # sanity: the original subject passes
+    for other in ("qvm.jobs.j2.submitted", "qvm.jobs.j1.cancel_requested", "qvm.nodes.node-a.heartbeat"):
+        assert rejected(reader, other, data).reason is Reason.SUBJECT_MISMATCH
+    hb = codec_for(pki, NODE_A).encode(NodeHeartbeat(seq=1))
+    assert rejected(reader, "qvm.nodes.node-b.heartbeat", hb.data).reason is Reason.SUBJECT_MISMATCH
+
+
+def test_payload_node_differs_from_envelope_node(pki: Pki, reader: Codec) -> None:
+    claim = ResourceClaim(cpu_cores=1, ram_mib=64)
+    out = codec_for(pki, SCHED).encode(JobPlaced(node_id="node-a", attempt=0, claim=claim), job_id="j1",
+                                       node_id="node-b")
+    assert out.subject == "qvm.jobs.j1.placed.node-b"
+    assert rejected(reader, out.subject, out.data).reason is Reason.SUBJECT_MISMATCH
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda env: env["payload"].pop("image"), id="missing-field"),
+        pytest.param(lambda env: env["payload"].update(extra=1), id="unknown-field"),
+        pytest.param(lambda env: env["payload"].update(max_runtime_s=0), id="out-of-range"),
+        pytest.param(lambda env: env["payload"].update(owner="x" * 200), id="too-long"),
+        pytest.param(lambda env: env.update(payload={"owner": ["not", "a", "string"], "image": "i"}),
+                     id="wrong-type"),
+    ],
+)
+def test_schema_invalid_payload(pki: Pki, reader: Codec, submitted: tuple[str, bytes], mutate: Any) -> None:
+    subject, data = submitted
+    env = envelope_of(data)
+    mutate(env)
+    assert rejected(reader, subject, wire(env, pki.signer(MARKET))).reason is Reason.SCHEMA_INVALID
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda env: env.update(id="not-a-uuid"), id="bad-id"),
+        pytest.param(lambda env: env.update(job_id="has.dot"), id="job-id-with-dot"),
+        pytest.param(lambda env: env.pop("time_ns"), id="missing-time"),
+        pytest.param(lambda env: env.update(trace={"k": "v" * 600}), id="trace-too-large"),
+        pytest.param(lambda env: env.update(unexpected=True), id="extra-envelope-field"),
+        pytest.param(lambda env: env.update(job_id=None), id="subject-needs-job-id"),
+    ],
+)
+def test_schema_invalid_envelope(pki: Pki, reader: Codec, submitted: tuple[str, bytes], mutate: Any) -> None:
+    subject, data = submitted
+    env = envelope_of(data)
+    mutate(env)
+    assert rejected(reader, subject, wire(env, pki.signer(MARKET))).reason is Reason.SCHEMA_INVALID
+
+
+def test_too_large(reader: Codec, submitted: tuple[str, bytes]) -> None:
+    subject, data = submitted
+    big = data + b"\x00" * (MAX_MESSAGE_BYTES + 1 - len(data))
+    assert len(big) == MAX_MESSAGE_BYTES + 1
+    assert rejected(reader, subject, big).reason is Reason.TOO_LARGE
+
+
+def test_wire_version_2(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    subject, data = submitted
+    env = envelope_of(data)
+    rej = rejected(reader, subject, wire(env, pki.signer(MARKET), version=2))
+    assert rej.reason is Reason.UNSUPPORTED_VERSION
+    assert "wire version 2" in rej.detail
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xc1", id="never-used-byte"),
+        pytest.param(msgpack.packb({"a": 1}), id="map"),
+        pytest.param(msgpack.packb([1, b"x", "marketplace"]), id="three-elements"),
+        pytest.param(msgpack.packb([True, b"x", "marketplace", b"s"]), id="bool-version"),
+        pytest.param(msgpack.packb([1, "text", "marketplace", b"s"], use_bin_type=True), id="str-envelope"),
+        pytest.param(msgpack.packb([1, b"x", 5, b"s"], use_bin_type=True), id="int-signer"),
+    ],
+)
+def test_malformed(reader: Codec, data: bytes) -> None:
+    assert rejected(reader, "qvm.jobs.j1.submitted", data).reason is Reason.MALFORMED
+
+
+def test_envelope_not_a_map(pki: Pki, reader: Codec) -> None:
+    signer = pki.signer(MARKET)
+    env_bytes = msgpack.packb(["a", "list"])
+    data = msgpack.packb([1, env_bytes, "marketplace", signer.sign(env_bytes)], use_bin_type=True)
+    assert rejected(reader, "qvm.jobs.j1.submitted", data).reason is Reason.MALFORMED
+
+
+def test_rejection_reason_strings_are_stable() -> None:
+    """Reasons travel in headers (`Qvm-Reason`) and reports; their values are part of the contract."""
+    assert Reason.UNKNOWN_SIGNER.value == "unknown_signer"
+    assert Reason.HANDLER_FAILED.value == "handler_failed"
+    assert {e.value for e in EventType} >= {"job.submitted", "job.placed", "event.rejected"}
