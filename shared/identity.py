@@ -59,7 +59,7 @@ class Identity:
     def __post_init__(self) -> None:
         if (self.role is Role.NODE_AGENT) != (self.node_id is not None):
             raise ValueError("a node id is required for node-agents and only for them")
-        if self.node_id is not None and not _NODE_RE.match(self.node_id):
+        if self.node_id is not None and not _NODE_RE.fullmatch(self.node_id):
             raise ValueError(f"invalid node id {self.node_id!r}")
 
     def __str__(self) -> str:
@@ -81,4 +81,4 @@ class Identity:
 
 
 def valid_id(text: str) -> bool:
-    return bool(_ID_RE.match(text))
+    return bool(_ID_RE.fullmatch(text))

@@ -100,3 +100,13 @@ def test_derived_property(ts: int, rand: int, parts: list[str]) -> None:
     assert uuid7_time_ms(derived) == ts
     assert derived == derive_event_id(cause, *parts)
     assert derived != derive_event_id(cause, *parts, "more")
+
+
+def test_ids_with_a_trailing_newline_are_refused() -> None:
+    import pytest
+
+    from shared.identity import Identity, Role, valid_id
+
+    assert not valid_id("job-1\n")
+    with pytest.raises(ValueError):
+        Identity(Role.NODE_AGENT, "node-a\n")
