@@ -35,7 +35,7 @@ bench: setup
 	$(PY) -m bench
 
 lint: setup
-	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/ruff check shared services tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 docs: setup
