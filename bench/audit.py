@@ -1,0 +1,51 @@
+"""3. Audit replay rate: shared.audit.audit_replay over the placement stack, process pool and inline."""
+
+from __future__ import annotations
+
+from bench.common import Figure, say
+from shared.audit import AuditReport, audit_replay
+from shared.bus import Bus
+from shared.pki import Pki
+from shared.replay import Verifier
+
+__all__ = ["TARGET_RATE", "run"]
+
+TARGET_RATE = 20_000.0
+
+
+def _line(label: str, r: AuditReport) -> str:
+    streams = ", ".join(f"{k} {v:,}" for k, v in sorted(r.per_stream.items()))
+    states = ", ".join(f"{k} {v:,}" for k, v in sorted(r.job_states.items()))
+    return (f"  {label}: {r.events:,} events in {r.seconds:.2f} s; violations {len(r.violations)}, dead letters "
+            f"{len(r.dead_letters)}; streams: {streams}; job states: {states}")
+
+
+async def run(admin: Bus, pki: Pki) -> list[Figure]:
+    bundle, ca = pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes()
+    pool = Verifier(bundle, ca)  # default: one worker process per core
+    try:
+        cold = await audit_replay(admin.js, pool)
+        say(_line(f"pool of {pool.workers}, first run (includes worker start-up)", cold))
+        warm = await audit_replay(admin.js, pool)
+        say(_line(f"pool of {pool.workers}, second run (warm workers)", warm))
+    finally:
+        pool.close()
+    inline_verifier = Verifier(bundle, ca, workers=0)
+    try:
+        inline = await audit_replay(admin.js, inline_verifier)
+        say(_line("inline (workers=0)", inline))
+    finally:
+        inline_verifier.close()
+    figs = [
+        Figure(f"audit replay, {pool.workers} workers (cold pool)", cold.rate, "events/s", TARGET_RATE,
+               higher_is_better=True, note="ok" if cold.ok else f"{len(cold.violations)} violations"),
+        Figure(f"audit replay, {pool.workers} workers (warm pool)", warm.rate, "events/s", TARGET_RATE,
+               higher_is_better=True, note="ok" if warm.ok else f"{len(warm.violations)} violations"),
+        Figure("audit replay, inline (workers=0)", inline.rate, "events/s", TARGET_RATE, higher_is_better=True,
+               note="ok" if inline.ok else f"{len(inline.violations)} violations"),
+    ]
+    for f in figs:
+        say(f.line())
+    for v in (cold.violations or inline.violations)[:3]:
+        say(f"  violation: {v}")
+    return figs

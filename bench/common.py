@@ -1,0 +1,136 @@
+"""Shared helpers: figures against targets, percentiles, windowed concurrency, log counting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = ["Figure", "LogCounter", "fmt_rate", "percentile", "say", "section", "windowed"]
+
+T = TypeVar("T")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def section(title: str, method: str) -> None:
+    say()
+    say(f"== {title} ==")
+    say(f"method: {method}")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One summary row: a measured value and, optionally, its target."""
+
+    name: str
+    value: float | None
+    unit: str
+    target: float | None = None
+    higher_is_better: bool = False
+    note: str = ""
+    check: bool | None = None  # a pass/fail row without a numeric target
+    check_target: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.target:
+            return None
+        return self.value / self.target
+
+    @property
+    def met(self) -> bool | None:
+        if self.check is not None:
+            return self.check
+        if self.value is None or self.target is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value < self.target
+
+    def value_text(self) -> str:
+        if self.value is None:
+            return "error"
+        return f"{_num(self.value)} {self.unit}".strip()
+
+    def target_text(self) -> str:
+        if self.check_target:
+            return self.check_target
+        if self.target is None:
+            return "-"
+        return f"{'>=' if self.higher_is_better else '<'} {_num(self.target)} {self.unit}".strip()
+
+    def line(self) -> str:
+        """The figure as one printed line, with target and ratio when it has a target."""
+        out = f"  {self.name:<46} {self.value_text():>18}"
+        if self.target is not None or self.check is not None:
+            ratio = self.ratio
+            out += f"   target {self.target_text():<16}"
+            if ratio is not None:
+                out += f" ratio {ratio:.2f}"
+            out += f"  {'met' if self.met else 'NOT met'}"
+        if self.note:
+            out += f"   ({self.note})"
+        return out
+
+
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def fmt_rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:,.0f}/s" if seconds > 0 else "n/a"
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (p in 0..100)."""
+    if not sorted_values:
+        return math.nan
+    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
+    return sorted_values[min(k, len(sorted_values) - 1)]
+
+
+async def windowed(items: Sequence[T], fn: Callable[[T], Awaitable[object]], window: int = 64) -> None:
+    """Run `fn` over `items`, `window` at a time (asyncio.gather per window)."""
+    for i in range(0, len(items), window):
+        await asyncio.gather(*(fn(x) for x in items[i:i + window]))
+
+
+class LogCounter(logging.Handler):
+    """Counts warnings and errors the services log, instead of letting them flood the output."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[f"{record.levelname.lower()} {record.name}: {record.getMessage()[:80]}"] += 1
+
+    def install(self) -> None:
+        root = logging.getLogger()
+        root.addHandler(self)
+        root.setLevel(logging.WARNING)
+
+    def uninstall(self) -> None:
+        logging.getLogger().removeHandler(self)
+
+    def drain(self) -> str:
+        """A one-line summary of what was logged since the last drain."""
+        if not self.counts:
+            return "service warnings/errors logged: none"
+        top = ", ".join(f"{n}x {k}" for k, n in self.counts.most_common(3))
+        total = sum(self.counts.values())
+        self.counts.clear()
+        return f"service warnings/errors logged: {total} ({top})"
