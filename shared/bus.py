@@ -145,16 +145,25 @@ class Bus:
         return name
 
     async def consume(
-        self, spec: ConsumerSpec, handler: Handler, stop: asyncio.Event, *, batch: int = 128
+        self, spec: ConsumerSpec, handler: Handler, stop: asyncio.Event, *, max_inflight: int = 128
     ) -> None:
-        """Pull, verify, dispatch and ack until `stop` is set. Handlers of one batch run concurrently."""
+        """Pull, verify, dispatch and ack until `stop` is set.
+
+        Up to `max_inflight` handlers run at once; the loop fetches again as soon as a quarter of the
+        window is free, so one slow message does not hold back the next batch.
+        """
         name = await self.ensure_consumer(spec)
         with map_nats_errors(f"bind consumer {name}"):
             sub = await self.js.pull_subscribe_bind(name, spec.stream)
+        inflight: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
+                room = max_inflight - len(inflight)
+                if room < max(1, max_inflight // 4):
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 try:
-                    msgs = await sub.fetch(batch, timeout=1.0)
+                    msgs = await sub.fetch(room, timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
@@ -163,8 +172,13 @@ class Bus:
                     log.warning("fetch failed", extra={"consumer": name, "error": str(exc)[:300]})
                     await asyncio.sleep(0.5)
                     continue
-                await asyncio.gather(*(self._process(m, spec, name, handler) for m in msgs))
+                for m in msgs:
+                    task = asyncio.create_task(self._process(m, spec, name, handler))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
         finally:
+            if inflight:
+                await asyncio.wait(inflight, timeout=10)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 

@@ -12,6 +12,7 @@ the catalogue's subject for those ids. Any failure raises `RejectedEvent` with a
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from shared.errors import Reason, RejectedEvent
 from shared.events import EventSpec, payload_field_node, spec_for, spec_of_payload, subject_for
-from shared.identity import ID_PATTERN, NODE_ID_PATTERN, Identity, Role
+from shared.identity import ID_PATTERN, NODE_ID_PATTERN, Identity, Role, valid_id
 from shared.ids import new_event_id
 from shared.models import Frozen
 from shared.pki import Signer, TrustBundle
@@ -31,6 +32,7 @@ __all__ = ["MAX_MESSAGE_BYTES", "WIRE_VERSION", "Codec", "Envelope", "Event", "O
 
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
+_NODE_RE = re.compile(NODE_ID_PATTERN)
 _UUID7 = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 
 
@@ -111,20 +113,21 @@ class Codec:
         producer = str(self.signer.identity)
         if self.signer.identity.node_id is not None:
             node_id = self.signer.identity.node_id  # a node-agent only ever speaks for its own node
-        envelope = Envelope(
-            id=event_id or new_event_id(),
-            type=spec.type.value,
-            v=spec.version,
-            time_ns=time_ns if time_ns is not None else time.time_ns(),
-            producer=producer,
-            job_id=job_id,
-            node_id=node_id,
-            instance_id=instance_id,
-            trace=trace or {},
-            payload=payload.model_dump(mode="json"),
-        )
+        for value in (job_id, instance_id):
+            if value is not None and not valid_id(value):
+                raise ValueError(f"invalid id {value[:80]!r}")
+        if node_id is not None and not _NODE_RE.fullmatch(node_id):
+            raise ValueError(f"invalid node id {node_id[:80]!r}")
+        # Every value here is ours and already typed: build the envelope without re-validating it.
+        fields = {
+            "id": event_id or new_event_id(), "type": spec.type.value, "v": spec.version,
+            "time_ns": time_ns if time_ns is not None else time.time_ns(), "producer": producer,
+            "job_id": job_id, "node_id": node_id, "instance_id": instance_id, "trace": trace or {},
+            "payload": payload.model_dump(mode="json"),
+        }
+        envelope = Envelope.model_construct(**fields)  # type: ignore[arg-type]
         subject = subject_for(spec, job_id=job_id, node_id=node_id, producer=producer)
-        env_bytes = msgpack.packb(envelope.model_dump(mode="json"), use_bin_type=True)
+        env_bytes = msgpack.packb(fields, use_bin_type=True)
         data = msgpack.packb([WIRE_VERSION, env_bytes, producer, self.signer.sign(env_bytes)], use_bin_type=True)
         return Outgoing(subject, data, envelope.id, envelope)
 

@@ -59,6 +59,9 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
                 f"$JS.API.CONSUMER.DELETE.{jobs}.>", f"$JS.FC.{jobs}.>", f"$JS.API.STREAM.INFO.{jobs}",
                 f"$JS.API.CONSUMER.INFO.{jobs}.*"]
     if ident.role is Role.SCHEDULER:
+        # Reading a job's submission back when a node refuses it.
+        pub += [f"$JS.API.STREAM.MSG.GET.{STREAMS[Domain.JOBS].name}",
+                f"$JS.API.DIRECT.GET.{STREAMS[Domain.JOBS].name}.>"]
         for bucket in KV_BUCKETS:
             pub += [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
                     f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.CONSUMER.CREATE.KV_{bucket}",

@@ -36,12 +36,12 @@ class NodeStatus(StrEnum):
 
 
 class Claim(Frozen):
-    """A reservation on a node, with what is needed to place the job again if the node refuses."""
+    """A reservation on a node. The job's spec is not copied here (records stay small); a re-placement
+    after a refusal reads it back from the job stream by `submitted_id`'s subject."""
 
     claim: ResourceClaim
     attempt: int = Field(ge=0)
     submitted_id: str
-    spec: JobSubmitted
     excluded: tuple[str, ...] = ()
 
 
@@ -119,7 +119,7 @@ def choose(
     job: JobSubmitted,
     min_trust: TrustState,
     excluded: Iterable[str] = (),
-    max_fitting: int = 64,
+    max_fitting: int = 16,
 ) -> Placement | NoFit:
     """Best-fit choice; `NoFit` names the deepest filter that ruled nodes out.
 

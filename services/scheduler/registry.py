@@ -53,6 +53,7 @@ class Registry:
         self._buckets: dict[int, dict[str, None]] = {}
         self._bucket_of: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._job_nodes: dict[str, set[str]] = {}  # job id -> nodes holding a confirmed claim for it
         self.capacity_changed = asyncio.Event()
 
     # ------------------------------------------------------------ reading
@@ -69,7 +70,7 @@ class Registry:
                 yield self._views[node_id]
 
     def node_of_job(self, job_id: str) -> list[str]:
-        return [n for n, (rec, _) in self._confirmed.items() if job_id in rec.claims]
+        return sorted(self._job_nodes.get(job_id, ()))
 
     # ------------------------------------------------------------ cache upkeep
     def _refresh_view(self, node_id: str) -> None:
@@ -102,11 +103,24 @@ class Registry:
         cur = self._confirmed.get(node_id)
         if cur is not None and cur[1] >= rev:
             return  # our own write, seen again through the watch, or an older one
+        self._index_claims(node_id, cur[0] if cur else None, rec)
         if rec is None:
             self._confirmed.pop(node_id, None)
         else:
             self._confirmed[node_id] = (rec, rev)
         self._refresh_view(node_id)
+
+    def _index_claims(self, node_id: str, old: NodeRecord | None, new: NodeRecord | None) -> None:
+        before = set(old.claims) if old else set()
+        after = set(new.claims) if new else set()
+        for job in before - after:
+            nodes = self._job_nodes.get(job)
+            if nodes is not None:
+                nodes.discard(node_id)
+                if not nodes:
+                    del self._job_nodes[job]
+        for job in after - before:
+            self._job_nodes.setdefault(job, set()).add(node_id)
 
     async def load_and_watch(self, stop: asyncio.Event, ready: asyncio.Event) -> None:
         """Load every record, then follow changes until `stop`."""
@@ -125,6 +139,9 @@ class Registry:
                 if entry is None:
                     ready.set()
                     continue
+                cur = self._confirmed.get(entry.key)
+                if cur is not None and cur[1] >= (entry.revision or 0):
+                    continue  # our own write coming back: already applied, skip decoding it
                 rec = None if entry.operation in ("DEL", "PURGE") or not entry.value else _decode(entry.value)
                 if rec is None and entry.value and entry.operation not in ("DEL", "PURGE"):
                     log.warning("unreadable registry record skipped", extra={"node_id": entry.key})
@@ -180,12 +197,14 @@ class Registry:
                 entry = await self.kv.get(node_id)
             except (NotFoundError, Exception) as exc:
                 if "NotFound" in type(exc).__name__ or "KeyDeleted" in type(exc).__name__:
-                    self._confirmed.pop(node_id, None)
+                    cur = self._confirmed.pop(node_id, None)
+                    self._index_claims(node_id, cur[0] if cur else None, None)
                     self._refresh_view(node_id)
                     return
                 raise
         rec = _decode(entry.value) if entry.value else None
-        self._confirmed.pop(node_id, None)
+        cur = self._confirmed.pop(node_id, None)
+        self._index_claims(node_id, cur[0] if cur else None, rec)
         if rec is not None:
             self._confirmed[node_id] = (rec, entry.revision or 0)
         self._refresh_view(node_id)

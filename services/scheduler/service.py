@@ -15,7 +15,7 @@ import contextlib
 import time
 
 import msgpack
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -33,7 +33,11 @@ from shared.bus import Bus, map_nats_errors
 from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import CONSUMERS, ConsumerSpec
+from shared.errors import RejectedEvent
 from shared.events import (
+    CATALOGUE,
+    STREAMS,
+    Domain,
     EventType,
     JobAccepted,
     JobPending,
@@ -43,6 +47,7 @@ from shared.events import (
     NodeHeartbeat,
     NodeOffline,
     NodeRegistered,
+    subject_for,
 )
 from shared.identity import Role
 from shared.ids import derive_event_id
@@ -106,7 +111,7 @@ class Scheduler:
         job_id = event.job_id or ""
         match event.payload:
             case JobSubmitted() as spec:
-                await self.place(job_id, spec, event.id, attempt=0, excluded=())
+                await self.place(job_id, spec, event.id, attempt=0, excluded=(), parked=False)
             case JobRefused() as refused:
                 await self.on_refused(job_id, refused)
             case JobAccepted() as accepted:
@@ -140,9 +145,13 @@ class Scheduler:
 
     # ================================================================ decide + act
     async def place(
-        self, job_id: str, spec: JobSubmitted, submitted_id: str, *, attempt: int, excluded: tuple[str, ...]
+        self, job_id: str, spec: JobSubmitted, submitted_id: str, *, attempt: int, excluded: tuple[str, ...],
+        parked: bool = True,
     ) -> bool:
-        """Place one attempt of a job; idempotent. Returns True once the job is placed."""
+        """Place one attempt of a job; idempotent. Returns True once the job is placed.
+
+        `parked=False` (a first submission) skips clearing the pending bucket, which costs a round trip.
+        """
         placed_id = derive_event_id(submitted_id, "JobPlaced", str(attempt))
         for node_id in self.registry.node_of_job(job_id):  # redelivery: the decision is already made
             rec = self.registry.get(node_id)
@@ -158,8 +167,7 @@ class Scheduler:
                 await self.park(job_id, PendingJob(spec=spec, submitted_id=submitted_id, attempt=attempt,
                                                    excluded=excluded, reason=decision.reason), decision.detail)
                 return False
-            claim = Claim(claim=decision.claim, attempt=attempt, submitted_id=submitted_id, spec=spec,
-                          excluded=excluded)
+            claim = Claim(claim=decision.claim, attempt=attempt, submitted_id=submitted_id, excluded=excluded)
             if not await self._reserve(decision.node_id, job_id, claim):
                 continue
             stored = await self.bus.publish(JobPlaced(node_id=decision.node_id, attempt=attempt, claim=claim.claim),
@@ -169,7 +177,8 @@ class Scheduler:
                 await self._unreserve(decision.node_id, job_id)
                 return True
             self.placed += 1
-            await self._unpark(job_id)
+            if parked:
+                await self._unpark(job_id)
             return True
         log.warning("placement contention, will retry", extra={"job_id": job_id})
         await self.park(job_id, PendingJob(spec=spec, submitted_id=submitted_id, attempt=attempt,
@@ -208,9 +217,27 @@ class Scheduler:
         if held is not None and held.attempt == refused.attempt:
             log.info("node refused job, placing again",
                      extra={"node_id": refused.node_id, "reason": refused.reason})
-            await self.place(job_id, held.spec, held.submitted_id, attempt=refused.attempt + 1,
-                             excluded=(*held.excluded, refused.node_id))
+            spec = await self.submitted_spec(job_id)
+            if spec is not None:
+                await self.place(job_id, spec, held.submitted_id, attempt=refused.attempt + 1,
+                                 excluded=(*held.excluded, refused.node_id), parked=False)
         await self._unreserve(refused.node_id, job_id, only_attempt=refused.attempt)
+
+    async def submitted_spec(self, job_id: str) -> JobSubmitted | None:
+        """The job's spec, read back from its (signed, verified) job.submitted event."""
+        subject = subject_for(CATALOGUE[EventType.JOB_SUBMITTED], job_id=job_id)
+        with map_nats_errors(f"read submission of {job_id}"):
+            try:
+                raw = await self.bus.js.get_last_msg(STREAMS[Domain.JOBS].name, subject)
+            except NotFoundError:
+                log.error("submission not found; job cannot be placed again", extra={"job_id": job_id})
+                return None
+        try:
+            event = self.bus.codec.decode(raw.subject or subject, raw.data or b"")
+        except RejectedEvent as exc:
+            log.error("stored submission does not verify", extra={"job_id": job_id, "reason": exc.reason.value})
+            return None
+        return event.payload if isinstance(event.payload, JobSubmitted) else None
 
     async def drop_stray_claims(self, job_id: str, keep: str) -> None:
         """A crash between reserving and publishing can leave a claim on a node the job never got."""

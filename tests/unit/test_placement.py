@@ -44,7 +44,7 @@ def test_lower_minimum_trust_admits_unverified_nodes() -> None:
 def test_best_fit_packs_gpu_jobs_and_keeps_cpu_jobs_off_gpus() -> None:
     full = node("full")
     busy = with_claims(full, {f"j{i}": Claim(claim=ResourceClaim(cpu_cores=1, ram_mib=1, gpu_uuids=(f"GPU-full-{i}",)),
-                                             attempt=0, submitted_id="x", spec=job()) for i in range(6)})
+                                             attempt=0, submitted_id="x") for i in range(6)})
     nodes = ordered([node("empty"), busy, node("cpu-only", gpus=0)])
     r = choose(nodes, job(gpus=1), TrustState.TRUSTED)
     assert isinstance(r, Placement) and r.node_id == "full" and r.claim.gpu_uuids == ("GPU-full-6",)
@@ -55,7 +55,7 @@ def test_best_fit_packs_gpu_jobs_and_keeps_cpu_jobs_off_gpus() -> None:
 def test_claimed_gpus_are_not_offered_again_and_excluded_nodes_are_skipped() -> None:
     a = node("a", gpus=1)
     taken = with_claims(a, {"j": Claim(claim=ResourceClaim(cpu_cores=1, ram_mib=1, gpu_uuids=("GPU-a-0",)),
-                                       attempt=0, submitted_id="x", spec=job())})
+                                       attempt=0, submitted_id="x")})
     assert isinstance(choose([taken], job(gpus=1), TrustState.TRUSTED), NoFit)
     r = choose(ordered([node("b", gpus=1), node("c", gpus=1)]), job(gpus=1), TrustState.TRUSTED, excluded=["b"])
     assert isinstance(r, Placement) and r.node_id == "c"
