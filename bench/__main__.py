@@ -66,7 +66,7 @@ async def _placement_and_audit(tmp: Path, logs: LogCounter) -> list[Figure]:
         "2. Placement (burst)",
         f"{NODES:,} nodes (128 cores, 1 TiB, 8x H100 80GB each; trusted, online) written as NodeRecords into the "
         f"qvm_nodes KV bucket as `scheduler` (node.registered cannot make a node trusted: no attestation verifier "
-        f"yet); one Scheduler in-process (Scheduler.create + run(stop)); {BURST_JOBS:,} job.submitted (50% CPU "
+        f"yet); one scheduler in its own process (python -m services.scheduler, as deployed); {BURST_JOBS:,} job.submitted (50% CPU "
         "4c/8GiB, 40% 1x H100, 10% 2x H100) pre-signed as `marketplace` and published as fast as possible, 64 in "
         "flight awaiting acks, same event loop; job.placed timed on arrival at an `admin` push consumer "
         "(qvm.jobs.*.placed.*, no acks); latency = publish call -> arrival",
@@ -89,9 +89,10 @@ async def _placement_and_audit(tmp: Path, logs: LogCounter) -> list[Figure]:
 
         section(
             "3. Audit replay",
-            "shared.audit.audit_replay(admin js, Verifier) over every stream of the burst stack above (job.submitted "
-            "+ job.placed); events/s = verified events / report.seconds; Verifier() (one process per core), run "
-            "twice, then Verifier(workers=0)",
+            "shared.audit.audit_replay(admin js, AuditWorkers) over every stream of the burst stack above "
+            "(job.submitted + job.placed): the parent fetches and routes raw bytes, shard processes verify every "
+            "signature and fold each job's transitions (jobs partitioned by id); events/s = verified events / "
+            "wall time; AuditWorkers() (one shard per core), run twice, then AuditWorkers(workers=0) (inline)",
         )
         figs += await audit.run(admin, pki)
         say("  " + logs.drain())

@@ -1,4 +1,4 @@
-"""3. Audit replay rate: shared.audit.audit_replay over the placement stack, process pool and inline."""
+"""3. Audit replay rate: shared.audit.audit_replay over the placement stack, sharded over processes and inline."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from bench.common import Figure, say
 from shared.audit import AuditReport, audit_replay
 from shared.bus import Bus
 from shared.pki import Pki
-from shared.replay import Verifier
+from shared.audit import AuditWorkers
 
 __all__ = ["TARGET_RATE", "run"]
 
@@ -22,7 +22,7 @@ def _line(label: str, r: AuditReport) -> str:
 
 async def run(admin: Bus, pki: Pki) -> list[Figure]:
     bundle, ca = pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes()
-    pool = Verifier(bundle, ca)  # default: one worker process per core
+    pool = AuditWorkers(bundle, ca)  # default: one shard process per core
     try:
         cold = await audit_replay(admin.js, pool)
         say(_line(f"pool of {pool.workers}, first run (includes worker start-up)", cold))
@@ -30,7 +30,7 @@ async def run(admin: Bus, pki: Pki) -> list[Figure]:
         say(_line(f"pool of {pool.workers}, second run (warm workers)", warm))
     finally:
         pool.close()
-    inline_verifier = Verifier(bundle, ca, workers=0)
+    inline_verifier = AuditWorkers(bundle, ca, workers=0)
     try:
         inline = await audit_replay(admin.js, inline_verifier)
         say(_line("inline (workers=0)", inline))

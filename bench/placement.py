@@ -1,4 +1,5 @@
-"""2. Placement: one in-process scheduler over 1,000 registered nodes; a burst and a paced run.
+"""2. Placement: one scheduler process (`python -m services.scheduler`, as deployed) over 1,000 registered
+nodes; a burst and paced runs.
 
 The fleet is written straight into the `qvm_nodes` KV bucket as the scheduler identity (trusted, online,
 8 H100 each): registration events cannot make a node trusted while the attestation verifier does not
@@ -19,9 +20,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.common import Figure, fmt_rate, percentile, say, windowed
-from bench.stack import BenchStack
+from bench.stack import BenchStack, log_problems, scheduler_process
 from services.scheduler.placement import NodeRecord, NodeStatus
-from services.scheduler.service import Scheduler
 from shared.bus import Bus
 from shared.codec import Outgoing
 from shared.events import JobPlaced, JobSubmitted
@@ -93,7 +93,7 @@ class RunResult:
     register_s: float = 0.0
     presign_s: float = 0.0
     publish_s: float = 0.0
-    scheduler_placed: int = 0
+    log_summary: str = ""
     error: str = ""
 
     def latencies_ms(self) -> list[float]:
@@ -150,11 +150,7 @@ async def run_jobs(
     ]
 
     res.register_s = await register_nodes(await stack.bus(Role.SCHEDULER), nodes)
-    sched = await Scheduler.create(await stack.bus(Role.SCHEDULER), stack.settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sched.run(stop))
-    try:
-        await _until(lambda: len(sched.registry.nodes()) >= len(nodes), 30.0, task, "scheduler registry load")
+    async with scheduler_process(stack) as sched_log:
 
         market = await stack.bus(Role.MARKETPLACE)
         t0 = time.perf_counter()
@@ -177,9 +173,6 @@ async def run_jobs(
         deadline = time.monotonic() + deadline_s
         last_n, last_change = -1, time.monotonic()
         while not all_placed.is_set() and time.monotonic() < deadline:
-            if task.done():
-                task.result()
-                raise RuntimeError("scheduler stopped early")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_placed.wait(), 0.25)
             n = len(res.placed_at)
@@ -191,32 +184,11 @@ async def run_jobs(
         else:
             if not all_placed.is_set():
                 res.error = f"deadline of {deadline_s:.0f} s reached"
-        res.scheduler_placed = sched.placed
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 15)
-        except Exception as exc:  # a crash or a slow stop: cancel and report, never hang the run
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            if not isinstance(exc, TimeoutError):
-                res.error = res.error or f"scheduler failed: {type(exc).__name__}: {exc}"
-        for s in subs:
-            with contextlib.suppress(Exception):
-                await s.unsubscribe()
+        res.log_summary = log_problems(sched_log)
+    for s in subs:
+        with contextlib.suppress(Exception):
+            await s.unsubscribe()
     return res
-
-
-async def _until(cond: Callable[[], bool], timeout: float, task: asyncio.Task[None], what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if task.done():
-            task.result()
-            raise RuntimeError(f"scheduler stopped during {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _paced(outs: list[Outgoing], publish: Callable[[Outgoing], Coroutine[Any, Any, None]], rate: float) -> None:
@@ -307,8 +279,9 @@ def report_run(res: RunResult, *, p99_target_ms: float, rate_target: float | Non
     placed = len(res.placed_at)
     say(f"  nodes registered in {res.register_s:.2f} s; {res.jobs:,} job.submitted pre-signed in "
         f"{res.presign_s:.2f} s, published in {res.publish_s:.2f} s ({fmt_rate(res.jobs, res.publish_s)})")
-    say(f"  placed {placed:,}/{res.jobs:,} (scheduler counted {res.scheduler_placed:,}), pending "
-        f"{len(res.pending)}, duplicate job.placed {res.duplicates}" + (f"; STOPPED: {res.error}" if res.error else ""))
+    say(f"  placed {placed:,}/{res.jobs:,}, pending {len(res.pending)}, duplicate job.placed {res.duplicates}"
+        + (f"; STOPPED: {res.error}" if res.error else ""))
+    say(f"  {res.log_summary}")
     if stored:
         say(f"  publish -> job.placed stored (server timestamp): p50 {percentile(stored, 50):.1f} ms, "
             f"p99 {percentile(stored, 99):.1f} ms")

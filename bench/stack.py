@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +20,7 @@ from shared.natsserver import EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
 
-__all__ = ["BenchStack", "bench_stack"]
+__all__ = ["BenchStack", "bench_stack", "scheduler_process"]
 
 
 @dataclass
@@ -48,3 +54,55 @@ async def bench_stack(pki: Pki, root: Path, *, offline_after_s: float = 3600.0) 
             for b in stack.buses:
                 await b.close()
         server.stop()
+
+
+@contextlib.asynccontextmanager
+async def scheduler_process(stack: BenchStack, name: str = "scheduler") -> AsyncIterator[Path]:
+    """Run `python -m services.scheduler` as its own process (as deployed); yields its log file.
+
+    Waits for its "registry loaded" log line, and stops it with SIGTERM on exit.
+    """
+    log = stack.root / f"{name}.log"
+    env = dict(os.environ)
+    env.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
+                "QVM_STATE_DIR": str(stack.root), "QVM_OFFLINE_AFTER_S": str(stack.settings.offline_after_s),
+                "QVM_LOG_LEVEL": "INFO"})
+    with open(log, "wb") as out:
+        profile = os.environ.get("QVM_BENCH_PROFILE")  # a path: profile the scheduler with cProfile
+        prefix = ["-m", "cProfile", "-o", f"{profile}.{name}.{int(time.time())}"] if profile else []
+        proc = subprocess.Popen([sys.executable, *prefix, "-m", "services.scheduler"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while b"registry loaded" not in log.read_bytes():
+            if proc.poll() is not None:
+                raise RuntimeError(f"scheduler exited with {proc.returncode}: {log.read_text()[-500:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("scheduler did not load the registry within 60 s")
+            await asyncio.sleep(0.05)
+        yield log
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def log_problems(log: Path) -> str:
+    """Count warning/error lines in a service's JSON log."""
+    counts: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            counts["non-JSON line"] = counts.get("non-JSON line", 0) + 1
+            continue
+        if rec.get("level") in ("warning", "error"):
+            key = f"{rec['level']}: {rec.get('msg', '')}"
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return "scheduler warnings/errors logged: none"
+    return "scheduler warnings/errors logged: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))

@@ -34,7 +34,8 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
     pub: list[str] = ["$JS.API.INFO"]
     sub: list[str] = [f"{inbox}.>"]
     if ident.role is Role.ADMIN:
-        return {"publish": {"allow": ["$JS.API.>", "$KV.>"]}, "subscribe": {"allow": sub}}
+        # Operator: manage streams, read everything (incl. ordered consumers' flow control); emit no events.
+        return {"publish": {"allow": ["$JS.API.>", "$JS.FC.>"]}, "subscribe": {"allow": sub}}
     fixed = {"node_id": ident.node_id} if ident.node_id else {}
     for spec in CATALOGUE.values():
         if ident.role in spec.producers:

@@ -92,6 +92,7 @@ class Scheduler:
         await asyncio.wait([asyncio.ensure_future(ready.wait()), watch], return_when=asyncio.FIRST_COMPLETED)
         if watch.done():
             watch.result()  # raises the watch failure
+        log.info("registry loaded", extra={"nodes": len(self.registry.nodes())})
         tasks = [
             watch,
             asyncio.create_task(self.bus.consume(_consumer("jobs"), self.on_job_event, stop)),

@@ -22,7 +22,7 @@ import msgpack
 from rich.console import Console
 from rich.table import Table
 
-from shared.audit import audit_replay
+from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.cli.stack import LocalStack
 from shared.config import Settings
@@ -30,7 +30,7 @@ from shared.identity import Identity, Role
 from shared.jobspec import load_job
 from shared.lifecycle import JobState
 from shared.models import TrustState
-from shared.replay import Verifier, read_stream
+from shared.replay import read_stream
 
 __all__ = ["run_demo"]
 
@@ -65,7 +65,7 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
             if state is not JobState.PROVISIONING:
                 console.print(f"[red]job ended in {state}, expected accepted[/red]")
                 return 1
-            verifier = Verifier(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
+            verifier = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
             try:
                 report = await audit_replay(admin.js, verifier)
             finally:

@@ -333,14 +333,14 @@ def events(follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> N
 def audit_replay(workers: Annotated[int | None, typer.Option(help="Verifier processes (default: cores)")] = None
                  ) -> None:
     """Replay every stream from the first message; verify signatures and transitions."""
+    from shared.audit import AuditWorkers
     from shared.audit import audit_replay as replay
-    from shared.replay import Verifier
 
     async def body() -> bool:
         s = Settings()
         pki = Pki(s.pki_path)
         bus = await _connect(Role.ADMIN, s)
-        verifier = Verifier(pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes(), workers)
+        verifier = AuditWorkers(pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes(), workers)
         try:
             report = await replay(bus.js, verifier)
         finally:
