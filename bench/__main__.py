@@ -66,9 +66,10 @@ async def _placement_and_audit(tmp: Path, logs: LogCounter) -> list[Figure]:
         "2. Placement (burst)",
         f"{NODES:,} nodes (128 cores, 1 TiB, 8x H100 80GB each; trusted, online) written as NodeRecords into the "
         f"qvm_nodes KV bucket as `scheduler` (node.registered cannot make a node trusted: no attestation verifier "
-        f"yet); one scheduler in its own process (python -m services.scheduler, as deployed); {BURST_JOBS:,} job.submitted (50% CPU "
+        f"yet); one scheduler in its own process (python -m services.scheduler, as deployed); "
+        f"{BURST_JOBS:,} job.submitted (50% CPU "
         "4c/8GiB, 40% 1x H100, 10% 2x H100) pre-signed as `marketplace` and published as fast as possible, 64 in "
-        "flight awaiting acks, same event loop; job.placed timed on arrival at an `admin` push consumer "
+        "flight awaiting acks; job.placed timed on arrival at an `admin` push consumer "
         "(qvm.jobs.*.placed.*, no acks); latency = publish call -> arrival",
     )
     pki, nodes, pki_note = _fleet_pki(tmp / "pki")

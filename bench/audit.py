@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from bench.common import Figure, say
-from shared.audit import AuditReport, audit_replay
+from shared.audit import AuditReport, AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.pki import Pki
-from shared.audit import AuditWorkers
 
 __all__ = ["TARGET_RATE", "run"]
 

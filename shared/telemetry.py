@@ -22,6 +22,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 __all__ = [
     "JsonFormatter",
@@ -110,8 +111,10 @@ def setup_tracing(service: str) -> None:
     global _configured
     if _configured:
         return
-    provider = TracerProvider()
     path = os.environ.get("QVM_TRACE_FILE")
+    # Without an exporter nothing would read recorded spans: sample none. Span contexts (trace ids) are
+    # still created and propagated, so the trace context in headers and envelopes stays intact.
+    provider = TracerProvider(sampler=ALWAYS_ON if path else ALWAYS_OFF)
     if path:
         provider.add_span_processor(SimpleSpanProcessor(JsonlSpanExporter(path)))
     trace.set_tracer_provider(provider)

@@ -111,7 +111,8 @@ def fits(node: NodeRecord, job: JobSubmitted, min_trust: TrustState) -> Resource
         if len(ok) < p.gpus.count:
             return "no_matching_gpu"
         gpus = [g.uuid for g in sorted(ok, key=lambda g: g.index)[: p.gpus.count]]
-    return ResourceClaim(cpu_cores=p.cpu_cores, ram_mib=p.ram_mib, gpu_uuids=tuple(gpus))
+    # Built from validated inputs on the hot path: skip re-validation.
+    return ResourceClaim.model_construct(cpu_cores=p.cpu_cores, ram_mib=p.ram_mib, gpu_uuids=tuple(gpus))
 
 
 def choose(

@@ -25,6 +25,7 @@ from shared.telemetry import get_logger
 __all__ = ["Conflict", "Registry"]
 
 log = get_logger("qvm.scheduler.registry")
+MIN_JOB_RAM_MIB = 64  # the smallest job a profile allows (shared.models.HardwareProfile)
 Mutation = Callable[[NodeRecord | None], NodeRecord | None]
 
 
@@ -85,9 +86,10 @@ class Registry:
         view = with_claims(rec, {**rec.claims, **tent}) if tent else rec
         self._views[node_id] = view
         self._unbucket(node_id)
-        k = len(view.free_gpus())
-        self._buckets.setdefault(k, {})[node_id] = None
-        self._bucket_of[node_id] = k
+        if view.free_cpu() >= 1 and view.free_ram() >= MIN_JOB_RAM_MIB:  # a saturated node is no candidate
+            k = len(view.free_gpus())
+            self._buckets.setdefault(k, {})[node_id] = None
+            self._bucket_of[node_id] = k
         if old is None or len(view.free_gpus()) > len(old.free_gpus()) or view.free_cpu() > old.free_cpu() \
                 or view.status != old.status:
             self.capacity_changed.set()
