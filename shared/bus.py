@@ -44,6 +44,7 @@ __all__ = ["Bus", "Handler", "map_nats_errors", "tls_context"]
 
 log = get_logger("qvm.bus")
 Handler = Callable[[Event], Awaitable[None]]
+PUBLISH_TIMEOUT_S = 10.0
 
 
 @contextlib.contextmanager
@@ -126,7 +127,10 @@ class Bus:
                 span.set_attribute("qvm.job_id", job_id)
             headers = {"Nats-Msg-Id": out.event_id, **out.envelope.trace}
             with map_nats_errors(f"publish {out.subject}"):
-                ack = await self.js.publish(out.subject, out.data, headers=headers)
+                # The async-publish path shares one reply subscription: cheaper than a request per message.
+                future = await self.js.publish_async(out.subject, out.data, headers=headers)
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):  # no ack: not stored (or not permitted)
+                    ack = await future
             return not ack.duplicate
 
     # ------------------------------------------------------------ consume

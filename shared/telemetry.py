@@ -120,10 +120,19 @@ def setup_tracing(service: str) -> None:
     trace.set_tracer_provider(provider)
     _service.set(service)
     _configured = True
+    global _tracer
+    _tracer = None
+
+
+_tracer: trace.Tracer | None = None
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("qvm")
+    """qvm's tracer, created once (after `setup_tracing`, or the no-op default)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer("qvm")
+    return _tracer
 
 
 def inject_context() -> dict[str, str]:
