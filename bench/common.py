@@ -103,9 +103,20 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
 
 
 async def windowed(items: Sequence[T], fn: Callable[[T], Awaitable[object]], window: int = 64) -> None:
-    """Run `fn` over `items`, `window` at a time (asyncio.gather per window)."""
-    for i in range(0, len(items), window):
-        await asyncio.gather(*(fn(x) for x in items[i:i + window]))
+    """Run `fn` over `items` with at most `window` in flight (a sliding window, no stop between groups)."""
+    sem = asyncio.Semaphore(window)
+
+    async def one(x: T) -> None:
+        try:
+            await fn(x)
+        finally:
+            sem.release()
+
+    tasks = []
+    for x in items:
+        await sem.acquire()
+        tasks.append(asyncio.create_task(one(x)))
+    await asyncio.gather(*tasks)
 
 
 class LogCounter(logging.Handler):

@@ -116,7 +116,7 @@ class RunResult:
 
 async def run_jobs(
     stack: BenchStack, nodes: list[str], jobs: int, *, label: str, prefix: str, rate: float | None,
-    deadline_s: float, stall_s: float = 15.0,
+    deadline_s: float, stall_s: float = 15.0, replicas: int = 1,
 ) -> RunResult:
     """Register `nodes`, start a scheduler, submit `jobs` (as fast as possible, or at `rate`/s) and
     wait until every job.placed arrived (or `deadline_s` / `stall_s` without progress)."""
@@ -150,7 +150,9 @@ async def run_jobs(
     ]
 
     res.register_s = await register_nodes(await stack.bus(Role.SCHEDULER), nodes)
-    async with scheduler_process(stack) as sched_log:
+    async with contextlib.AsyncExitStack() as running:
+        sched_logs = [await running.enter_async_context(scheduler_process(stack, f"scheduler-{i}"))
+                      for i in range(replicas)]
 
         market = await stack.bus(Role.MARKETPLACE)
         t0 = time.perf_counter()
@@ -184,7 +186,7 @@ async def run_jobs(
         else:
             if not all_placed.is_set():
                 res.error = f"deadline of {deadline_s:.0f} s reached"
-        res.log_summary = log_problems(sched_log)
+        res.log_summary = "; ".join(log_problems(log) for log in sched_logs)
     for s in subs:
         with contextlib.suppress(Exception):
             await s.unsubscribe()
@@ -272,7 +274,7 @@ async def check_claims(admin: Bus, nodes: list[str], res: RunResult) -> ClaimChe
     return chk
 
 
-def report_run(res: RunResult, *, p99_target_ms: float, rate_target: float | None) -> list[Figure]:
+def report_run(res: RunResult, *, p99_target_ms: float | None, rate_target: float | None) -> list[Figure]:
     """Print one run's figures; returns those for the summary."""
     lat = res.latencies_ms()
     stored = res.stored_latencies_ms()
