@@ -1,0 +1,86 @@
+"""The `qvm` CLI as an operator uses it: `qvm up` in the background, then submit, status, nodes, events,
+audit; Ctrl-C stops everything and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.nats
+
+
+def qvm(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli.main", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
+    env = {**os.environ, "QVM_STATE_DIR": str(tmp_path / "state"), "QVM_NODE_ID": "cli-node",
+           "QVM_HEARTBEAT_INTERVAL_S": "1", "COLUMNS": "200"}
+    env.pop("QVM_NATS_URL", None)
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up", "--min-trust", "unverified"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url_file = tmp_path / "state" / "nats.url"
+        deadline = time.monotonic() + 60
+        while not url_file.exists():
+            assert up.poll() is None, up.stdout.read() if up.stdout else ""
+            assert time.monotonic() < deadline, "qvm up did not start"
+            time.sleep(0.1)
+
+        deadline = time.monotonic() + 30
+        while "cli-node" not in (nodes := qvm(env, "nodes")).stdout:
+            assert time.monotonic() < deadline, nodes.stdout + nodes.stderr
+            time.sleep(0.3)
+        assert "online" in nodes.stdout and "unverified" in nodes.stdout
+
+        sub = qvm(env, "submit", "deploy/examples/job.yaml", "--wait", "30")
+        assert sub.returncode == 0, sub.stderr
+        assert "job.accepted" in sub.stdout
+
+        status = qvm(env, "status")
+        assert "demo-job" in status.stdout and "provisioning" in status.stdout and "cli-node" in status.stdout
+        one = qvm(env, "status", "demo-job")
+        assert "job.placed" in one.stdout and "node-agent.cli-node" in one.stdout
+
+        events = qvm(env, "events")
+        assert "node.registered" in events.stdout and "job.accepted" in events.stdout and "✗" not in events.stdout
+
+        audit = qvm(env, "audit", "replay", "--workers", "0")
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert "audit clean" in audit.stdout
+
+        cancel = qvm(env, "cancel", "demo-job")
+        assert cancel.returncode == 0
+        deadline = time.monotonic() + 30
+        while "cancelled" not in qvm(env, "status").stdout:
+            assert time.monotonic() < deadline, "cancellation not carried out"
+            time.sleep(0.3)
+    finally:
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, out
+    assert "qvm stack stopped" in out
+    assert _processes_mentioning(str(tmp_path)) == [], "qvm up left processes running"
+    assert not (tmp_path / "state" / "nats.url").exists()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line or environment names `text` (the services get the state dir by env)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(int(proc.name))
+    return found
