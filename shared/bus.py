@@ -72,6 +72,7 @@ class Bus:
     codec: Codec
     identity: Identity
     permission_errors: int = 0
+    handler_failures: int = 0  # handler exceptions (each is retried, then dead-lettered)
 
     @classmethod
     async def connect(cls, url: str, pki: Pki, ident: Identity, *, connect_timeout: float = 5.0) -> Bus:
@@ -214,6 +215,7 @@ class Bus:
         self, msg: Msg, spec: ConsumerSpec, consumer: str, event: Event, exc: Exception
     ) -> None:
         delivered = msg.metadata.num_delivered
+        self.handler_failures += 1
         log.warning("handler failed", exc_info=exc,
                     extra={"consumer": consumer, "event_type": str(event.spec.type), "event_id": event.id,
                            "delivery": delivered})

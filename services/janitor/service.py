@@ -72,13 +72,31 @@ class Janitor:
         seq = msg.metadata.sequence.stream if msg.metadata else 0
         try:
             event = self.bus.codec.decode(msg.subject, msg.data)
-            self.book.apply(event)
-        except (RejectedEvent, TransitionNotAllowed) as exc:
-            # The book only folds valid history; the consumers that own these events dead-letter them
-            # and `qvm audit replay` reports them.
+        except RejectedEvent as exc:
+            # The consumers that own these events dead-letter them; `qvm audit replay` reports them.
             log.warning("job event not folded", extra={"stream_seq": seq, "error": str(exc)[:300]})
+        else:
+            try:
+                self.book.apply(event)
+            except TransitionNotAllowed as exc:
+                log.warning("job event not folded", extra={"stream_seq": seq, "error": str(exc)[:300]})
+                await self._late_event(event)
         if seq >= self._target_seq:
             self.caught_up.set()
+
+    async def _late_event(self, event: Event) -> None:
+        """A node took a job that had already ended (a placement racing a cancellation or a failure):
+        tear it down on that node, so nothing it holds outlives the job."""
+        job = self.book.get(event.job_id or "")
+        node = event.node_id
+        if job is None or not job.terminal or node is None:
+            return
+        token = current_job.set(job.job_id)
+        try:
+            await self.bus.publish(TeardownRequested(node_id=node, reason=f"late_{event.spec.type.value}"),
+                                   job_id=job.job_id, node_id=node, caused_by=event)
+        finally:
+            current_job.reset(token)
 
     async def on_offline(self, event: Event) -> None:
         assert isinstance(event.payload, NodeOffline)

@@ -180,17 +180,20 @@ class Registry:
                 new = mutate(rec)
                 if new is rec:
                     return rec
-                try:
-                    with map_nats_errors(f"registry write {node_id}"):
+                with map_nats_errors(f"registry write {node_id}"):
+                    try:
                         if new is None:
                             await self.kv.delete(node_id, last=rev)
-                            self._store(node_id, None, rev + 1)
-                            return None
-                        new_rev = await self.kv.update(node_id, _encode(new), last=rev)
-                    self._store(node_id, new, new_rev)
-                    return new
-                except KeyWrongLastSequenceError:
-                    await self._reload(node_id)
+                        else:
+                            new_rev = await self.kv.update(node_id, _encode(new), last=rev)
+                    except KeyWrongLastSequenceError:  # another writer got there first: re-read, decide again
+                        await self._reload(node_id)
+                        continue
+                if new is None:
+                    self._store(node_id, None, rev + 1)
+                    return None
+                self._store(node_id, new, new_rev)
+                return new
             raise Conflict(f"node {node_id}: too many concurrent writers")
 
     async def _reload(self, node_id: str) -> None:

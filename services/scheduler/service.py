@@ -29,7 +29,7 @@ from services.scheduler.placement import (
     with_claims,
 )
 from services.scheduler.registry import Conflict, Registry
-from shared.bus import Bus, map_nats_errors
+from shared.bus import Bus, Handler, map_nats_errors
 from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import CONSUMERS, ConsumerSpec
@@ -80,6 +80,7 @@ class Scheduler:
         self.registry = Registry(nodes_kv)
         self.pending_kv = jobs_kv
         self.placed = 0
+        self.ended: dict[str, None] = {}  # recently failed/cancelled jobs (bounded, insertion-ordered)
 
     @classmethod
     async def create(cls, bus: Bus, settings: Settings) -> Scheduler:
@@ -95,9 +96,9 @@ class Scheduler:
         log.info("registry loaded", extra={"nodes": len(self.registry.nodes())})
         tasks = [
             watch,
-            asyncio.create_task(self.bus.consume(_consumer("jobs"), self.on_job_event, stop)),
-            asyncio.create_task(self.bus.consume(_consumer("nodes"), self.on_node_event, stop)),
-            asyncio.create_task(self.bus.consume(_consumer("teardown"), self.on_teardown, stop)),
+            asyncio.create_task(self._consume("jobs", self.on_job_event, stop)),
+            asyncio.create_task(self._consume("nodes", self.on_node_event, stop)),
+            asyncio.create_task(self._consume("teardown", self.on_teardown, stop)),
             asyncio.create_task(self._sweeper(stop)),
         ]
         try:
@@ -108,10 +109,20 @@ class Scheduler:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # ================================================================ consume
+    async def _consume(self, key: str, handler: Handler, stop: asyncio.Event) -> None:
+        await self.bus.consume(_consumer(key), handler, stop, max_inflight=self.settings.max_inflight)
+
     async def on_job_event(self, event: Event) -> None:
         job_id = event.job_id or ""
+        if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
+            self._mark_ended(job_id)  # before any await: a submission in the same batch sees it
         match event.payload:
             case JobSubmitted() as spec:
+                # Let the other events of this batch start first: one that ends this job marks it above.
+                await asyncio.sleep(0)
+                if job_id in self.ended:
+                    log.info("job ended before it was placed; not placing it")
+                    return
                 await self.place(job_id, spec, event.id, attempt=0, excluded=(), parked=False)
             case JobRefused() as refused:
                 await self.on_refused(job_id, refused)
@@ -119,6 +130,11 @@ class Scheduler:
                 await self.drop_stray_claims(job_id, keep=accepted.node_id)
             case _ if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
                 await self.release_job(job_id)
+
+    def _mark_ended(self, job_id: str) -> None:
+        self.ended[job_id] = None
+        if len(self.ended) > 100_000:
+            del self.ended[next(iter(self.ended))]
 
     async def on_node_event(self, event: Event) -> None:
         node_id = event.node_id or ""

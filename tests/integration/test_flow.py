@@ -10,9 +10,17 @@ from services.janitor.service import Janitor
 from services.node_agent.service import NodeAgent
 from services.scheduler.placement import NodeRecord
 from services.scheduler.service import Scheduler
-from shared.events import Domain, EventType, HardwareProfile, JobSubmitted, NodeRegistered
+from shared.events import (
+    Domain,
+    EventType,
+    HardwareProfile,
+    JobCancelRequested,
+    JobPlaced,
+    JobSubmitted,
+    NodeRegistered,
+)
 from shared.lifecycle import JobState
-from shared.models import GpuRequest, TrustState
+from shared.models import GpuRequest, ResourceClaim, TrustState
 from tests.framework.flow import events_of, eventually, gpu_inventory, job_book, running
 
 pytestmark = pytest.mark.nats
@@ -84,7 +92,7 @@ async def test_refusal_moves_the_job_to_another_node(stack):
 
 
 async def test_two_replicas_never_double_book_a_gpu(stack):
-    settings = settings_for(stack)
+    settings = settings_for(stack, max_inflight=4)  # small windows: both replicas get a share of the burst
     admin, market = await stack.bus("admin"), await stack.bus("marketplace")
     for node in ("node-a", "node-b"):
         nb = await stack.bus("node-agent", node)
@@ -108,6 +116,7 @@ async def test_two_replicas_never_double_book_a_gpu(stack):
     claims = [u for rec in (await _records(admin)).values() for c in rec.claims.values() for u in c.claim.gpu_uuids]
     assert sorted(claims) == sorted(gpus)
     assert s1.placed + s2.placed == 16 and s1.placed and s2.placed, "both replicas did work"
+    assert s1.bus.handler_failures == s2.bus.handler_failures == 0, "write conflicts are resolved, not retried"
 
 
 async def test_janitor_fails_a_job_past_its_deadline_and_requests_teardown(stack):
@@ -175,3 +184,56 @@ async def _is(admin, job_id, state) -> bool:
 async def _has(admin, job_id, etype) -> bool:
     return any(e.spec.type is etype for e in await events_of(admin, subject=f"qvm.jobs.{job_id}.>"))
 
+
+
+async def test_scheduler_skips_a_job_that_was_cancelled_before_it_got_to_it(stack):
+    settings = settings_for(stack, sweep_interval_s=0.2)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    janitor = Janitor(await stack.bus("janitor"), settings)
+    async with running(janitor):
+        await market.publish(GPU_JOB, job_id="job-1")
+        await market.publish(JobCancelRequested(reason="changed my mind"), job_id="job-1")
+        await eventually(lambda: _is(admin, "job-1", JobState.CANCELLED), what="cancellation")
+        sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+        async with running(sched, await agent(stack, "node-a", settings)):
+            await eventually(lambda: _consumer_idle(admin, "scheduler-jobs"), what="scheduler caught up")
+    types = [str(e.spec.type) for e in await events_of(admin, subject="qvm.jobs.job-1.>")]
+    assert types == ["job.submitted", "job.cancel_requested", "job.cancelled"]
+    assert (await job_book(admin, strict=True)).get("job-1").state is JobState.CANCELLED
+
+
+async def test_a_placement_racing_a_cancellation_is_torn_down(stack):
+    """A replica that placed a job just as it was cancelled: the janitor tears the late placement down."""
+    settings = settings_for(stack, sweep_interval_s=0.2)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    janitor = Janitor(await stack.bus("janitor"), settings)
+    node_a = await agent(stack, "node-a", settings)
+    async with running(janitor, node_a):
+        await market.publish(GPU_JOB, job_id="job-1")
+        await market.publish(JobCancelRequested(reason="changed my mind"), job_id="job-1")
+        await eventually(lambda: _is(admin, "job-1", JobState.CANCELLED), what="cancellation")
+        racer = await stack.bus("scheduler")
+        claim = ResourceClaim(cpu_cores=2, ram_mib=1024, gpu_uuids=("GPU-node-a-0",))
+        await racer.publish(JobPlaced(node_id="node-a", attempt=0, claim=claim), job_id="job-1", node_id="node-a")
+        await eventually(lambda: _has(admin, "job-1", EventType.JOB_ACCEPTED), what="late acceptance")
+        await eventually(lambda: _teardowns(admin), what="teardown of the late placement")
+
+        async def released() -> bool:
+            return "job-1" not in node_a.held
+        await eventually(released, what="node released the job")
+    teardowns = await events_of(admin, Domain.TEARDOWN)
+    assert {(e.payload.node_id, e.payload.reason) for e in teardowns} <= {
+        ("node-a", "late_job.placed"), ("node-a", "late_job.accepted")}
+    assert (await job_book(admin, strict=False)).get("job-1").state is JobState.CANCELLED
+
+
+async def _consumer_idle(admin, name) -> bool:
+    try:
+        info = await admin.js.consumer_info("QVM_JOBS", name)
+    except Exception:  # not created yet
+        return False
+    return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq >= 3
+
+
+async def _teardowns(admin) -> bool:
+    return bool(await events_of(admin, Domain.TEARDOWN))
