@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import socket
@@ -28,12 +29,22 @@ from shared.lifecycle import JobBook
 from shared.models import TrustState
 from shared.natsconf import permissions_for
 from shared.pki import Pki
+from shared.telemetry import setup_logging, setup_tracing
 
 logging.getLogger("asyncio").setLevel(logging.ERROR)  # ssl eof_received chatter when connections close
 app = typer.Typer(help="qvm: attested micro VMs for GPU marketplace jobs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 pki_app = typer.Typer(help="Development PKI: CA, TLS and signing certificates.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit the event streams.", no_args_is_help=True)
+
+
+@app.callback()
+def _configure() -> None:
+    """Library logs go to stderr as JSON lines, errors only unless QVM_LOG_LEVEL says otherwise."""
+    setup_logging("qvm-cli", os.environ.get("QVM_LOG_LEVEL", "ERROR"))
+    setup_tracing("qvm-cli")  # a submission starts the job's trace
+
+
 app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
 console = Console()

@@ -237,3 +237,19 @@ async def _consumer_idle(admin, name) -> bool:
 
 async def _teardowns(admin) -> bool:
     return bool(await events_of(admin, Domain.TEARDOWN))
+
+
+async def test_a_pending_job_is_placed_when_capacity_appears(stack):
+    settings = settings_for(stack, sweep_interval_s=0.2)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    async with running(sched):
+        await market.publish(GPU_JOB, job_id="job-1")
+        await eventually(lambda: _has(admin, "job-1", EventType.JOB_PENDING), what="pending")
+        async with running(await agent(stack, "node-a", settings)):
+            await eventually(lambda: _is(admin, "job-1", JobState.PROVISIONING), what="placed once a node came")
+    types = [str(e.spec.type) for e in await events_of(admin, subject="qvm.jobs.job-1.>")]
+    assert types == ["job.submitted", "job.pending", "job.placed", "job.accepted"]
+    kv = await admin.js.key_value("qvm_jobs")
+    with pytest.raises(Exception, match="(?i)not ?found|deleted|no keys"):
+        await kv.get("job-1")  # no longer parked

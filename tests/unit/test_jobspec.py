@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_oversized_and_missing_files(tmp_path: Path) -> None:
 def test_cli_submit_reports_bad_input_without_traceback(tmp_path: Path) -> None:
     bad = write(tmp_path, "owner: a\n")
     proc = subprocess.run([sys.executable, "-m", "shared.cli.main", "submit", str(bad)], capture_output=True,
-                          text=True, env={"PATH": "/usr/bin:/bin", "QVM_STATE_DIR": str(tmp_path)}, timeout=60)
+                          text=True, env={**os.environ, "QVM_STATE_DIR": str(tmp_path)}, timeout=60)
     assert proc.returncode == 2
     assert "image: Field required" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
