@@ -251,5 +251,5 @@ async def test_a_pending_job_is_placed_when_capacity_appears(stack):
     types = [str(e.spec.type) for e in await events_of(admin, subject="qvm.jobs.job-1.>")]
     assert types == ["job.submitted", "job.pending", "job.placed", "job.accepted"]
     kv = await admin.js.key_value("qvm_jobs")
-    with pytest.raises(Exception, match="(?i)not ?found|deleted|no keys"):
+    with pytest.raises(Exception, match=r"(?i)not ?found|deleted|no keys"):
         await kv.get("job-1")  # no longer parked
