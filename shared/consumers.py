@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from shared.events import CATALOGUE, STREAMS, Domain, EventType, subject_filter
 from shared.identity import Identity, Role
 
-__all__ = ["CONSUMERS", "ConsumerSpec", "consumers_for"]
+__all__ = ["CONSUMERS", "ConsumerSpec", "consumer_spec", "consumers_for"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,11 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 
 def consumers_for(ident: Identity) -> list[ConsumerSpec]:
     return [c for c in CONSUMERS if c.role is ident.role]
+
+
+def consumer_spec(role: Role, key: str) -> ConsumerSpec:
+    """The declared consumer `key` of `role` (a KeyError names a consumer nobody declared)."""
+    for c in CONSUMERS:
+        if c.role is role and c.key == key:
+            return c
+    raise KeyError(f"no consumer {key!r} declared for {role}")

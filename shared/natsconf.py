@@ -56,8 +56,9 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
     if ident.role in (Role.SCHEDULER, Role.JANITOR):
         # Folding job history at start: ordered (ephemeral) consumers on the jobs stream.
         jobs = STREAMS[Domain.JOBS].name
-        pub += [f"$JS.API.CONSUMER.CREATE.{jobs}", f"$JS.API.CONSUMER.CREATE.{jobs}.>",
-                f"$JS.API.CONSUMER.DELETE.{jobs}.>", f"$JS.FC.{jobs}.>", f"$JS.API.STREAM.INFO.{jobs}",
+        # Only unnamed (server-named, ephemeral) consumers: no way to create, re-point or delete a named
+        # durable such as a node-agent's assignment queue.
+        pub += [f"$JS.API.CONSUMER.CREATE.{jobs}", f"$JS.FC.{jobs}.>", f"$JS.API.STREAM.INFO.{jobs}",
                 f"$JS.API.CONSUMER.INFO.{jobs}.*"]
     if ident.role is Role.SCHEDULER:
         # Reading a job's submission back when a node refuses it.
@@ -66,7 +67,6 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
         for bucket in KV_BUCKETS:
             pub += [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
                     f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
-                    f"$JS.API.CONSUMER.CREATE.KV_{bucket}.>", f"$JS.API.CONSUMER.DELETE.KV_{bucket}.>",
                     f"$JS.FC.KV_{bucket}.>", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*"]
     return {"publish": {"allow": sorted(set(pub))}, "subscribe": {"allow": sub}}
 

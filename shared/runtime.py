@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from shared.bus import Bus
 from shared.config import Settings
@@ -20,13 +20,24 @@ from shared.identity import Identity
 from shared.pki import Pki
 from shared.telemetry import get_logger, setup_logging, setup_tracing
 
-__all__ = ["Service", "connect_with_retry", "serve"]
+__all__ = ["Service", "connect_with_retry", "run_together", "serve"]
 
 log = get_logger("qvm.runtime")
 
 
 class Service(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
+
+
+async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run a service's loops as tasks until all end; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def connect_with_retry(settings: Settings, ident: Identity, stop: asyncio.Event | None = None,

@@ -22,12 +22,13 @@ from services.janitor.deadlines import Action, due_actions, jobs_on_node
 from shared.bus import Bus, map_nats_errors
 from shared.codec import Event
 from shared.config import Settings
-from shared.consumers import CONSUMERS
+from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent, TransitionNotAllowed
 from shared.events import STREAMS, Domain, JobCancelled, JobFailed, NodeOffline, TeardownRequested
 from shared.identity import Role
 from shared.ids import derive_event_id
 from shared.lifecycle import JobBook, JobView
+from shared.runtime import run_together
 from shared.telemetry import current_job, get_logger
 
 __all__ = ["Janitor"]
@@ -55,15 +56,12 @@ class Janitor:
         with map_nats_errors("follow job stream"):
             sub = await self.bus.js.subscribe(stream.subjects[0], stream=stream.name, ordered_consumer=True,
                                               deliver_policy=DeliverPolicy.ALL, cb=self._on_job_msg)
-        offline = next(c for c in CONSUMERS if c.role is Role.JANITOR and c.key == "offline")
-        tasks = [asyncio.create_task(self.bus.consume(offline, self.on_offline, stop)),
-                 asyncio.create_task(self._sweeper(stop))]
         try:
-            await asyncio.gather(*tasks)
+            await run_together(
+                self.bus.consume(consumer_spec(Role.JANITOR, "offline"), self.on_offline, stop),
+                self._sweeper(stop),
+            )
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 

@@ -21,19 +21,17 @@ from services.node_agent.inventory import HostReader, nvml_gpus
 from shared.bus import Bus
 from shared.codec import Event
 from shared.config import Settings
-from shared.consumers import CONSUMERS, ConsumerSpec
+from shared.consumers import consumer_spec
 from shared.events import JobAccepted, JobPlaced, JobRefused, NodeHeartbeat, NodeRegistered, TeardownRequested
+from shared.identity import Role
 from shared.models import GpuInfo, Inventory, ResourceClaim
+from shared.runtime import run_together
 from shared.telemetry import get_logger
 
 __all__ = ["AGENT_VERSION", "NodeAgent"]
 
 AGENT_VERSION = "0.1.0"
 log = get_logger("qvm.node_agent")
-
-
-def _consumer(key: str) -> ConsumerSpec:
-    return next(c for c in CONSUMERS if c.role.value == "node-agent" and c.key == key)
 
 
 class NodeAgent:
@@ -60,17 +58,11 @@ class NodeAgent:
                                node_id=self.node_id)
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
-        tasks = [
-            asyncio.create_task(self.bus.consume(_consumer("assignments"), self.on_assignment, stop)),
-            asyncio.create_task(self.bus.consume(_consumer("teardown"), self.on_teardown, stop)),
-            asyncio.create_task(self._heartbeats(stop)),
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await run_together(
+            self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
+            self.bus.consume(consumer_spec(Role.NODE_AGENT, "teardown"), self.on_teardown, stop),
+            self._heartbeats(stop),
+        )
 
     # ------------------------------------------------------------ consume
     async def on_assignment(self, event: Event) -> None:

@@ -32,7 +32,7 @@ from services.scheduler.registry import Conflict, Registry
 from shared.bus import Bus, Handler, map_nats_errors
 from shared.codec import Event
 from shared.config import Settings
-from shared.consumers import CONSUMERS, ConsumerSpec
+from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent
 from shared.events import (
     CATALOGUE,
@@ -52,6 +52,7 @@ from shared.events import (
 from shared.identity import Role
 from shared.ids import derive_event_id
 from shared.models import Frozen
+from shared.runtime import run_together
 from shared.telemetry import get_logger
 
 __all__ = ["PendingJob", "Scheduler"]
@@ -69,8 +70,8 @@ class PendingJob(Frozen):
     reason: str = ""
 
 
-def _consumer(key: str) -> ConsumerSpec:
-    return next(c for c in CONSUMERS if c.role is Role.SCHEDULER and c.key == key)
+async def _await(task: asyncio.Task[None]) -> None:
+    await task
 
 
 class Scheduler:
@@ -90,27 +91,27 @@ class Scheduler:
     async def run(self, stop: asyncio.Event) -> None:
         ready = asyncio.Event()
         watch = asyncio.create_task(self.registry.load_and_watch(stop, ready))
-        await asyncio.wait([asyncio.ensure_future(ready.wait()), watch], return_when=asyncio.FIRST_COMPLETED)
+        loaded = asyncio.ensure_future(ready.wait())
+        await asyncio.wait([loaded, watch], return_when=asyncio.FIRST_COMPLETED)
+        loaded.cancel()
         if watch.done():
             watch.result()  # raises the watch failure
         log.info("registry loaded", extra={"nodes": len(self.registry.nodes())})
-        tasks = [
-            watch,
-            asyncio.create_task(self._consume("jobs", self.on_job_event, stop)),
-            asyncio.create_task(self._consume("nodes", self.on_node_event, stop)),
-            asyncio.create_task(self._consume("teardown", self.on_teardown, stop)),
-            asyncio.create_task(self._sweeper(stop)),
-        ]
         try:
-            await asyncio.gather(*tasks)
+            await run_together(
+                self._consume("jobs", self.on_job_event, stop),
+                self._consume("nodes", self.on_node_event, stop),
+                self._consume("teardown", self.on_teardown, stop),
+                self._sweeper(stop),
+                _await(watch),
+            )
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            watch.cancel()
 
     # ================================================================ consume
     async def _consume(self, key: str, handler: Handler, stop: asyncio.Event) -> None:
-        await self.bus.consume(_consumer(key), handler, stop, max_inflight=self.settings.max_inflight)
+        spec = consumer_spec(Role.SCHEDULER, key)
+        await self.bus.consume(spec, handler, stop, max_inflight=self.settings.max_inflight)
 
     async def on_job_event(self, event: Event) -> None:
         job_id = event.job_id or ""

@@ -174,6 +174,21 @@ async def test_node_agent_cannot_read_another_nodes_assignments(stack: Stack) ->
     assert info.config.filter_subject == "qvm.jobs.*.placed.node-a"
 
 
+async def test_services_cannot_repoint_or_delete_a_node_agents_consumer(stack: Stack) -> None:
+    admin = await stack.bus(Role.ADMIN)
+    node_a = await stack.bus(Role.NODE_AGENT, "node-a")
+    name = await node_a.ensure_consumer(CONSUMERS[3])
+    hijack = ConsumerConfig(name=name, durable_name=name, filter_subject="qvm.jobs.*.placed.*")
+    for role in (Role.JANITOR, Role.SCHEDULER):
+        other = await stack.bus(role)
+        with pytest.raises(DENIED):
+            await other.js.add_consumer("QVM_JOBS", config=hijack, timeout=2)
+        with pytest.raises(DENIED):  # the API request is dropped by the server: no answer, a time-out
+            await asyncio.wait_for(other.js.delete_consumer("QVM_JOBS", name), 2)
+    info = await admin.js.consumer_info("QVM_JOBS", name)
+    assert info.config.filter_subject == "qvm.jobs.*.placed.node-a"
+
+
 async def test_only_scheduler_may_publish_job_placed(stack: Stack) -> None:
     admin = await stack.bus(Role.ADMIN)
     market = await stack.bus(Role.MARKETPLACE)
