@@ -268,3 +268,12 @@ def test_job_book(ev: Factory) -> None:
         book.apply(ev.make("sched", JobCancelled(reason="late"), job_id="job-2"))
     assert book.get("job-2") is view  # unchanged after an illegal event
     assert book.get("nope") is None
+
+
+def test_a_late_placement_from_an_earlier_attempt_is_refused(ev: Factory) -> None:
+    view = fold(ev.submitted(), ev.placed("node-a", 0), ev.refused("node-a", 0))
+    assert view.state is JobState.PENDING and view.attempt == 1
+    refused_in(view, ev.placed("node-b", 0))
+    assert fold(ev.submitted(), ev.placed("node-a", 0), ev.refused("node-a", 0), ev.placed("node-b", 1)).node_id \
+        == "node-b"
+    refused_in(fold(ev.submitted()), ev.placed("node-a", 1))
