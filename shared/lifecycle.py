@@ -95,7 +95,8 @@ def apply(view: JobView | None, event: Event) -> JobView:
         case EventType.JOB_PLACED:
             assert isinstance(p, JobPlaced)
             if p.attempt != view.attempt:  # a placement from an earlier attempt, arriving late
-                raise TransitionNotAllowed(job_id, f"{view.state} (attempt {view.attempt}, not {p.attempt})", etype.value)
+                state = f"{view.state} (attempt {view.attempt}, not {p.attempt})"
+                raise TransitionNotAllowed(job_id, state, etype.value)
             return replace(view, state=_S.PLACED, since_ns=t, node_id=p.node_id, attempt=p.attempt, seen=seen)
         case EventType.JOB_ACCEPTED | EventType.JOB_REFUSED:
             if event.node_id != view.node_id or getattr(p, "attempt", -1) != view.attempt:
