@@ -1,0 +1,221 @@
+"""One micro VM instance, from verified image to exit code, with an explicit state machine.
+
+    created --verify--> verified --launch--> booting --READY--> running --EXIT--> exited --> destroyed
+    any state before exited --(error)--> failed --> destroyed
+
+The instance owns its work directory (scratch disk, QMP socket, console log, VMM pid file; never a
+secret), a fresh X25519 key pair held in memory only (its public key goes into the instance's events;
+attestation and key release bind to it), and the VMM process. `destroy()` is idempotent and reports
+what it removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
+from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
+from shared.errors import QvmError
+from shared.image.manifest import ImageError, ImageManifest
+from shared.image.verify import verify_open
+
+__all__ = ["Instance", "InstanceError", "InstanceSpec", "VmState"]
+
+
+class VmState(StrEnum):
+    CREATED = "created"
+    VERIFIED = "verified"
+    BOOTING = "booting"
+    RUNNING = "running"
+    EXITED = "exited"
+    FAILED = "failed"
+    DESTROYED = "destroyed"
+
+
+_NEXT: dict[VmState, frozenset[VmState]] = {
+    VmState.CREATED: frozenset({VmState.VERIFIED, VmState.FAILED, VmState.DESTROYED}),
+    VmState.VERIFIED: frozenset({VmState.BOOTING, VmState.FAILED, VmState.DESTROYED}),
+    VmState.BOOTING: frozenset({VmState.RUNNING, VmState.FAILED}),
+    VmState.RUNNING: frozenset({VmState.EXITED, VmState.FAILED}),
+    VmState.EXITED: frozenset({VmState.DESTROYED}),
+    VmState.FAILED: frozenset({VmState.DESTROYED}),
+    VmState.DESTROYED: frozenset(),
+}
+
+
+class InstanceError(QvmError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    instance_id: str
+    job_id: str
+    bundle: Path
+    command: tuple[str, ...]
+    vcpus: int = 1
+    memory_mib: int = 256
+    scratch_mib: int = 1024
+    run_timeout_s: float = 3600.0
+    boot_timeout_s: float = 120.0
+
+
+@dataclass
+class Instance:
+    spec: InstanceSpec
+    workdir: Path
+    vmm: Vmm
+    trusted_publishers: dict[str, object]
+    state: VmState = VmState.CREATED
+    manifest: ImageManifest | None = None
+    vm: VmProcess | None = None
+    boot_ms: float = 0.0
+    runtime_ms: float = 0.0
+    on_state: Callable[[VmState], None] | None = None
+    _key: x25519.X25519PrivateKey = field(default_factory=x25519.X25519PrivateKey.generate, repr=False)
+    _files: list[BinaryIO] = field(default_factory=list, repr=False)
+    _memfd: int | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ state machine
+    def _to(self, new: VmState) -> None:
+        if new not in _NEXT[self.state]:
+            raise InstanceError("illegal_state", f"{self.state} -> {new}")
+        self.state = new
+        if self.on_state:
+            self.on_state(new)
+
+    @property
+    def public_key(self) -> bytes:
+        return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    # ------------------------------------------------------------ steps
+    async def verify(self) -> ImageManifest:
+        """Check the bundle (signature, digests) through descriptors that stay open for the launch."""
+        try:
+            manifest, files = await asyncio.to_thread(verify_open, self.spec.bundle, self.trusted_publishers)
+        except ImageError as exc:
+            self._to(VmState.FAILED)
+            raise InstanceError(f"image_{exc.reason}", exc.detail) from None
+        self._files = files
+        self.manifest = manifest
+        self._to(VmState.VERIFIED)
+        return manifest
+
+    async def launch(self) -> None:
+        assert self.manifest is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        scratch = self.workdir / "scratch.ext4"
+        await asyncio.to_thread(_make_scratch, scratch, self.spec.scratch_mib)
+        self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
+        os.ftruncate(self._memfd, self.spec.memory_mib << 20)
+        host_end, guest_end = socket.socketpair()
+        kernel, initrd, rootfs = (f.fileno() for f in self._files)
+        spec = LaunchSpec(
+            instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
+            rootfs_fd=rootfs, scratch=scratch, channel_fd=guest_end.fileno(), cmdline=self.manifest.cmdline,
+            vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd)
+        started = time.monotonic()
+        try:
+            self.vm = await self.vmm.launch(spec)
+        except VmmError as exc:
+            host_end.close()
+            self._to(VmState.FAILED)
+            raise InstanceError(exc.reason, exc.detail) from None
+        finally:
+            guest_end.close()
+        self._to(VmState.BOOTING)
+        self._channel = await GuestChannel.open(host_end)
+        try:
+            await asyncio.wait_for(self._ready_or_exit(), self.spec.boot_timeout_s)
+        except TimeoutError:
+            await self._fail("boot_timeout", f"no READY from the guest within {self.spec.boot_timeout_s:g}s")
+        self.boot_ms = (time.monotonic() - started) * 1000
+        self._to(VmState.RUNNING)
+
+    async def _ready_or_exit(self) -> None:
+        assert self.vm is not None
+        try:
+            await self._channel.wait_ready()
+        except ChannelError as exc:
+            await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
+
+    async def run(self) -> RunOutput:
+        """Run the job's command in the guest; returns its exit code and output."""
+        script = shlex.join(self.spec.command) if self.spec.command else "true"
+        started = time.monotonic()
+        try:
+            out = await asyncio.wait_for(self._channel.run(script), self.spec.run_timeout_s)
+        except TimeoutError:
+            await self._fail("run_timeout", f"workload ran past {self.spec.run_timeout_s:g}s")
+        except ChannelError as exc:
+            await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
+        self.runtime_ms = (time.monotonic() - started) * 1000
+        self._to(VmState.EXITED)
+        if self.vm is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.vm.wait(), 15.0)  # the guest powers off by itself
+        return out
+
+    async def _fail(self, reason: str, detail: str) -> None:
+        if self.state not in (VmState.FAILED, VmState.DESTROYED):
+            self._to(VmState.FAILED)
+        raise InstanceError(reason, detail)
+
+    async def destroy(self) -> list[str]:
+        """Stop the VMM, close every descriptor, remove the work directory. Idempotent."""
+        removed: list[str] = []
+        if self.vm is not None and self.vm.proc.returncode is None:
+            await self.vmm.stop(self.vm)
+            removed.append(f"vmm:{self.vm.pid}")
+        if hasattr(self, "_channel"):
+            self._channel.close()
+        for f in self._files:
+            f.close()
+        self._files = []
+        if self._memfd is not None:
+            os.close(self._memfd)  # guest RAM pages go back to the kernel (scrub evidence: teardown phase)
+            self._memfd = None
+            removed.append("guest-ram")
+        if self.workdir.exists():
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+            removed.append(f"workdir:{self.workdir.name}")
+        if self.state is not VmState.DESTROYED:
+            if self.state in (VmState.CREATED, VmState.VERIFIED, VmState.EXITED, VmState.FAILED):
+                self._to(VmState.DESTROYED)
+            else:
+                self.state = VmState.DESTROYED  # torn down mid-flight (cancellation, agent stop)
+        return removed
+
+
+def _make_scratch(path: Path, size_mib: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "qvm-scratch", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InstanceError("scratch_failed", proc.stderr.strip()[:300])
+
+
+def _console_tail(workdir: Path) -> str:
+    try:
+        tail = (workdir / "console.log").read_text(errors="replace")[-400:].strip()
+    except OSError:
+        return ""
+    return f" (console: {tail})" if tail else ""

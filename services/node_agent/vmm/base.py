@@ -1,0 +1,74 @@
+"""The one interface every VMM driver implements, and what a launch needs.
+
+A driver gets a `LaunchSpec` (verified image files already opened by the agent, the instance's scratch
+disk, the guest channel's socket, limits) and returns a `VmProcess`. The agent talks to the guest only
+through the channel; the driver only starts, watches and stops the VMM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from shared.errors import QvmError
+
+__all__ = ["LaunchSpec", "VmProcess", "Vmm", "VmmError"]
+
+
+class VmmError(QvmError):
+    """The VMM could not be started or controlled; `reason` is a stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    instance_id: str
+    workdir: Path
+    kernel_fd: int
+    initrd_fd: int
+    rootfs_fd: int
+    scratch: Path
+    channel_fd: int  # the guest's end of a socketpair (virtio-serial port qvm.0 / vsock)
+    cmdline: str
+    vcpus: int
+    memory_mib: int
+    memory_fd: int | None = None  # agent-owned memfd for guest RAM (scrubbed after exit)
+    extra_fds: tuple[int, ...] = field(default=())
+
+
+@dataclass
+class VmProcess:
+    """A running VMM process."""
+
+    pid: int
+    proc: asyncio.subprocess.Process
+    vmm: str
+    accel: str
+    started_ns: int
+    console: Path
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+
+class Vmm(Protocol):
+    name: str
+
+    async def launch(self, spec: LaunchSpec) -> VmProcess: ...
+
+    async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
+        """Ask the VMM to end the VM, then kill it after `grace_s`."""
+        ...

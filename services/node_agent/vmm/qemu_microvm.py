@@ -1,0 +1,134 @@
+"""QEMU's `microvm` machine: a minimal virtio-mmio VM, controlled over QMP on a unix socket.
+
+- KVM when it works on this host, TCG otherwise: detected once by booting the kernel with no initramfs
+  under KVM (it panics and exits at once where KVM works); never hard-coded.
+- Guest RAM comes from a memfd the agent owns (`memory-backend-file` on `/proc/self/fd/N`), so the agent
+  can scrub it after the VM exits.
+- The image's kernel, initramfs and root filesystem are the files the agent verified, passed as open
+  descriptors: a file swapped on disk after verification is never the one booted.
+- The root disk is attached read-only; the scratch disk is the instance's only writable storage.
+- No network device unless the instance has one: `-nodefaults` gives no NIC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
+from services.node_agent.vmm.qmp import Qmp
+
+__all__ = ["QemuMicrovm", "detect_accel", "tsc_khz"]
+
+QEMU = "qemu-system-x86_64"
+_accel_cache: dict[str, tuple[str, str]] = {}  # per qemu binary: the host's answer does not change
+
+
+def tsc_khz() -> int | None:
+    """microvm has no HPET or PM timer: without this the guest kernel sometimes hangs calibrating its TSC."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+async def detect_accel(kernel: Path, qemu: str = QEMU) -> tuple[str, str]:
+    """("kvm" | "tcg", why). Cached for the life of the process."""
+    cached = _accel_cache.get(qemu)
+    if cached:
+        return cached
+    dev = Path("/dev/kvm")
+    if not dev.exists():
+        result = ("tcg", "no /dev/kvm")
+    else:
+        proc = await asyncio.create_subprocess_exec(
+            qemu, "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", "host", "-m", "128",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kernel),
+            "-append", "console=ttyS0 panic=-1 reboot=t", "-serial", "null",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 20.0)
+            ok = proc.returncode == 0
+            why = "kvm boots" if ok else f"kvm probe exited {proc.returncode}: {err.decode(errors='replace')[:160]}"
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            ok, why = False, "kvm probe hung"
+        result = ("kvm", why) if ok else ("tcg", why.strip())
+    _accel_cache[qemu] = result
+    return result
+
+
+class QemuMicrovm:
+    name = "qemu-microvm"
+
+    def __init__(self, qemu: str = QEMU, accel: str = "auto") -> None:
+        self.qemu = qemu
+        self.accel = accel
+
+    def available(self) -> bool:
+        return shutil.which(self.qemu) is not None
+
+    def argv(self, spec: LaunchSpec, accel: str) -> list[str]:
+        khz = tsc_khz()
+        cmdline = spec.cmdline + (f" tsc_early_khz={khz}" if khz and accel == "tcg" else "")
+        machine = "microvm,x-option-roms=off,rtc=off"
+        argv = [self.qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+                "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
+        if spec.memory_fd is not None:
+            machine += ",memory-backend=mem"
+            argv += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
+                                f"mem-path=/proc/self/fd/{spec.memory_fd},share=on,dump=off,merge=off"]
+        argv = [argv[0], "-M", machine, *argv[1:]]
+        argv += [
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", f"/proc/self/fd/{spec.kernel_fd}", "-initrd", f"/proc/self/fd/{spec.initrd_fd}",
+            "-append", cmdline,
+            "-serial", f"file:{spec.workdir / 'console.log'}",
+            "-drive", f"id=root,file=/proc/self/fd/{spec.rootfs_fd},format=raw,if=none,readonly=on",
+            "-device", "virtio-blk-device,drive=root",
+            "-drive", f"id=scratch,file={spec.scratch},format=raw,if=none",
+            "-device", "virtio-blk-device,drive=scratch",
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=ch0,fd={spec.channel_fd}",
+            "-device", "virtserialport,chardev=ch0,name=qvm.0",
+            "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+            "-pidfile", str(spec.workdir / "vmm.pid"),
+        ]
+        return argv
+
+    async def launch(self, spec: LaunchSpec) -> VmProcess:
+        if not self.available():
+            raise VmmError("vmm_missing", f"{self.qemu} not found (install qemu-system-x86)")
+        accel = self.accel
+        if accel == "auto":
+            accel, _why = await detect_accel(Path(f"/proc/{os.getpid()}/fd/{spec.kernel_fd}"), self.qemu)
+        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, spec.channel_fd, *spec.extra_fds]
+        if spec.memory_fd is not None:
+            fds.append(spec.memory_fd)
+        started = time.time_ns()
+        with open(spec.workdir / "vmm.log", "wb") as vmm_log:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv(spec, accel), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True)
+        return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log")
+
+    async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
+        if vm.proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            qmp = await Qmp.connect(vm.console.parent / "qmp.sock", wait_s=1.0)
+            with contextlib.suppress(Exception):
+                await qmp.execute("quit")
+            await qmp.close()
+        try:
+            await asyncio.wait_for(vm.proc.wait(), grace_s)
+        except TimeoutError:
+            await vm.kill()

@@ -1,0 +1,112 @@
+"""The guest kernel: the distribution's own kernel package, fetched with the package manager and cached.
+
+Debian's `linux-image-cloud-amd64` (Ubuntu: `linux-image-kvm`) is a small kernel for virtual machines.
+`apt-get download` fetches the real package its meta-package depends on; `dpkg-deb -x` unpacks it
+into the cache. Only the modules the guest needs are taken into the initramfs, with the modules they
+depend on (read from each module's `.modinfo`), in load order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.image.manifest import ImageError
+
+__all__ = ["GUEST_MODULES", "GuestKernel", "fetch_kernel", "module_load_order"]
+
+GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay")
+"""virtio-mmio transport (microvm, Firecracker, Cloud Hypervisor), disks, the host channel, the RW layer."""
+
+_DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    release: str
+    vmlinuz: Path
+    modules_dir: Path  # lib/modules/<release>
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "qvm"
+
+
+def fetch_kernel(package: str = "linux-image-cloud-amd64", deb: Path | None = None) -> GuestKernel:
+    """The kernel from `deb`, or from `package` (downloaded once into the cache)."""
+    cache = cache_dir() / "kernels"
+    cache.mkdir(parents=True, exist_ok=True)
+    if deb is None:
+        deb = _download(package, cache)
+    unpacked = cache / deb.stem
+    if not unpacked.is_dir():
+        tmp = cache / (deb.stem + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}")
+        tmp.rename(unpacked)
+    images = sorted((unpacked / "boot").glob("vmlinuz-*"))
+    if not images:
+        raise ImageError("kernel_missing", f"{deb.name} holds no /boot/vmlinuz-*")
+    release = images[-1].name.removeprefix("vmlinuz-")
+    return GuestKernel(release, images[-1], unpacked / "lib" / "modules" / release)
+
+
+def _download(package: str, cache: Path) -> Path:
+    real = package
+    depends = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True)
+    for line in depends.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("Depends: linux-image-"):
+            real = line.split()[1]
+            break
+    existing = sorted(cache.glob(f"{real}_*.deb"))
+    if existing:
+        return existing[-1]
+    _run(["apt-get", "download", real], f"download {real} (is `apt-get update` done?)", cwd=cache)
+    found = sorted(cache.glob(f"{real}_*.deb"))
+    if not found:
+        raise ImageError("kernel_missing", f"apt-get download {real} produced no .deb")
+    return found[-1]
+
+
+def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    except FileNotFoundError:
+        raise ImageError("tool_missing", f"{argv[0]} not found (needed to {what})") from None
+    if proc.returncode != 0:
+        raise ImageError("kernel_fetch_failed", f"{what}: {proc.stderr.strip()[-400:]}")
+
+
+def module_load_order(modules_dir: Path, wanted: tuple[str, ...] = GUEST_MODULES) -> list[Path]:
+    """Module files for `wanted` and their dependencies, each after what it depends on.
+
+    Modules built into the kernel have no file and are skipped.
+    """
+    index = {p.name.split(".ko")[0].replace("-", "_"): p for p in modules_dir.rglob("*.ko*")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        seen.add(key)
+        path = index.get(key)
+        if path is None:
+            return  # built in
+        if path.suffix != ".ko":
+            raise ImageError("unsupported_module", f"{path.name}: compressed modules are not supported yet")
+        match = _DEPENDS.search(path.read_bytes())
+        for dep in (match.group(1).decode().split(",") if match and match.group(1) else []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        visit(name)
+    return order
