@@ -38,12 +38,32 @@ class Settings(BaseSettings):
     deadline_pending_s: float = Field(3600, gt=0, description="Longest a job may wait for capacity.")
     deadline_placed_s: float = Field(60, gt=0, description="Longest a node may take to accept.")
     deadline_provisioning_s: float = Field(900, gt=0, description="Longest from accept to a running VM.")
+    deadline_run_grace_s: float = Field(300, gt=0, description="Beyond a job's max_runtime_s before it is failed.")
+    deadline_teardown_s: float = Field(300, gt=0, description="Longest from exit to a torn-down instance.")
+
+    images_dir: Path | None = Field(None, description="Signed image bundles <dir>/<image>/; default <state>/images.")
+    publisher_keys: list[Path] = Field(default_factory=list,
+                                       description="Trusted image publisher keys (PEM); default <images_dir>/*.pub.")
+    vmm: str = Field("qemu-microvm", description="VMM driver for instances.")
+    vm_accel: str = Field("auto", pattern="^(auto|kvm|tcg)$", description="auto: KVM where it works, else TCG.")
+    instances_dir: Path | None = Field(None, description="Per-instance work dirs; default <state_dir>/instances.")
 
     node_id: str | None = Field(None, description="The node-agent's node id (default: from the hostname).")
 
     @property
     def pki_path(self) -> Path:
         return self.pki_dir or self.state_dir / "pki"
+
+    @property
+    def images_path(self) -> Path:
+        return self.images_dir or self.state_dir / "images"
+
+    @property
+    def instances_path(self) -> Path:
+        return self.instances_dir or self.state_dir / "instances"
+
+    def publisher_key_files(self) -> list[Path]:
+        return self.publisher_keys or sorted(self.images_path.glob("*.pub"))
 
     def resolve_nats_url(self) -> str:
         if self.nats_url:

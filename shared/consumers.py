@@ -42,7 +42,8 @@ class ConsumerSpec:
 E = EventType
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     ConsumerSpec("jobs", Role.SCHEDULER, Domain.JOBS,
-                 (E.JOB_SUBMITTED, E.JOB_REFUSED, E.JOB_FAILED, E.JOB_CANCELLED, E.JOB_ACCEPTED),
+                 (E.JOB_SUBMITTED, E.JOB_REFUSED, E.JOB_FAILED, E.JOB_CANCELLED, E.JOB_ACCEPTED, E.JOB_DONE,
+                  E.INSTANCE_DESTROYED),
                  "Placement work, shared by all scheduler replicas."),
     ConsumerSpec("nodes", Role.SCHEDULER, Domain.NODES, (E.NODE_REGISTERED, E.NODE_HEARTBEAT),
                  "Registry updates, shared by all scheduler replicas."),

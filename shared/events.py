@@ -31,9 +31,17 @@ __all__ = [
     "EventRejected",
     "EventSpec",
     "EventType",
+    "InstanceBooted",
+    "InstanceDestroyed",
+    "InstanceExited",
+    "InstanceFailed",
+    "InstanceOutput",
+    "InstanceProvisioning",
+    "InstanceRunning",
     "JobAccepted",
     "JobCancelRequested",
     "JobCancelled",
+    "JobDone",
     "JobFailed",
     "JobPending",
     "JobPlaced",
@@ -90,6 +98,14 @@ class EventType(StrEnum):
     JOB_CANCEL_REQUESTED = "job.cancel_requested"
     JOB_CANCELLED = "job.cancelled"
     JOB_FAILED = "job.failed"
+    JOB_DONE = "job.done"
+    INSTANCE_PROVISIONING = "instance.provisioning"
+    INSTANCE_BOOTED = "instance.booted"
+    INSTANCE_RUNNING = "instance.running"
+    INSTANCE_OUTPUT = "instance.output"
+    INSTANCE_EXITED = "instance.exited"
+    INSTANCE_FAILED = "instance.failed"
+    INSTANCE_DESTROYED = "instance.destroyed"
     NODE_REGISTERED = "node.registered"
     NODE_HEARTBEAT = "node.heartbeat"
     NODE_OFFLINE = "node.offline"
@@ -119,9 +135,12 @@ class JobPending(Frozen):
 
 
 class JobPlaced(Frozen):
+    """The assignment: what the node must run, and what was reserved for it there."""
+
     node_id: NodeId
     attempt: int = Field(ge=0, description="Placement attempt; a refusal starts the next one.")
     claim: ResourceClaim
+    job: JobSubmitted
 
 
 class JobAccepted(Frozen):
@@ -148,6 +167,64 @@ class JobFailed(Frozen):
     reason: str = Field(max_length=64, examples=["deadline_exceeded", "node_lost"])
     detail: str = Field("", max_length=1024)
     phase: str = Field("", max_length=32, description="The job state the failure happened in.")
+
+
+class JobDone(Frozen):
+    """The job's instance exited and was torn down."""
+
+    exit_code: int | None = Field(None, ge=0, le=255)
+
+
+_INSTANCE_ID = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class InstanceProvisioning(Frozen):
+    """The node-agent verified the image and is starting a micro VM for the job."""
+
+    instance_id: str = _INSTANCE_ID
+    image: str = Field(max_length=128)
+    image_manifest_sha256: str = Field(pattern=_HEX64, description="SHA-256 of the signed manifest.")
+    vmm: str = Field(max_length=32)
+    public_key: str = Field(pattern=_HEX64, description="The instance's ephemeral X25519 public key (hex).")
+
+
+class InstanceBooted(Frozen):
+    instance_id: str = _INSTANCE_ID
+    boot_ms: float = Field(ge=0, description="VMM start to the guest init's READY.")
+    accel: str = Field(max_length=16, description="kvm or tcg.")
+
+
+class InstanceRunning(Frozen):
+    instance_id: str = _INSTANCE_ID
+
+
+class InstanceOutput(Frozen):
+    """A chunk of the workload's output, for the job's owner (never logged)."""
+
+    instance_id: str = _INSTANCE_ID
+    seq: int = Field(ge=0)
+    data_b64: str = Field(max_length=88_000, description="Base64 of up to 64 KiB of output.")
+
+
+class InstanceExited(Frozen):
+    instance_id: str = _INSTANCE_ID
+    exit_code: int = Field(ge=0, le=255)
+    runtime_ms: float = Field(ge=0)
+    output_sha256: str = Field(pattern=_HEX64, description="SHA-256 of the whole output.")
+    output_bytes: int = Field(ge=0)
+    output_truncated: bool = Field(False, description="Only the first MiB was published.")
+
+
+class InstanceFailed(Frozen):
+    instance_id: str = _INSTANCE_ID
+    reason: str = Field(max_length=64, examples=["image_digest_mismatch", "boot_timeout"])
+    detail: str = Field("", max_length=1024)
+
+
+class InstanceDestroyed(Frozen):
+    instance_id: str = _INSTANCE_ID
+    removed: tuple[str, ...] = Field((), max_length=64, description="What the agent removed (no secrets).")
 
 
 class NodeRegistered(Frozen):
@@ -239,6 +316,22 @@ _SPECS = [
           {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job was cancelled."),
     _spec(EventType.JOB_FAILED, JobFailed, "qvm.jobs.{job_id}.failed",
           {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job failed, with a reason code."),
+    _spec(EventType.JOB_DONE, JobDone, "qvm.jobs.{job_id}.done",
+          {_R.JANITOR}, {_R.SCHEDULER}, "The job's instance exited and was torn down."),
+    _spec(EventType.INSTANCE_PROVISIONING, InstanceProvisioning, "qvm.jobs.{job_id}.instance.provisioning.{node_id}",
+          {_R.NODE_AGENT}, {_R.JANITOR}, "Image verified; a micro VM is being started (with its public key)."),
+    _spec(EventType.INSTANCE_BOOTED, InstanceBooted, "qvm.jobs.{job_id}.instance.booted.{node_id}",
+          {_R.NODE_AGENT}, {_R.JANITOR}, "The guest init answered over the host channel."),
+    _spec(EventType.INSTANCE_RUNNING, InstanceRunning, "qvm.jobs.{job_id}.instance.running.{node_id}",
+          {_R.NODE_AGENT}, {_R.JANITOR}, "The workload started inside the guest."),
+    _spec(EventType.INSTANCE_OUTPUT, InstanceOutput, "qvm.jobs.{job_id}.instance.output.{node_id}",
+          {_R.NODE_AGENT}, {_R.MARKETPLACE}, "Workload output for the job's owner."),
+    _spec(EventType.INSTANCE_EXITED, InstanceExited, "qvm.jobs.{job_id}.instance.exited.{node_id}",
+          {_R.NODE_AGENT}, {_R.JANITOR}, "The workload ended: exit code, run time, output digest."),
+    _spec(EventType.INSTANCE_FAILED, InstanceFailed, "qvm.jobs.{job_id}.instance.failed.{node_id}",
+          {_R.NODE_AGENT}, {_R.JANITOR}, "The instance could not start or run; nothing of it is left running."),
+    _spec(EventType.INSTANCE_DESTROYED, InstanceDestroyed, "qvm.jobs.{job_id}.instance.destroyed.{node_id}",
+          {_R.NODE_AGENT}, {_R.JANITOR, _R.SCHEDULER}, "VMM stopped, descriptors closed, work directory removed."),
     _spec(EventType.NODE_REGISTERED, NodeRegistered, "qvm.nodes.{node_id}.registered",
           {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent announces itself with its measured inventory."),
     _spec(EventType.NODE_HEARTBEAT, NodeHeartbeat, "qvm.nodes.{node_id}.heartbeat",

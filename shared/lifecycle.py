@@ -1,10 +1,14 @@
 """The job lifecycle as an explicit state machine; a job's state is a fold of its events.
 
-    (none) --submitted--> pending --placed--> placed --accepted--> provisioning --> attesting
-    pending <--refused-- placed            --> keys-released --> running --> stopping --> cleaning --> done
-    any non-terminal --failed--> failed(reason);  any non-terminal --cancelled--> cancelled
+    (none) --submitted--> pending --placed--> placed --accepted--> provisioning
+    pending <--refused-- placed
+    provisioning --instance.running--> running --instance.exited--> stopping
+                 --instance.destroyed--> cleaning --job.done--> done
+    provisioning / running --instance.destroyed--> failed(instance_destroyed)
+    any non-terminal --failed / instance.failed--> failed(reason);  any non-terminal --cancelled--> cancelled
 
-Later phases (provisioning .. done) are entered by the events their issues add. `apply` returns the new
+`attesting` and `keys-released` (between provisioning and running) are entered by the events of the
+attestation and key-release phases. `apply` returns the new
 view or raises `TransitionNotAllowed`; it never mutates. Re-applying an event already folded (same id,
 as on JetStream redelivery) is a no-op, which keeps every consumer idempotent.
 """
@@ -17,7 +21,16 @@ from enum import StrEnum
 
 from shared.codec import Event
 from shared.errors import TransitionNotAllowed
-from shared.events import EventType, JobCancelRequested, JobFailed, JobPlaced, JobRefused, JobSubmitted
+from shared.events import (
+    EventType,
+    InstanceExited,
+    InstanceFailed,
+    JobCancelRequested,
+    JobFailed,
+    JobPlaced,
+    JobRefused,
+    JobSubmitted,
+)
 
 __all__ = ["TERMINAL", "JobBook", "JobState", "JobView", "apply"]
 
@@ -50,6 +63,15 @@ ALLOWED_FROM: dict[EventType, frozenset[JobState | None]] = {
     EventType.JOB_CANCEL_REQUESTED: frozenset(_ACTIVE),
     EventType.JOB_CANCELLED: frozenset(_ACTIVE),
     EventType.JOB_FAILED: frozenset(_ACTIVE),
+    EventType.JOB_DONE: frozenset({_S.CLEANING}),
+    EventType.INSTANCE_PROVISIONING: frozenset({_S.PROVISIONING}),
+    EventType.INSTANCE_BOOTED: frozenset({_S.PROVISIONING}),
+    EventType.INSTANCE_RUNNING: frozenset({_S.PROVISIONING}),
+    EventType.INSTANCE_OUTPUT: frozenset({_S.RUNNING}),
+    EventType.INSTANCE_EXITED: frozenset({_S.RUNNING}),
+    EventType.INSTANCE_FAILED: frozenset({_S.PROVISIONING, _S.RUNNING}),
+    # Tearing an instance down is always legal, also after the job ended (cancelled, failed).
+    EventType.INSTANCE_DESTROYED: frozenset(JobState),
 }
 
 
@@ -66,6 +88,9 @@ class JobView:
     reason: str = ""
     cancel_requested: bool = False
     submitted_id: str = ""
+    instance_id: str = ""
+    exit_code: int | None = None
+    destroyed: bool = False
     seen: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -113,6 +138,25 @@ def apply(view: JobView | None, event: Event) -> JobView:
         case EventType.JOB_FAILED:
             assert isinstance(p, JobFailed)
             return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
+        case EventType.JOB_DONE:
+            return replace(view, state=_S.DONE, since_ns=t, seen=seen)
+        case EventType.INSTANCE_PROVISIONING | EventType.INSTANCE_BOOTED | EventType.INSTANCE_OUTPUT:
+            return replace(view, seen=seen, instance_id=getattr(p, "instance_id", view.instance_id))
+        case EventType.INSTANCE_RUNNING:
+            return replace(view, state=_S.RUNNING, since_ns=t, seen=seen)
+        case EventType.INSTANCE_EXITED:
+            assert isinstance(p, InstanceExited)
+            return replace(view, state=_S.STOPPING, since_ns=t, exit_code=p.exit_code, seen=seen)
+        case EventType.INSTANCE_FAILED:
+            assert isinstance(p, InstanceFailed)
+            return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
+        case EventType.INSTANCE_DESTROYED:
+            if view.terminal:
+                return replace(view, seen=seen, destroyed=True)
+            if view.state in (_S.STOPPING, _S.CLEANING):
+                return replace(view, state=_S.CLEANING, since_ns=t, seen=seen, destroyed=True)
+            # Destroyed before its workload exited (agent restart, VMM crash): the job failed.
+            return replace(view, state=_S.FAILED, since_ns=t, reason="instance_destroyed", seen=seen, destroyed=True)
     raise TransitionNotAllowed(job_id, str(view.state), etype.value)  # pragma: no cover - table is exhaustive
 
 

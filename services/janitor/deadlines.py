@@ -3,6 +3,7 @@
 - A job in a phase past that phase's deadline fails with `deadline_exceeded` (phase recorded).
 - A job on a node that went offline fails with `node_lost`.
 - A job whose client asked to cancel is cancelled.
+- A job whose instance was destroyed after it exited is done.
 Every failed or cancelled job that holds a node gets a teardown request for that node.
 """
 
@@ -19,27 +20,37 @@ __all__ = ["Action", "due_actions", "jobs_on_node"]
 @dataclass(frozen=True)
 class Action:
     job: JobView
-    kind: str  # "fail" | "cancel"
+    kind: str  # "fail" | "cancel" | "done"
     reason: str
     detail: str = ""
 
 
-def _deadlines(settings: Settings) -> dict[JobState, float]:
-    return {
-        JobState.PENDING: settings.deadline_pending_s,
-        JobState.PLACED: settings.deadline_placed_s,
-        JobState.PROVISIONING: settings.deadline_provisioning_s,
-    }
+def _deadline(job: JobView, settings: Settings) -> float | None:
+    match job.state:
+        case JobState.PENDING:
+            return settings.deadline_pending_s
+        case JobState.PLACED:
+            return settings.deadline_placed_s
+        case JobState.PROVISIONING:
+            return settings.deadline_provisioning_s
+        case JobState.RUNNING:
+            runtime = job.spec.max_runtime_s if job.spec else settings.deadline_provisioning_s
+            return runtime + settings.deadline_run_grace_s
+        case JobState.STOPPING | JobState.CLEANING:
+            return settings.deadline_teardown_s
+    return None
 
 
 def due_actions(book: JobBook, now_ns: int, settings: Settings) -> list[Action]:
-    limits = _deadlines(settings)
     out: list[Action] = []
     for job in book.active():
         if job.cancel_requested:
             out.append(Action(job, "cancel", job.reason or "client_request"))
             continue
-        limit = limits.get(job.state)
+        if job.state is JobState.CLEANING:
+            out.append(Action(job, "done", "torn_down"))
+            continue
+        limit = _deadline(job, settings)
         if limit is not None and now_ns - job.since_ns > limit * 1e9:
             out.append(Action(job, "fail", "deadline_exceeded",
                               f"{job.state} for more than {limit:g}s"))

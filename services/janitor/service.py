@@ -24,7 +24,7 @@ from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent, TransitionNotAllowed
-from shared.events import STREAMS, Domain, JobCancelled, JobFailed, NodeOffline, TeardownRequested
+from shared.events import STREAMS, Domain, JobCancelled, JobDone, JobFailed, NodeOffline, TeardownRequested
 from shared.identity import Role
 from shared.ids import derive_event_id
 from shared.lifecycle import JobBook, JobView
@@ -120,7 +120,12 @@ class Janitor:
         token = current_job.set(job.job_id)
         try:
             parts = (action.kind, action.reason, str(job.state), str(job.since_ns))
-            if job.node_id:
+            if action.kind == "done":
+                await self.bus.publish(JobDone(exit_code=job.exit_code), job_id=job.job_id,
+                                       event_id=derive_event_id(job.submitted_id, "JobDone"))
+                log.info("job done", extra={"exit_code": job.exit_code})
+                return
+            if job.node_id and not job.destroyed:
                 await self.bus.publish(TeardownRequested(node_id=job.node_id, reason=action.reason),
                                        job_id=job.job_id, node_id=job.node_id,
                                        event_id=derive_event_id(job.submitted_id, "TeardownRequested", *parts))

@@ -18,10 +18,14 @@ from collections.abc import Callable
 
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
+from services.node_agent.runtime import InstanceRuntime
+from services.node_agent.vmm.base import Vmm
+from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from shared.bus import Bus
 from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
+from shared.errors import ConfigError
 from shared.events import JobAccepted, JobPlaced, JobRefused, NodeHeartbeat, NodeRegistered, TeardownRequested
 from shared.identity import Role
 from shared.models import GpuInfo, Inventory, ResourceClaim
@@ -37,8 +41,10 @@ log = get_logger("qvm.node_agent")
 class NodeAgent:
     def __init__(self, bus: Bus, settings: Settings, host: HostReader | None = None,
                  inventory: Inventory | None = None,
-                 read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus) -> None:
-        """`inventory`/`read_gpus` are injectable for tests on machines without GPUs (the NVML boundary)."""
+                 read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus,
+                 vmm: Vmm | None = None) -> None:
+        """`inventory`/`read_gpus` are injectable for tests on machines without GPUs (the NVML boundary).
+        Without `vmm` the agent only places (tests of the bus side); `create()` always gives it one."""
         assert bus.identity.node_id, "a node-agent bus identity carries its node id"
         self.bus = bus
         self.node_id = bus.identity.node_id
@@ -48,21 +54,33 @@ class NodeAgent:
         self.inventory = inventory or self.host.inventory(gpus=read_gpus())
         self.held: dict[str, ResourceClaim] = {}
         self._beat = 0
+        self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release) if vmm else None
 
     @classmethod
     async def create(cls, bus: Bus, settings: Settings) -> NodeAgent:
-        return cls(bus, settings)
+        if settings.vmm != "qemu-microvm":
+            raise ConfigError(f"VMM {settings.vmm!r} is not available on this agent yet (use qemu-microvm)")
+        return cls(bus, settings, vmm=QemuMicrovm(accel=settings.vm_accel))
+
+    def _release(self, job_id: str) -> None:
+        self.held.pop(job_id, None)
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.runtime is not None:
+            await self.runtime.reclaim()
         await self.bus.publish(NodeRegistered(inventory=self.inventory, agent_version=AGENT_VERSION),
                                node_id=self.node_id)
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
-        await run_together(
-            self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
-            self.bus.consume(consumer_spec(Role.NODE_AGENT, "teardown"), self.on_teardown, stop),
-            self._heartbeats(stop),
-        )
+        try:
+            await run_together(
+                self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
+                self.bus.consume(consumer_spec(Role.NODE_AGENT, "teardown"), self.on_teardown, stop),
+                self._heartbeats(stop),
+            )
+        finally:
+            if self.runtime is not None:
+                await self.runtime.stop_all()
 
     # ------------------------------------------------------------ consume
     async def on_assignment(self, event: Event) -> None:
@@ -94,10 +112,15 @@ class NodeAgent:
         await self.bus.publish(JobAccepted(node_id=self.node_id, attempt=placed.attempt), job_id=job_id,
                                node_id=self.node_id, caused_by=event)
         log.info("assignment accepted", extra={"attempt": placed.attempt})
+        if self.runtime is not None:
+            self.runtime.start(job_id, placed.job, event)
 
     async def on_teardown(self, event: Event) -> None:
         assert isinstance(event.payload, TeardownRequested)
-        if self.held.pop(event.job_id or "", None) is not None:
+        job_id = event.job_id or ""
+        if self.runtime is not None and await self.runtime.teardown(job_id):
+            log.info("instance torn down", extra={"reason": event.payload.reason})
+        if self.held.pop(job_id, None) is not None:
             log.info("job released", extra={"reason": event.payload.reason})
 
     # ------------------------------------------------------------ heartbeats

@@ -115,7 +115,7 @@ class Scheduler:
 
     async def on_job_event(self, event: Event) -> None:
         job_id = event.job_id or ""
-        if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
+        if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED, EventType.JOB_DONE):
             self._mark_ended(job_id)  # before any await: a submission in the same batch sees it
         match event.payload:
             case JobSubmitted() as spec:
@@ -129,8 +129,10 @@ class Scheduler:
                 await self.on_refused(job_id, refused)
             case JobAccepted() as accepted:
                 await self.drop_stray_claims(job_id, keep=accepted.node_id)
-            case _ if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
+            case _ if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED, EventType.JOB_DONE):
                 await self.release_job(job_id)
+            case _ if event.spec.type is EventType.INSTANCE_DESTROYED and event.node_id:
+                await self._unreserve(event.node_id, job_id)  # the node says its VM is gone
 
     def _mark_ended(self, job_id: str) -> None:
         self.ended[job_id] = None
@@ -175,7 +177,7 @@ class Scheduler:
             rec = self.registry.get(node_id)
             held = rec.claims.get(job_id) if rec else None
             if held is not None and held.attempt == attempt:
-                await self.bus.publish(JobPlaced(node_id=node_id, attempt=attempt, claim=held.claim),
+                await self.bus.publish(JobPlaced(node_id=node_id, attempt=attempt, claim=held.claim, job=spec),
                                        job_id=job_id, node_id=node_id, event_id=placed_id)
                 return True
         for _ in range(8):
@@ -188,7 +190,8 @@ class Scheduler:
             claim = Claim(claim=decision.claim, attempt=attempt, submitted_id=submitted_id, excluded=excluded)
             if not await self._reserve(decision.node_id, job_id, claim):
                 continue
-            stored = await self.bus.publish(JobPlaced(node_id=decision.node_id, attempt=attempt, claim=claim.claim),
+            stored = await self.bus.publish(JobPlaced(node_id=decision.node_id, attempt=attempt, claim=claim.claim,
+                                                      job=spec),
                                             job_id=job_id, node_id=decision.node_id, event_id=placed_id)
             if not stored:
                 # Another replica placed this attempt first: its placement stands, ours is rolled back.

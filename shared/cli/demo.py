@@ -3,7 +3,8 @@
 1. PKI and nats-server with mutual TLS; streams provisioned.
 2. scheduler, janitor and this host's node-agent as supervised processes.
 3. The node registers with its real inventory; a job is submitted as the marketplace.
-4. The job is placed on this node and accepted by its node-agent.
+4. The job is placed on this node and accepted by its node-agent, which verifies the signed image and
+   runs the job in a QEMU microvm (KVM where it works, TCG otherwise); the output comes back on the bus.
 5. `qvm audit replay`: every signature and transition checked; then the stack stops.
 
 There is no attestation verifier yet (issue #4), so no node can be `trusted`: the demo lowers the
@@ -13,6 +14,7 @@ scheduler's minimum trust to `unverified`, and says so.
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +28,9 @@ from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.cli.stack import LocalStack
 from shared.config import Settings
+from shared.events import InstanceOutput
 from shared.identity import Identity, Role
+from shared.image.demo import ensure_demo_image
 from shared.jobspec import load_job
 from shared.lifecycle import JobState
 from shared.models import TrustState
@@ -42,6 +46,9 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
 
     node_id = settings.node_id or local_node_id()
     stack = LocalStack(settings, node_id, TrustState.UNVERIFIED)
+    with console.status("preparing the signed demo image (kernel from the distribution package)"):
+        bundle = await asyncio.to_thread(ensure_demo_image, settings.images_path)
+    console.print(f"0. signed demo image ready: {bundle}")
     console.rule("[bold]qvm demo")
     console.print("[yellow]No attestation verifier yet (issue #4): minimum trust lowered to 'unverified' "
                   "for this demo.[/yellow]")
@@ -61,9 +68,9 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
             job_id = f"{job_id}-{int(time.time())}"
             await market.publish(job, job_id=job_id)
             console.print(f"4. submitted job [bold]{job_id}[/bold] as the marketplace ({job_file})")
-            state = await _wait_job(admin, job_id, console, 30)
-            if state is not JobState.PROVISIONING:
-                console.print(f"[red]job ended in {state}, expected accepted[/red]")
+            state = await _wait_job(admin, job_id, console, 240)
+            if state is not JobState.DONE:
+                console.print(f"[red]job ended in {state}, expected done[/red]")
                 return 1
             verifier = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
             try:
@@ -104,22 +111,35 @@ async def _wait_job(admin: Bus, job_id: str, console: Console, seconds: float) -
 
     deadline = time.monotonic() + seconds
     table = Table(title=f"job {job_id}")
-    for col in ("event", "producer", "subject"):
+    for col in ("event", "producer", "details"):
         table.add_column(col)
     while time.monotonic() < deadline:
         book = JobBook()
         rows = []
+        output = b""
         async for batch in read_stream(admin.js, "QVM_JOBS", f"qvm.jobs.{job_id}.>"):
             for m in batch:
                 ev = admin.codec.decode(m.subject, m.data)
                 book.apply(ev)
-                rows.append((str(ev.spec.type), ev.envelope.producer, m.subject))
+                if isinstance(ev.payload, InstanceOutput):
+                    output += base64.b64decode(ev.payload.data_b64)
+                rows.append((str(ev.spec.type), ev.envelope.producer, _details(ev.payload)))
         view = book.get(job_id)
-        if view and (view.terminal or view.state is JobState.PROVISIONING):
+        if view and view.terminal:
             for r in rows:
                 table.add_row(*r)
             console.print(table)
-            console.print(f"   job state: [bold]{view.state}[/bold] on node {view.node_id}")
+            console.print(f"   job state: [bold]{view.state}[/bold] on node {view.node_id}; exit code {view.exit_code}")
+            console.print("   output from the guest:")
+            for line in output.decode(errors="replace").splitlines():
+                console.print(f"     | {line}", markup=False, highlight=False)
             return view.state
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
     return None
+
+
+def _details(payload: Any) -> str:
+    data = payload.model_dump(mode="json")
+    for noisy in ("job", "inventory", "data_b64"):
+        data.pop(noisy, None)
+    return ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, "", [], {}))[:110]

@@ -36,6 +36,7 @@ app = typer.Typer(help="qvm: attested micro VMs for GPU marketplace jobs.", no_a
                   pretty_exceptions_enable=False)
 pki_app = typer.Typer(help="Development PKI: CA, TLS and signing certificates.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit the event streams.", no_args_is_help=True)
+image_app = typer.Typer(help="Signed guest images: keys, build, verify.", no_args_is_help=True)
 
 
 @app.callback()
@@ -47,6 +48,7 @@ def _configure() -> None:
 
 app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
+app.add_typer(image_app, name="image")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -110,6 +112,66 @@ def pki_nats_config() -> None:
         lines.append(f"    {{ user: {json.dumps(str(ident))}, permissions: {json.dumps(permissions_for(ident))} }}")
     lines += ["  ]", "}"]
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------ images
+@image_app.command("keygen")
+def image_keygen(directory: Path) -> None:
+    """Create an image publisher key pair (publisher.key stays with the publisher; publisher.pub goes
+    to every node that should trust its images)."""
+    from shared.image.manifest import generate_publisher_key
+
+    priv, pub = generate_publisher_key(directory)
+    console.print(f"private key {priv} (keep it secret), public key {pub}")
+
+
+@image_app.command("build")
+def image_build(
+    name: str,
+    out: Annotated[Path, typer.Option(help="Bundle directory to write")],
+    key: Annotated[Path, typer.Option(help="Publisher private key (qvm image keygen)")],
+    rootfs_dir: Annotated[Path | None, typer.Option(help="Root filesystem from a directory")] = None,
+    rootfs_tar: Annotated[Path | None, typer.Option(help="Root filesystem from `docker save` / OCI tarball")] = None,
+    with_busybox: Annotated[bool, typer.Option(help="Add busybox as /bin/sh and friends")] = False,
+    kernel_package: Annotated[str, typer.Option(help="Distribution kernel package")] = "linux-image-cloud-amd64",
+    kernel_deb: Annotated[Path | None, typer.Option(help="Use this kernel .deb instead of downloading")] = None,
+) -> None:
+    """Build a signed image bundle: distribution kernel, qvm initramfs, read-only ext4 root."""
+    from shared.image.build import BuildRequest, build_image
+    from shared.image.kernel import fetch_kernel
+
+    async def body() -> None:
+        def work() -> Any:
+            kernel = fetch_kernel(kernel_package, kernel_deb)
+            return build_image(BuildRequest(name=name, out=out, kernel=kernel, publisher_key=key,
+                                            rootfs_dir=rootfs_dir, rootfs_tar=rootfs_tar, with_busybox=with_busybox))
+        with console.status(f"building {name}"):
+            manifest = await asyncio.to_thread(work)
+        table = Table(title=f"image {name} (publisher {manifest.publisher}, kernel {manifest.kernel_release})")
+        for col in ("part", "size", "sha256"):
+            table.add_column(col)
+        for part in manifest.parts():
+            table.add_row(part.file, f"{part.size:,}", part.sha256)
+        console.print(table)
+
+    _run(body)
+
+
+@image_app.command("verify")
+def image_verify(bundle: Path, pubkey: Annotated[list[Path], typer.Option(help="Trusted publisher key(s)")]) -> None:
+    """Check an image bundle's signature and every part's digest; exit 0 only when all hold."""
+    from shared.image.manifest import load_public_keys
+    from shared.image.verify import verify_bundle
+
+    async def body() -> None:
+        started = time.perf_counter()
+        manifest = await asyncio.to_thread(verify_bundle, bundle, load_public_keys(pubkey))
+        size = sum(p.size for p in manifest.parts())
+        secs = time.perf_counter() - started
+        console.print(f"[green]verified[/green] {manifest.name}: publisher {manifest.publisher}, "
+                      f"{size:,} bytes in {secs:.2f}s ({size / secs / 1e9:.2f} GB/s)")
+
+    _run(body)
 
 
 # ------------------------------------------------------------------ stack

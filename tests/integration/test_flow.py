@@ -214,7 +214,7 @@ async def test_a_placement_racing_a_cancellation_is_torn_down(stack):
         await eventually(lambda: _is(admin, "job-1", JobState.CANCELLED), what="cancellation")
         racer = await stack.bus("scheduler")
         claim = ResourceClaim(cpu_cores=2, ram_mib=1024, gpu_uuids=("GPU-node-a-0",))
-        await racer.publish(JobPlaced(node_id="node-a", attempt=0, claim=claim), job_id="job-1", node_id="node-a")
+        await racer.publish(JobPlaced(node_id="node-a", attempt=0, claim=claim, job=JobSubmitted(owner='o', image='i')), job_id="job-1", node_id="node-a")
         await eventually(lambda: _has(admin, "job-1", EventType.JOB_ACCEPTED), what="late acceptance")
         await eventually(lambda: _teardowns(admin), what="teardown of the late placement")
 

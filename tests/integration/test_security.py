@@ -193,7 +193,7 @@ async def test_only_scheduler_may_publish_job_placed(stack: Stack) -> None:
     admin = await stack.bus(Role.ADMIN)
     market = await stack.bus(Role.MARKETPLACE)
     sched = await stack.bus(Role.SCHEDULER)
-    placed = JobPlaced(node_id="node-a", attempt=0, claim=ResourceClaim(cpu_cores=1, ram_mib=64))
+    placed = JobPlaced(node_id="node-a", attempt=0, claim=ResourceClaim(cpu_cores=1, ram_mib=64), job=JobSubmitted(owner='o', image='i'))
     # Even a correctly scheduler-signed event is refused when the marketplace connection publishes it.
     out = sched.codec.encode(placed, job_id="j1", node_id="node-a")
     assert out.subject == "qvm.jobs.j1.placed.node-a"

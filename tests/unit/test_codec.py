@@ -87,7 +87,7 @@ ROUND_TRIPS = [
     ),
     pytest.param(
         SCHED,
-        JobPlaced(node_id="node-a", attempt=2, claim=ResourceClaim(cpu_cores=4, ram_mib=2048, gpu_uuids=("GPU-1",))),
+        JobPlaced(node_id="node-a", attempt=2, claim=ResourceClaim(cpu_cores=4, ram_mib=2048, gpu_uuids=("GPU-1",)), job=JobSubmitted(owner='o', image='i')),
         {"job_id": "job-1", "node_id": "node-a"}, "qvm.jobs.job-1.placed.node-a", id="job.placed",
     ),
     pytest.param(
@@ -253,7 +253,7 @@ def test_wrong_schema_version(pki: Pki, reader: Codec, submitted: tuple[str, byt
 
 def test_producer_role_not_allowed(pki: Pki, reader: Codec) -> None:
     claim = ResourceClaim(cpu_cores=1, ram_mib=64)
-    out = codec_for(pki, MARKET).encode(JobPlaced(node_id="node-a", attempt=0, claim=claim), job_id="j1",
+    out = codec_for(pki, MARKET).encode(JobPlaced(node_id="node-a", attempt=0, claim=claim, job=JobSubmitted(owner='o', image='i')), job_id="j1",
                                         node_id="node-a")
     assert out.subject == "qvm.jobs.j1.placed.node-a"
     rej = rejected(reader, out.subject, out.data)
@@ -290,7 +290,7 @@ def test_subject_mismatch(pki: Pki, reader: Codec, submitted: tuple[str, bytes])
 
 def test_payload_node_differs_from_envelope_node(pki: Pki, reader: Codec) -> None:
     claim = ResourceClaim(cpu_cores=1, ram_mib=64)
-    out = codec_for(pki, SCHED).encode(JobPlaced(node_id="node-a", attempt=0, claim=claim), job_id="j1",
+    out = codec_for(pki, SCHED).encode(JobPlaced(node_id="node-a", attempt=0, claim=claim, job=JobSubmitted(owner='o', image='i')), job_id="j1",
                                        node_id="node-b")
     assert out.subject == "qvm.jobs.j1.placed.node-b"
     assert rejected(reader, out.subject, out.data).reason is Reason.SUBJECT_MISMATCH

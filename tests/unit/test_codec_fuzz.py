@@ -50,7 +50,7 @@ class Keys:
         claim = ResourceClaim(cpu_cores=1, ram_mib=64)
         samples: list[tuple[Identity, Any, dict[str, str]]] = [
             (IDENTITIES[0], JobSubmitted(owner="alice", image="img", command=("a",)), {"job_id": "j1"}),
-            (IDENTITIES[1], JobPlaced(node_id="node-a", attempt=0, claim=claim), {"job_id": "j1", "node_id": "node-a"}),
+            (IDENTITIES[1], JobPlaced(node_id="node-a", attempt=0, claim=claim, job=JobSubmitted(owner='o', image='i')), {"job_id": "j1", "node_id": "node-a"}),
             (IDENTITIES[6], JobAccepted(node_id="node-a", attempt=0), {"job_id": "j1"}),
             (IDENTITIES[7], JobRefused(node_id="node-b", attempt=1, reason="gpu_missing"), {"job_id": "j2"}),
             (IDENTITIES[7], NodeHeartbeat(seq=1, jobs=("j1",)), {}),

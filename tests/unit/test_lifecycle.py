@@ -58,7 +58,7 @@ class Factory:
         return self.make("sched", JobPending(reason="no_capacity"))
 
     def placed(self, node: str = "node-a", attempt: int = 0) -> Event:
-        return self.make("sched", JobPlaced(node_id=node, attempt=attempt, claim=CLAIM), node_id=node)
+        return self.make("sched", JobPlaced(node_id=node, attempt=attempt, claim=CLAIM, job=JobSubmitted(owner='o', image='i')), node_id=node)
 
     def accepted(self, node: str = "node-a", attempt: int = 0) -> Event:
         return self.make(node, JobAccepted(node_id=node, attempt=attempt))
@@ -246,7 +246,7 @@ def test_reapplying_same_event_is_a_noop(ev: Factory) -> None:
 
 def test_reapply_with_same_event_id_decoded_twice(ev: Factory, pki: Pki) -> None:
     """The same signed bytes decoded again (a JetStream redelivery) are recognised by event id."""
-    out = ev.codecs["sched"].encode(JobPlaced(node_id="node-a", attempt=0, claim=CLAIM), job_id=JOB,
+    out = ev.codecs["sched"].encode(JobPlaced(node_id="node-a", attempt=0, claim=CLAIM, job=JobSubmitted(owner='o', image='i')), job_id=JOB,
                                     node_id="node-a")
     first = ev.reader.decode(out.subject, out.data)
     second = ev.reader.decode(out.subject, out.data)
