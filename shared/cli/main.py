@@ -288,7 +288,7 @@ async def _follow_job(job_id: str, seconds: float) -> None:
                 console.print(f"  {ev.spec.type:<22} {_summary(ev)}")
             shown = len(timeline)
             view = book.get(job_id)
-            if view and (view.terminal or str(view.state) == "provisioning"):
+            if view and view.terminal:
                 return
             await asyncio.sleep(0.3)
     finally:

@@ -8,6 +8,7 @@ depend on (read from each module's `.modinfo`), in load order.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -41,14 +42,16 @@ def fetch_kernel(package: str = "linux-image-cloud-amd64", deb: Path | None = No
     """The kernel from `deb`, or from `package` (downloaded once into the cache)."""
     cache = cache_dir() / "kernels"
     cache.mkdir(parents=True, exist_ok=True)
-    if deb is None:
-        deb = _download(package, cache)
-    unpacked = cache / deb.stem
-    if not unpacked.is_dir():
-        tmp = cache / (deb.stem + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}")
-        tmp.rename(unpacked)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch at a time (parallel builds, parallel tests)
+        if deb is None:
+            deb = _download(package, cache)
+        unpacked = cache / deb.stem
+        if not unpacked.is_dir():
+            tmp = cache / (deb.stem + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}")
+            tmp.rename(unpacked)
     images = sorted((unpacked / "boot").glob("vmlinuz-*"))
     if not images:
         raise ImageError("kernel_missing", f"{deb.name} holds no /boot/vmlinuz-*")

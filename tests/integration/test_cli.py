@@ -40,12 +40,24 @@ def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
             time.sleep(0.3)
         assert "online" in nodes.stdout and "unverified" in nodes.stdout
 
-        sub = qvm(env, "submit", "deploy/examples/job.yaml", "--wait", "30")
+        images = tmp_path / "state" / "images"
+        assert qvm(env, "image", "keygen", str(images)).returncode == 0
+        root = tmp_path / "root" / "etc"
+        root.mkdir(parents=True)
+        (root / "qvm-demo.txt").write_text("from the test image\n")
+        built = qvm(env, "image", "build", "qvm-demo-image", "--out", str(images / "qvm-demo-image"),
+                    "--key", str(images / "publisher.key"), "--rootfs-dir", str(root.parent), "--with-busybox",
+                    timeout=300)
+        assert built.returncode == 0, built.stdout + built.stderr
+        verified = qvm(env, "image", "verify", str(images / "qvm-demo-image"), "--pubkey", str(images / "publisher.pub"))
+        assert verified.returncode == 0 and "verified" in verified.stdout
+
+        sub = qvm(env, "submit", "deploy/examples/job.yaml", "--wait", "120", timeout=180)
         assert sub.returncode == 0, sub.stderr
-        assert "job.accepted" in sub.stdout
+        assert "job.accepted" in sub.stdout and "instance.exited" in sub.stdout and "job.done" in sub.stdout
 
         status = qvm(env, "status")
-        assert "demo-job" in status.stdout and "provisioning" in status.stdout and "cli-node" in status.stdout
+        assert "demo-job" in status.stdout and "done" in status.stdout and "cli-node" in status.stdout
         one = qvm(env, "status", "demo-job")
         assert "job.placed" in one.stdout and "node-agent.cli-node" in one.stdout
 
@@ -56,12 +68,20 @@ def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
         assert audit.returncode == 0, audit.stdout + audit.stderr
         assert "audit clean" in audit.stdout
 
-        cancel = qvm(env, "cancel", "demo-job")
-        assert cancel.returncode == 0
-        deadline = time.monotonic() + 30
-        while "cancelled" not in qvm(env, "status").stdout:
-            assert time.monotonic() < deadline, "cancellation not carried out"
-            time.sleep(0.3)
+        # A cancellation while the job runs: a long job, cancelled once its VM is up.
+        long_job = tmp_path / "long.yaml"
+        long_job.write_text("id: long-job\nowner: t\nimage: qvm-demo-image\ncommand: [sleep, '600']\n")
+        assert qvm(env, "submit", str(long_job)).returncode == 0
+        deadline = time.monotonic() + 120
+        while "instance.running" not in qvm(env, "status", "long-job").stdout:
+            assert time.monotonic() < deadline, "long job did not start"
+            time.sleep(0.5)
+        assert qvm(env, "cancel", "long-job").returncode == 0
+        deadline = time.monotonic() + 60
+        while "instance.destroyed" not in (st := qvm(env, "status", "long-job")).stdout:
+            assert time.monotonic() < deadline, "cancellation not carried out: " + st.stdout
+            time.sleep(0.5)
+        assert "cancelled" in st.stdout
     finally:
         up.send_signal(signal.SIGINT)
         out, _ = up.communicate(timeout=60)

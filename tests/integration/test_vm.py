@@ -1,0 +1,192 @@
+"""Jobs in real micro VMs (QEMU microvm; TCG here, KVM where it works) against a real nats-server."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.janitor.service import Janitor
+from services.node_agent.service import NodeAgent
+from services.node_agent.vmm.qemu_microvm import QemuMicrovm
+from services.scheduler.service import Scheduler
+from shared.events import EventType, JobSubmitted
+from shared.lifecycle import JobState
+from shared.models import HardwareProfile, TrustState
+from tests.framework.flow import events_of, eventually, job_book, running
+from tests.framework.images import IMAGE, build_test_image
+
+pytestmark = pytest.mark.nats
+
+
+def _settings(stack, tmp_path: Path):
+    return stack.settings.model_copy(update={
+        "min_trust": TrustState.UNVERIFIED, "images_dir": tmp_path / "images", "instances_dir": tmp_path / "instances",
+        "sweep_interval_s": 0.3})
+
+
+def _job(*command: str, image: str = IMAGE) -> JobSubmitted:
+    return JobSubmitted(owner="alice", image=image, command=command, max_runtime_s=300,
+                        profile=HardwareProfile(cpu_cores=1, ram_mib=256))
+
+
+async def _terminal(admin, job_id: str) -> bool:
+    view = (await job_book(admin)).get(job_id)
+    return view is not None and view.terminal
+
+
+async def _run_job(stack, tmp_path: Path, job: JobSubmitted, job_id: str = "vm-job"):
+    settings = _settings(stack, tmp_path)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    agent = NodeAgent(await stack.bus("node-agent", "node-a"), settings, vmm=QemuMicrovm(accel=settings.vm_accel))
+    async with running(sched, agent, Janitor(await stack.bus("janitor"), settings)):
+        await market.publish(job, job_id=job_id)
+        await eventually(lambda: _terminal(admin, job_id), timeout=180, what="the job to end")
+    events = await events_of(admin, subject=f"qvm.jobs.{job_id}.>")
+    return (await job_book(admin)).get(job_id), events
+
+
+def _of(events, etype: EventType):
+    return [e for e in events if e.spec.type is etype]
+
+
+def _output(events) -> bytes:
+    return b"".join(base64.b64decode(e.payload.data_b64) for e in _of(events, EventType.INSTANCE_OUTPUT))
+
+
+async def test_workload_writes_its_overlay_and_the_result_arrives_on_the_bus(stack, tmp_path: Path) -> None:
+    bundle = build_test_image(tmp_path / "images")
+    rootfs_before = hashlib.sha256((bundle / "rootfs.ext4").read_bytes()).hexdigest()
+    view, events = await _run_job(stack, tmp_path, _job(
+        "sh", "-c", "echo written > /etc/motd && cat /etc/motd && mkdir -p /data && echo 42 > /data/x && "
+                    "cat /data/x && ls /sys/class/net && exit 3"))
+    assert view.state is JobState.DONE and view.exit_code == 3
+    types = [str(e.spec.type) for e in events if e.spec.type is not EventType.JOB_PENDING]  # before registration
+    assert types[:3] == ["job.submitted", "job.placed", "job.accepted"]
+    assert types[3:7] == ["instance.provisioning", "instance.booted", "instance.running", "instance.output"]
+    assert types[-3:] == ["instance.exited", "instance.destroyed", "job.done"]
+    out = _output(events)
+    assert out.decode().split() == ["written", "42", "lo"], out  # no network device but loopback
+    exited = _of(events, EventType.INSTANCE_EXITED)[0].payload
+    assert exited.exit_code == 3 and exited.output_sha256 == hashlib.sha256(out).hexdigest()
+    prov = _of(events, EventType.INSTANCE_PROVISIONING)[0].payload
+    assert len(bytes.fromhex(prov.public_key)) == 32 and prov.vmm == "qemu-microvm"
+    assert prov.image_manifest_sha256 == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    # The write went to the instance's overlay: the signed base image is byte for byte unchanged.
+    assert hashlib.sha256((bundle / "rootfs.ext4").read_bytes()).hexdigest() == rootfs_before
+    assert not any((tmp_path / "instances").iterdir()), "the instance's work directory was removed"
+
+
+@pytest.mark.parametrize(("tamper", "reason"), [
+    (lambda b: b.joinpath("rootfs.ext4").open("r+b").write(b"X"), "image_digest_mismatch"),
+    (lambda b: b.joinpath("manifest.sig").unlink(), "image_unsigned"),
+    (lambda b: b.joinpath("manifest.json").write_text(b.joinpath("manifest.json").read_text()
+                                                      .replace('"name":"test-image"', '"name":"evil"')),
+     "image_bad_signature"),
+])
+async def test_tampered_or_unsigned_image_is_refused_and_nothing_starts(stack, tmp_path: Path, tamper, reason) -> None:
+    bundle = build_test_image(tmp_path / "images")
+    tamper(bundle)
+    view, events = await _run_job(stack, tmp_path, _job("true"))
+    assert view.state is JobState.FAILED and view.reason == reason
+    failed = _of(events, EventType.INSTANCE_FAILED)[0].payload
+    assert failed.reason == reason
+    assert not _of(events, EventType.INSTANCE_PROVISIONING), "no VM was started"
+    assert not _of(events, EventType.INSTANCE_BOOTED)
+    assert _of(events, EventType.INSTANCE_DESTROYED)
+
+
+async def test_unknown_image_is_refused(stack, tmp_path: Path) -> None:
+    build_test_image(tmp_path / "images")
+    view, events = await _run_job(stack, tmp_path, _job("true", image="no-such-image"))
+    assert view.state is JobState.FAILED and view.reason == "image_not_found"
+
+
+async def test_guest_cannot_reach_a_port_open_on_the_host(stack, tmp_path: Path) -> None:
+    build_test_image(tmp_path / "images")
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        probe = (f"for h in 10.0.2.2 10.0.2.15 127.0.0.1 172.17.0.1 192.168.1.1; do "
+                 f"nc -w 1 $h {port} </dev/null && echo reached $h; done; echo probes done")
+        view, events = await _run_job(stack, tmp_path, _job("sh", "-c", probe))
+        assert view.state is JobState.DONE
+        out = _output(events).decode()
+        assert "probes done" in out and "reached" not in out
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
+    finally:
+        listener.close()
+
+
+async def test_killed_agent_leaves_nothing_behind_after_restart(stack, tmp_path: Path) -> None:
+    bundle = build_test_image(tmp_path / "images")
+    del bundle
+    settings = _settings(stack, tmp_path)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    env = {**os.environ, "QVM_NATS_URL": stack.url, "QVM_PKI_DIR": str(stack.pki.root),
+           "QVM_STATE_DIR": str(tmp_path), "QVM_NODE_ID": "node-a", "QVM_MIN_TRUST": "unverified",
+           "QVM_IMAGES_DIR": str(tmp_path / "images"), "QVM_INSTANCES_DIR": str(tmp_path / "instances")}
+
+    def start_agent() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "services.node_agent"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.log", "ab"))
+
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    agent = start_agent()
+    try:
+        async with running(sched):
+            await market.publish(_job("sleep", "600"), job_id="long-job")
+
+            async def vm_running() -> bool:
+                return any(e.spec.type is EventType.INSTANCE_RUNNING
+                           for e in await events_of(admin, subject="qvm.jobs.long-job.>"))
+            await eventually(vm_running, timeout=120, what="the VM to run")
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(10)
+            leftovers = _vmm_processes(tmp_path)
+            assert leftovers, "the VMM outlives a killed agent (it must be reclaimed on restart)"
+            agent = start_agent()
+
+            async def reclaimed() -> bool:
+                return any(e.spec.type is EventType.INSTANCE_DESTROYED
+                           for e in await events_of(admin, subject="qvm.jobs.long-job.>"))
+            await eventually(reclaimed, timeout=60, what="the restarted agent to reclaim the instance")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(20)
+    deadline = time.monotonic() + 10
+    while _vmm_processes(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _vmm_processes(tmp_path) == []
+    assert not any((tmp_path / "instances").iterdir())
+    view = (await job_book(admin)).get("long-job")
+    assert view.state is JobState.FAILED and view.reason == "instance_destroyed"
+    destroyed = next(e for e in await events_of(admin, subject="qvm.jobs.long-job.>")
+                     if e.spec.type is EventType.INSTANCE_DESTROYED)
+    assert "agent_restart" in destroyed.payload.removed and any(r.startswith("vmm:") for r in destroyed.payload.removed)
+
+
+def _vmm_processes(root: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd and str(root).encode() in cmd:
+                found.append(int(proc.name))
+    return found
