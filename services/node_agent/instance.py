@@ -155,6 +155,7 @@ class Instance:
         try:
             await self._channel.wait_ready()
         except ChannelError as exc:
+            await asyncio.sleep(0.2)
             await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
 
     async def run(self) -> RunOutput:
@@ -166,6 +167,7 @@ class Instance:
         except TimeoutError:
             await self._fail("run_timeout", f"workload ran past {self.spec.run_timeout_s:g}s")
         except ChannelError as exc:
+            await asyncio.sleep(0.2)  # let the VMM flush the console before reading its tail
             await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
         self.runtime_ms = (time.monotonic() - started) * 1000
         self._to(VmState.EXITED)
@@ -182,9 +184,10 @@ class Instance:
     async def destroy(self) -> list[str]:
         """Stop the VMM, close every descriptor, remove the work directory. Idempotent."""
         removed: list[str] = []
-        if self.vm is not None and self.vm.proc.returncode is None:
-            await self.vmm.stop(self.vm)
-            removed.append(f"vmm:{self.vm.pid}")
+        if self.vm is not None:
+            if self.vm.proc.returncode is None:
+                removed.append(f"vmm:{self.vm.pid}")
+            await self.vmm.stop(self.vm)  # also closes the control channel of a VMM that already exited
         if hasattr(self, "_channel"):
             self._channel.close()
         for f in self._files:
@@ -214,8 +217,13 @@ def _make_scratch(path: Path, size_mib: int) -> None:
 
 
 def _console_tail(workdir: Path) -> str:
-    try:
-        tail = (workdir / "console.log").read_text(errors="replace")[-400:].strip()
-    except OSError:
-        return ""
-    return f" (console: {tail})" if tail else ""
+    """The end of the guest console and of the VMM's own errors, for a failure report (no secrets there)."""
+    parts = []
+    for name in ("console.log", "vmm.log"):
+        try:
+            tail = (workdir / name).read_text(errors="replace")[-300:].strip()
+        except OSError:
+            continue
+        if tail:
+            parts.append(f"{name}: {tail}")
+    return f" ({'; '.join(parts)})" if parts else ""

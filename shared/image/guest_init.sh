@@ -18,7 +18,7 @@ fail() { [ -n "$PORT" ] && printf 'ERROR %s\n' "$*" >&3; echo "qvm-init: $*" >&2
 
 PORT=
 i=0
-while [ -z "$PORT" ] && [ $i -lt 100 ]; do
+while [ -z "$PORT" ] && [ $i -lt 600 ]; do
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] && [ "$(cat "$p/name")" = qvm.0 ] && PORT=/dev/${p##*/}
   done
@@ -29,7 +29,7 @@ exec 3<>"$PORT"
 
 i=0
 while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
-  i=$((i + 1)); [ $i -gt 100 ] && fail "root or scratch disk missing"; sleep 0.05
+  i=$((i + 1)); [ $i -gt 600 ] && fail "root or scratch disk missing"; sleep 0.05
 done
 mount -o ro /dev/vda /mnt/lower || fail "cannot mount the root image"
 mount -t ext4 /dev/vdb /mnt/scratch || fail "cannot mount the scratch disk"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -69,7 +70,7 @@ async def test_workload_writes_its_overlay_and_the_result_arrives_on_the_bus(sta
     view, events = await _run_job(stack, tmp_path, _job(
         "sh", "-c", "echo written > /etc/motd && cat /etc/motd && mkdir -p /data && echo 42 > /data/x && "
                     "cat /data/x && ls /sys/class/net && exit 3"))
-    assert view.state is JobState.DONE and view.exit_code == 3
+    assert view.state is JobState.DONE and view.exit_code == 3, (view.state, view.reason, _failure(events))
     types = [str(e.spec.type) for e in events if e.spec.type is not EventType.JOB_PENDING]  # before registration
     assert types[:3] == ["job.submitted", "job.placed", "job.accepted"]
     assert types[3:7] == ["instance.provisioning", "instance.booted", "instance.running", "instance.output"]
@@ -107,7 +108,7 @@ async def test_tampered_or_unsigned_image_is_refused_and_nothing_starts(stack, t
 
 async def test_unknown_image_is_refused(stack, tmp_path: Path) -> None:
     build_test_image(tmp_path / "images")
-    view, events = await _run_job(stack, tmp_path, _job("true", image="no-such-image"))
+    view, _events = await _run_job(stack, tmp_path, _job("true", image="no-such-image"))
     assert view.state is JobState.FAILED and view.reason == "image_not_found"
 
 
@@ -122,7 +123,7 @@ async def test_guest_cannot_reach_a_port_open_on_the_host(stack, tmp_path: Path)
         probe = (f"for h in 10.0.2.2 10.0.2.15 127.0.0.1 172.17.0.1 192.168.1.1; do "
                  f"nc -w 1 $h {port} </dev/null && echo reached $h; done; echo probes done")
         view, events = await _run_job(stack, tmp_path, _job("sh", "-c", probe))
-        assert view.state is JobState.DONE
+        assert view.state is JobState.DONE, (view.state, view.reason, _failure(events))
         out = _output(events).decode()
         assert "probes done" in out and "reached" not in out
         with pytest.raises(BlockingIOError):
@@ -169,7 +170,7 @@ async def test_killed_agent_leaves_nothing_behind_after_restart(stack, tmp_path:
         agent.wait(20)
     deadline = time.monotonic() + 10
     while _vmm_processes(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     assert _vmm_processes(tmp_path) == []
     assert not any((tmp_path / "instances").iterdir())
     view = (await job_book(admin)).get("long-job")
@@ -190,3 +191,8 @@ def _vmm_processes(root: Path) -> list[int]:
             if b"qemu-system" in cmd and str(root).encode() in cmd:
                 found.append(int(proc.name))
     return found
+
+
+def _failure(events) -> str:
+    failed = _of(events, EventType.INSTANCE_FAILED)
+    return f"{failed[0].payload.reason}: {failed[0].payload.detail}" if failed else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +55,7 @@ class VmProcess:
     accel: str
     started_ns: int
     console: Path
+    control: socket.socket | None = None  # the agent's end of the VMM's control channel (QMP)
 
     async def wait(self) -> int:
         return await self.proc.wait()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class QemuMicrovm:
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
 
-    def argv(self, spec: LaunchSpec, accel: str) -> list[str]:
+    def argv(self, spec: LaunchSpec, accel: str, qmp_fd: int) -> list[str]:
         khz = tsc_khz()
         cmdline = spec.cmdline + (f" tsc_early_khz={khz}" if khz and accel == "tcg" else "")
         machine = "microvm,x-option-roms=off,rtc=off"
@@ -99,7 +100,7 @@ class QemuMicrovm:
             "-device", "virtio-serial-device",
             "-chardev", f"socket,id=ch0,fd={spec.channel_fd}",
             "-device", "virtserialport,chardev=ch0,name=qvm.0",
-            "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+            "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-pidfile", str(spec.workdir / "vmm.pid"),
         ]
         return argv
@@ -110,25 +111,36 @@ class QemuMicrovm:
         accel = self.accel
         if accel == "auto":
             accel, _why = await detect_accel(Path(f"/proc/{os.getpid()}/fd/{spec.kernel_fd}"), self.qemu)
-        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, spec.channel_fd, *spec.extra_fds]
+        control, qmp_end = socket.socketpair()
+        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, spec.channel_fd, qmp_end.fileno(), *spec.extra_fds]
         if spec.memory_fd is not None:
             fds.append(spec.memory_fd)
         started = time.time_ns()
-        with open(spec.workdir / "vmm.log", "wb") as vmm_log:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv(spec, accel), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True)
-        return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log")
+        try:
+            with open(spec.workdir / "vmm.log", "wb") as vmm_log:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.argv(spec, accel, qmp_end.fileno()), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True)
+        except OSError as exc:
+            control.close()
+            raise VmmError("vmm_start_failed", str(exc)) from None
+        finally:
+            qmp_end.close()
+        return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log", control)
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
-        if vm.proc.returncode is not None:
-            return
-        with contextlib.suppress(Exception):
-            qmp = await Qmp.connect(vm.console.parent / "qmp.sock", wait_s=1.0)
+        if vm.proc.returncode is None and vm.control is not None:
             with contextlib.suppress(Exception):
-                await qmp.execute("quit")
-            await qmp.close()
-        try:
-            await asyncio.wait_for(vm.proc.wait(), grace_s)
-        except TimeoutError:
-            await vm.kill()
+                qmp = await asyncio.wait_for(Qmp.over(vm.control), 2.0)
+                vm.control = None  # the QMP stream owns the socket now
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(qmp.execute("quit"), 2.0)
+                await qmp.close()
+        if vm.proc.returncode is None:
+            try:
+                await asyncio.wait_for(vm.proc.wait(), grace_s)
+            except TimeoutError:
+                await vm.kill()
+        if vm.control is not None:
+            vm.control.close()
+            vm.control = None

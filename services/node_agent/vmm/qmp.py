@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from pathlib import Path
+import socket
 from typing import Any
 
 from services.node_agent.vmm.base import VmmError
@@ -19,17 +19,10 @@ class Qmp:
         self._writer = writer
 
     @classmethod
-    async def connect(cls, path: Path, wait_s: float = 10.0) -> Qmp:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            try:
-                reader, writer = await asyncio.open_unix_connection(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if loop.time() > deadline:
-                    raise VmmError("qmp_unavailable", f"no QMP socket at {path}") from None
-                await asyncio.sleep(0.02)
+    async def over(cls, sock: socket.socket) -> Qmp:
+        """QMP over our end of a socketpair whose other end QEMU got as `-chardev socket,fd=N`
+        (no socket path: nothing else on the host can connect, and no path-length limit)."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
         qmp = cls(reader, writer)
         greeting = await qmp._read()
         if "QMP" not in greeting:
