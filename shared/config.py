@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                                        description="Trusted image publisher keys (PEM); default <images_dir>/*.pub.")
     vmm: str = Field("qemu-microvm", description="VMM driver for instances.")
     vm_accel: str = Field("auto", pattern="^(auto|kvm|tcg)$", description="auto: KVM where it works, else TCG.")
+    vm_cgroups: bool = Field(True, description="Put each VMM in a cgroup with the job's CPU and memory limits.")
+    vm_seccomp: bool = Field(True, description="Run each VMM under a seccomp syscall allow-list.")
     instances_dir: Path | None = Field(None, description="Per-instance work dirs; default <state_dir>/instances.")
 
     node_id: str | None = Field(None, description="The node-agent's node id (default: from the hostname).")

@@ -29,6 +29,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
+from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
+from services.node_agent.isolation.seccomp import QEMU_ALLOW, VIOLATION_SIGNAL
+from services.node_agent.isolation.seccomp import install as install_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
 from shared.errors import QvmError
 from shared.image.manifest import ImageError, ImageManifest
@@ -76,6 +79,9 @@ class InstanceSpec:
     scratch_mib: int = 1024
     run_timeout_s: float = 3600.0
     boot_timeout_s: float = 120.0
+    cgroups: bool = True  # the job's CPU and memory limits on the VMM
+    seccomp: frozenset[str] | None = QEMU_ALLOW  # the VMM's syscall allow-list (None: no filter)
+    cgroup_root: Path = Path("/sys/fs/cgroup")
 
 
 @dataclass
@@ -93,6 +99,8 @@ class Instance:
     _key: x25519.X25519PrivateKey = field(default_factory=x25519.X25519PrivateKey.generate, repr=False)
     _files: list[BinaryIO] = field(default_factory=list, repr=False)
     _memfd: int | None = field(default=None, repr=False)
+    cgroup: VmCgroup | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------ state machine
     def _to(self, new: VmState) -> None:
@@ -121,9 +129,18 @@ class Instance:
 
     async def launch(self) -> None:
         assert self.manifest is not None
+        t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         scratch = self.workdir / "scratch.ext4"
         await asyncio.to_thread(_make_scratch, scratch, self.spec.scratch_mib)
+        if self.spec.cgroups:
+            try:
+                self.cgroup = VmCgroup.create(self.spec.instance_id, self.spec.vcpus, self.spec.memory_mib,
+                                              self.spec.cgroup_root)
+            except CgroupError as exc:
+                self._to(VmState.FAILED)
+                raise InstanceError(exc.reason, exc.detail) from None
+        confine = _confinement(self.cgroup, self.spec.seccomp)
         self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
         os.ftruncate(self._memfd, self.spec.memory_mib << 20)
         host_end, guest_end = socket.socketpair()
@@ -131,10 +148,12 @@ class Instance:
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
             rootfs_fd=rootfs, scratch=scratch, channel_fd=guest_end.fileno(), cmdline=self.manifest.cmdline,
-            vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd)
+            vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine)
         started = time.monotonic()
         try:
             self.vm = await self.vmm.launch(spec)
+            self.timings["prepare_ms"] = (started - t0) * 1000
+            self.timings["spawn_ms"] = (time.monotonic() - started) * 1000
         except VmmError as exc:
             host_end.close()
             self._to(VmState.FAILED)
@@ -177,6 +196,11 @@ class Instance:
         return out
 
     async def _fail(self, reason: str, detail: str) -> None:
+        if self.vm is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.vm.wait(), 0.5)
+            if self.vm.proc.returncode == -int(VIOLATION_SIGNAL):
+                reason, detail = "seccomp_violation", "the VMM made a syscall outside its allow-list (audit log)"
         if self.state not in (VmState.FAILED, VmState.DESTROYED):
             self._to(VmState.FAILED)
         raise InstanceError(reason, detail)
@@ -197,6 +221,9 @@ class Instance:
             os.close(self._memfd)  # guest RAM pages go back to the kernel (scrub evidence: teardown phase)
             self._memfd = None
             removed.append("guest-ram")
+        if self.cgroup is not None and self.cgroup.remove():
+            removed.append(f"cgroup:v{self.cgroup.version}")
+            self.cgroup = None
         if self.workdir.exists():
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
             removed.append(f"workdir:{self.workdir.name}")
@@ -206,6 +233,19 @@ class Instance:
             else:
                 self.state = VmState.DESTROYED  # torn down mid-flight (cancellation, agent stop)
         return removed
+
+
+def _confinement(cgroup: VmCgroup | None, allow: frozenset[str] | None) -> Callable[[], None] | None:
+    if cgroup is None and allow is None:
+        return None
+
+    def confine() -> None:  # in the VMM's child, between fork and exec
+        if cgroup is not None:
+            cgroup.join_self()
+        if allow is not None:
+            install_seccomp(allow)
+
+    return confine
 
 
 def _make_scratch(path: Path, size_mib: int) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.node_agent.instance import Instance, InstanceError, InstanceSpec
+from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.vmm.base import Vmm
 from shared.bus import Bus
 from shared.codec import Event
@@ -93,7 +94,8 @@ class InstanceRuntime:
             instance = Instance(
                 InstanceSpec(instance_id=instance_id, job_id=job_id, bundle=bundle, command=spec.command,
                              vcpus=spec.profile.cpu_cores, memory_mib=max(128, spec.profile.ram_mib),
-                             run_timeout_s=float(spec.max_runtime_s)),
+                             run_timeout_s=float(spec.max_runtime_s), cgroups=self.settings.vm_cgroups,
+                             seccomp=QEMU_ALLOW if self.settings.vm_seccomp else None),
                 workdir, self.vmm, dict(trusted))
             self.jobs[job_id].instance = instance
             manifest = await instance.verify()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +44,7 @@ class LaunchSpec:
     memory_mib: int
     memory_fd: int | None = None  # agent-owned memfd for guest RAM (scrubbed after exit)
     extra_fds: tuple[int, ...] = field(default=())
+    confine: Callable[[], None] | None = None  # runs in the VMM's child before exec (cgroup, seccomp)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -120,10 +121,11 @@ class QemuMicrovm:
             with open(spec.workdir / "vmm.log", "wb") as vmm_log:
                 proc = await asyncio.create_subprocess_exec(
                     *self.argv(spec, accel, qmp_end.fileno()), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True)
-        except OSError as exc:
+                    stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True,
+                    preexec_fn=spec.confine)
+        except (OSError, subprocess.SubprocessError) as exc:
             control.close()
-            raise VmmError("vmm_start_failed", str(exc)) from None
+            raise VmmError("vmm_start_failed", f"{type(exc).__name__}: {exc}") from None
         finally:
             qmp_end.close()
         return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log", control)
