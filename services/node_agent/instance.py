@@ -117,8 +117,10 @@ class Instance:
     # ------------------------------------------------------------ steps
     async def verify(self) -> ImageManifest:
         """Check the bundle (signature, digests) through descriptors that stay open for the launch."""
+        t0 = time.monotonic()
         try:
             manifest, files = await asyncio.to_thread(verify_open, self.spec.bundle, self.trusted_publishers)
+            self.timings["verify_ms"] = (time.monotonic() - t0) * 1000
         except ImageError as exc:
             self._to(VmState.FAILED)
             raise InstanceError(f"image_{exc.reason}", exc.detail) from None
