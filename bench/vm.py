@@ -35,9 +35,9 @@ async def run(tmp: Path) -> list[Figure]:
     priv, pub = generate_publisher_key(images)
     root = tmp / "root"
     (root / "data").mkdir(parents=True)
-    with open(root / "data" / "blob", "wb") as f:
+    with open(root / "data" / "blob", "wb") as blob:
         for _ in range(64):
-            f.write(os.urandom(4 << 20))
+            blob.write(os.urandom(4 << 20))
     manifest = build_image(BuildRequest(name="bench", out=images / "bench", kernel=fetch_kernel(),
                                         publisher_key=priv, rootfs_dir=root, with_busybox=True))
     keys = load_public_keys([pub])
