@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvm-installed
-APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential
+APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential \
+	busybox-static e2fsprogs libseccomp2 iproute2
 
 .PHONY: setup apt demo test bench lint docs clean
 
@@ -16,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-# Debian packages later phases need (TPM, QEMU, cryptsetup); installed only when missing.
+# Debian packages qvm needs (QEMU, busybox-static and e2fsprogs for images, libseccomp, TPM, cryptsetup);
+# installed only when missing.
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -70,7 +70,12 @@ def _download(package: str, cache: Path) -> Path:
     existing = sorted(cache.glob(f"{real}_*.deb"))
     if existing:
         return existing[-1]
-    _run(["apt-get", "download", real], f"download {real} (is `apt-get update` done?)", cwd=cache)
+    try:
+        _run(["apt-get", "download", real], f"download {real}", cwd=cache)
+    except ImageError:
+        # A fresh machine may have no package lists yet: refresh them once, then try again.
+        _run(["apt-get", "update", "-qq"], "refresh the package lists")
+        _run(["apt-get", "download", real], f"download {real}", cwd=cache)
     found = sorted(cache.glob(f"{real}_*.deb"))
     if not found:
         raise ImageError("kernel_missing", f"apt-get download {real} produced no .deb")
