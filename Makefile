@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvm-installed
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential \
-	busybox-static e2fsprogs libseccomp2 iproute2
+	busybox-static e2fsprogs libseccomp2 iproute2 nftables
 
 .PHONY: setup apt demo test bench lint docs clean
 

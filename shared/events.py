@@ -125,6 +125,8 @@ class JobSubmitted(Frozen):
     profile: HardwareProfile = HardwareProfile()
     security: SecurityLevel = SecurityLevel.BASIC
     max_runtime_s: int = Field(3600, ge=1, le=30 * 86400, description="Hard limit on the workload's run time.")
+    egress: tuple[str, ...] = Field((), max_length=64, description="Destinations the guest may reach (host:port); "
+                                    "empty: none. Nodes that cannot enforce an allowlist refuse such jobs.")
 
 
 class JobPending(Frozen):

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
+from services.node_agent.isolation.network import InstanceNetwork, NetworkError
 from services.node_agent.isolation.seccomp import QEMU_ALLOW, VIOLATION_SIGNAL
 from services.node_agent.isolation.seccomp import install as install_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
@@ -82,6 +83,7 @@ class InstanceSpec:
     cgroups: bool = True  # the job's CPU and memory limits on the VMM
     seccomp: frozenset[str] | None = QEMU_ALLOW  # the VMM's syscall allow-list (None: no filter)
     cgroup_root: Path = Path("/sys/fs/cgroup")
+    network: bool = True  # a tap in the instance's own netns behind nftables default-deny (False: no NIC)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Instance:
     _files: list[BinaryIO] = field(default_factory=list, repr=False)
     _memfd: int | None = field(default=None, repr=False)
     cgroup: VmCgroup | None = None
+    net: InstanceNetwork | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------ state machine
@@ -142,7 +145,13 @@ class Instance:
             except CgroupError as exc:
                 self._to(VmState.FAILED)
                 raise InstanceError(exc.reason, exc.detail) from None
-        confine = _confinement(self.cgroup, self.spec.seccomp)
+        if self.spec.network:
+            try:
+                self.net = await InstanceNetwork.create(self.spec.instance_id)
+            except NetworkError as exc:
+                self._to(VmState.FAILED)
+                raise InstanceError(exc.reason, exc.detail) from None
+        confine = _confinement(self.cgroup, self.net, self.spec.seccomp)
         self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
         os.ftruncate(self._memfd, self.spec.memory_mib << 20)
         host_end, guest_end = socket.socketpair()
@@ -150,7 +159,8 @@ class Instance:
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
             rootfs_fd=rootfs, scratch=scratch, channel_fd=guest_end.fileno(), cmdline=self.manifest.cmdline,
-            vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine)
+            vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine,
+            extra_args=tuple(self.net.qemu_args()) if self.net else ())
         started = time.monotonic()
         try:
             self.vm = await self.vmm.launch(spec)
@@ -223,9 +233,16 @@ class Instance:
             os.close(self._memfd)  # guest RAM pages go back to the kernel (scrub evidence: teardown phase)
             self._memfd = None
             removed.append("guest-ram")
-        if self.cgroup is not None and self.cgroup.remove():
-            removed.append(f"cgroup:v{self.cgroup.version}")
-            self.cgroup = None
+        if self.net is not None and await self.net.remove():
+            removed.append(f"netns:{self.net.netns}")
+            self.net = None
+        if self.cgroup is not None:
+            for _ in range(50):  # the kernel lets go of an exited VMM's cgroup a moment after reaping it
+                if self.cgroup.remove():
+                    removed.append(f"cgroup:v{self.cgroup.version}")
+                    self.cgroup = None
+                    break
+                await asyncio.sleep(0.02)
         if self.workdir.exists():
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
             removed.append(f"workdir:{self.workdir.name}")
@@ -237,13 +254,16 @@ class Instance:
         return removed
 
 
-def _confinement(cgroup: VmCgroup | None, allow: frozenset[str] | None) -> Callable[[], None] | None:
-    if cgroup is None and allow is None:
+def _confinement(cgroup: VmCgroup | None, net: InstanceNetwork | None,
+                 allow: frozenset[str] | None) -> Callable[[], None] | None:
+    if cgroup is None and net is None and allow is None:
         return None
 
-    def confine() -> None:  # in the VMM's child, between fork and exec
+    def confine() -> None:  # in the VMM's child, between fork and exec; seccomp last (it forbids setns)
         if cgroup is not None:
             cgroup.join_self()
+        if net is not None:
+            net.enter()
         if allow is not None:
             install_seccomp(allow)
 

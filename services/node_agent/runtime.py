@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.node_agent.instance import Instance, InstanceError, InstanceSpec
+from services.node_agent.isolation.cgroups import leftover_cgroups
+from services.node_agent.isolation.network import PREFIX, InstanceNetwork, leftover_namespaces
 from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.vmm.base import Vmm
 from shared.bus import Bus
@@ -95,7 +97,8 @@ class InstanceRuntime:
                 InstanceSpec(instance_id=instance_id, job_id=job_id, bundle=bundle, command=spec.command,
                              vcpus=spec.profile.cpu_cores, memory_mib=max(128, spec.profile.ram_mib),
                              run_timeout_s=float(spec.max_runtime_s), cgroups=self.settings.vm_cgroups,
-                             seccomp=QEMU_ALLOW if self.settings.vm_seccomp else None),
+                             seccomp=QEMU_ALLOW if self.settings.vm_seccomp else None,
+                             network=self.settings.vm_network == "netns"),
                 workdir, self.vmm, dict(trusted))
             self.jobs[job_id].instance = instance
             manifest = await instance.verify()
@@ -170,6 +173,14 @@ class InstanceRuntime:
             return reclaimed
         for workdir in sorted(p for p in self.work.iterdir() if p.is_dir()):
             removed = await asyncio.to_thread(_kill_leftover_vmm, workdir)
+            net = InstanceNetwork(PREFIX + workdir.name[-40:])
+            if net.netns in leftover_namespaces() and await net.remove():
+                removed.append(f"netns:{net.netns}")
+            for cg in leftover_cgroups():
+                if cg.name == workdir.name:
+                    with contextlib.suppress(OSError):
+                        cg.rmdir()
+                        removed.append("cgroup")
             meta = _read_meta(workdir)
             await asyncio.to_thread(shutil.rmtree, workdir, True)
             removed.append(f"workdir:{workdir.name}")

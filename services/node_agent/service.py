@@ -93,6 +93,9 @@ class NodeAgent:
         # decide
         others = [c for j, c in self.held.items() if j != job_id]
         refusal = await asyncio.to_thread(self._check, placed, others)
+        if refusal is None and placed.job.egress:
+            refusal = Refusal("egress_unsupported", "this node cannot enforce egress allowlists yet; it runs "
+                                                    "guests with no network access only")
         # act + emit
         if refusal is not None:
             log.warning("assignment refused", extra={"reason": refusal.reason, "detail": refusal.detail})

@@ -20,8 +20,9 @@ from shared.image.manifest import ImageError
 
 __all__ = ["GUEST_MODULES", "GuestKernel", "fetch_kernel", "module_load_order"]
 
-GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay")
-"""virtio-mmio transport (microvm, Firecracker, Cloud Hypervisor), disks, the host channel, the RW layer."""
+GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio_net")
+"""virtio-mmio transport (microvm, Firecracker, Cloud Hypervisor), disks, the host channel, the RW layer,
+the (isolated) network device."""
 
 _DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
 

@@ -253,3 +253,16 @@ async def test_a_pending_job_is_placed_when_capacity_appears(stack):
     kv = await admin.js.key_value("qvm_jobs")
     with pytest.raises(Exception, match=r"(?i)not ?found|deleted|no keys"):
         await kv.get("job-1")  # no longer parked
+
+
+async def test_a_job_asking_for_egress_is_refused_where_it_cannot_be_enforced(stack):
+    settings = settings_for(stack)
+    admin, market = await stack.bus("admin"), await stack.bus("marketplace")
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    job = GPU_JOB.model_copy(update={"egress": ("pypi.org:443",)})
+    async with running(sched, await agent(stack, "node-a", settings)):
+        await eventually(lambda: _registered(admin, "node-a"), what="registration")
+        await market.publish(job, job_id="job-egress")
+        await eventually(lambda: _has(admin, "job-egress", EventType.JOB_REFUSED), what="refusal")
+    refused = next(e for e in await events_of(admin) if e.spec.type is EventType.JOB_REFUSED)
+    assert refused.payload.reason == "egress_unsupported"

@@ -76,7 +76,7 @@ async def test_workload_writes_its_overlay_and_the_result_arrives_on_the_bus(sta
     assert types[3:7] == ["instance.provisioning", "instance.booted", "instance.running", "instance.output"]
     assert types[-3:] == ["instance.exited", "instance.destroyed", "job.done"]
     out = _output(events)
-    assert out.decode().split() == ["written", "42", "lo"], out  # no network device but loopback
+    assert out.decode().split() == ["written", "42", "eth0", "lo"], out  # eth0: a tap in its own netns
     exited = _of(events, EventType.INSTANCE_EXITED)[0].payload
     assert exited.exit_code == 3 and exited.output_sha256 == hashlib.sha256(out).hexdigest()
     prov = _of(events, EventType.INSTANCE_PROVISIONING)[0].payload

@@ -4,6 +4,7 @@ syscall does."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,39 @@ async def test_a_filtered_syscall_kills_the_vmm_and_is_reported(tmp_path: Path) 
     finally:
         await inst.destroy()
     await asyncio.sleep(0)
+
+
+async def test_guest_nic_sits_in_its_own_namespace_behind_default_deny(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    probe = ("ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2; "
+             f"for h in 10.0.2.2 10.0.2.1 8.8.8.8; do nc -w 1 $h {port} </dev/null && echo reached $h; done; "
+             "ls /sys/class/net")
+    inst = _instance(tmp_path, ("sh", "-c", probe), cgroups=False)
+    try:
+        await inst.verify()
+        await inst.launch()
+        assert inst.net is not None
+        netns = inst.net.netns
+        assert netns in _namespaces()
+        vm_ns = Path(f"/proc/{inst.vm.pid}/ns/net").resolve() if inst.vm else None
+        assert vm_ns != Path("/proc/self/ns/net").resolve(), "the VMM runs in another network namespace"
+        out = await inst.run()
+        text = out.output.decode()
+        assert "eth0" in text.split() and "reached" not in text
+        assert await inst.net.dropped_packets() > 0, "the guest's packets hit the tap's drop policy"
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+        removed = await inst.destroy()
+    assert f"netns:{netns}" in removed and netns not in _namespaces()
+
+
+def _namespaces() -> list[str]:
+    from services.node_agent.isolation.network import leftover_namespaces
+
+    return leftover_namespaces()

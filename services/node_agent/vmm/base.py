@@ -44,7 +44,8 @@ class LaunchSpec:
     memory_mib: int
     memory_fd: int | None = None  # agent-owned memfd for guest RAM (scrubbed after exit)
     extra_fds: tuple[int, ...] = field(default=())
-    confine: Callable[[], None] | None = None  # runs in the VMM's child before exec (cgroup, seccomp)
+    confine: Callable[[], None] | None = None  # runs in the VMM's child before exec (cgroup, netns, seccomp)
+    extra_args: tuple[str, ...] = ()  # VMM-specific device arguments (e.g. the instance's tap)
 
 
 @dataclass

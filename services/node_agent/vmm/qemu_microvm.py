@@ -7,7 +7,8 @@
 - The image's kernel, initramfs and root filesystem are the files the agent verified, passed as open
   descriptors: a file swapped on disk after verification is never the one booted.
 - The root disk is attached read-only; the scratch disk is the instance's only writable storage.
-- No network device unless the instance has one: `-nodefaults` gives no NIC.
+- No network device unless the instance has one (`-nodefaults` gives no NIC); with one, it is a tap in the
+  instance's own network namespace behind an nftables default-deny policy (isolation/network.py).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class QemuMicrovm:
             "-device", "virtserialport,chardev=ch0,name=qvm.0",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-pidfile", str(spec.workdir / "vmm.pid"),
+            *spec.extra_args,
         ]
         return argv
 
