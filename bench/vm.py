@@ -28,7 +28,8 @@ async def run(tmp: Path) -> list[Figure]:
         "image: distribution kernel + qvm initramfs + ext4 root holding 256 MiB of random data, signed; "
         "verification = signature + streamed SHA-256 of every part (verify_bundle, median of 3, files in the page "
         "cache); agent overhead = Instance.launch from the verified image to the VMM process started (scratch disk, "
-        "cgroup, memfd RAM, channels, seccomp, exec), median of 5, image hashing excluded; boot = VMM start to the "
+        "netns + tap + nftables, cgroup, memfd RAM, channels, seccomp, exec), median of 5, image hashing "
+        "excluded; boot = VMM start to the "
         "guest init's READY, workload = RUN `true` to EXIT, median of 5",
     )
     images = tmp / "images"

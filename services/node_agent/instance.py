@@ -137,18 +137,24 @@ class Instance:
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         scratch = self.workdir / "scratch.ext4"
-        await asyncio.to_thread(_make_scratch, scratch, self.spec.scratch_mib)
+        # The scratch disk and the network namespace are independent subprocess work: prepare them together.
+        results = await asyncio.gather(
+            asyncio.to_thread(_make_scratch, scratch, self.spec.scratch_mib),
+            InstanceNetwork.create(self.spec.instance_id) if self.spec.network else _none(),
+            return_exceptions=True)
+        if isinstance(results[1], InstanceNetwork):
+            self.net = results[1]
+        for result in results:
+            if isinstance(result, BaseException):
+                self._to(VmState.FAILED)
+                if isinstance(result, (InstanceError, NetworkError)):
+                    raise InstanceError(result.reason, result.detail) from None
+                raise result
         if self.spec.cgroups:
             try:
                 self.cgroup = VmCgroup.create(self.spec.instance_id, self.spec.vcpus, self.spec.memory_mib,
                                               self.spec.cgroup_root)
             except CgroupError as exc:
-                self._to(VmState.FAILED)
-                raise InstanceError(exc.reason, exc.detail) from None
-        if self.spec.network:
-            try:
-                self.net = await InstanceNetwork.create(self.spec.instance_id)
-            except NetworkError as exc:
                 self._to(VmState.FAILED)
                 raise InstanceError(exc.reason, exc.detail) from None
         confine = _confinement(self.cgroup, self.net, self.spec.seccomp)
@@ -268,6 +274,10 @@ def _confinement(cgroup: VmCgroup | None, net: InstanceNetwork | None,
             install_seccomp(allow)
 
     return confine
+
+
+async def _none() -> None:
+    return None
 
 
 def _make_scratch(path: Path, size_mib: int) -> None:

@@ -65,8 +65,8 @@ class InstanceNetwork:
         net = cls(PREFIX + instance_id[-40:])
         await _run("ip", "netns", "add", net.netns)
         try:
-            await _run("ip", "-n", net.netns, "tuntap", "add", "dev", TAP, "mode", "tap")
-            await _run("ip", "-n", net.netns, "link", "set", TAP, "up")
+            await _run("ip", "-n", net.netns, "-batch", "-",
+                       stdin=f"tuntap add dev {TAP} mode tap\nlink set {TAP} up\n".encode())
             # The tap must exist before a netdev chain can hook it.
             await _run("ip", "netns", "exec", net.netns, "nft", "-f", "-", stdin=RULESET.encode())
         except NetworkError:
