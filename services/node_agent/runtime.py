@@ -101,7 +101,7 @@ class InstanceRuntime:
                              network=self.settings.vm_network == "netns"),
                 workdir, self.vmm, dict(trusted))
             self.jobs[job_id].instance = instance
-            manifest = await instance.verify()
+            await instance.verify()
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "instance.json").write_text(json.dumps(
                 {"job_id": job_id, "instance_id": instance_id, "node_id": self.node_id, "cause": cause.id}))
@@ -109,7 +109,6 @@ class InstanceRuntime:
             await self._emit(job_id, InstanceProvisioning(
                 instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=self.vmm.name,
                 public_key=instance.public_key.hex()), cause)
-            del manifest
             await instance.launch()
             assert instance.vm is not None
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),

@@ -1,13 +1,11 @@
-"""The node-agent, bus side: register, heartbeat, check assignments, accept or refuse.
+"""The node-agent: register, heartbeat, check assignments, accept or refuse, run accepted jobs.
 
 consume  job.placed for this node only, teardown.requested for this node only
-decide   `check_assignment` against the live host and the jobs this agent already holds
-act      hold the job's resources
+decide   `check_assignment` against the live host and the jobs this agent already holds; the job's
+         network policy (egress allowlists cannot be enforced yet: refused)
+act      hold the job's resources; run it in a micro VM (`runtime.InstanceRuntime`); tear it down
 emit     node.registered at start, node.heartbeat every interval, job.accepted / job.refused (ids
-         derived from the assignment, so a redelivered assignment is answered once)
-
-The micro VM that runs an accepted job arrives with the VM runtime; here the agent holds the job's
-resources until the job's teardown is requested.
+         derived from the assignment, so a redelivered assignment is answered once), instance.*
 """
 
 from __future__ import annotations
