@@ -4,6 +4,8 @@
     ├── ConfigError              bad settings, missing files, unusable paths
     ├── PkiError                 certificates and signing keys: missing, expired, not issued by our CA
     ├── BusError                 NATS / JetStream failures, translated at the boundary
+    ├── ReasonedError            a failure with a stable reason code that events report
+    │     (ImageError, VmmError, InstanceError, ChannelError, NetworkError, CgroupError)
     ├── RejectedEvent            a message that must never reach a handler (carries a `Reason`)
     ├── TransitionNotAllowed     an event that would move a job through an illegal transition
     └── JobSpecError             a job description a client submitted is invalid
@@ -23,6 +25,7 @@ __all__ = [
     "PkiError",
     "QvmError",
     "Reason",
+    "ReasonedError",
     "RejectedEvent",
     "TransitionNotAllowed",
 ]
@@ -42,6 +45,15 @@ class PkiError(QvmError):
 
 class BusError(QvmError):
     """The message bus failed (connection, JetStream API, permissions)."""
+
+
+class ReasonedError(QvmError):
+    """A failure reported on the bus: `reason` is a stable code, `detail` a human sentence (never secret)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 class Reason(StrEnum):

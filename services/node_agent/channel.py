@@ -16,7 +16,7 @@ import hashlib
 import socket
 from dataclasses import dataclass
 
-from shared.errors import QvmError
+from shared.errors import ReasonedError
 
 __all__ = ["ChannelError", "GuestChannel", "RunOutput"]
 
@@ -24,11 +24,8 @@ MAX_LINE = 256 * 1024
 MAX_KEPT_OUTPUT = 1 << 20
 
 
-class ChannelError(QvmError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class ChannelError(ReasonedError):
+    """A failure with a stable reason code (see `ReasonedError`)."""
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
-from services.node_agent.isolation.network import InstanceNetwork, NetworkError
+from services.node_agent.isolation.network import InstanceNetwork
 from services.node_agent.isolation.seccomp import QEMU_ALLOW, VIOLATION_SIGNAL
 from services.node_agent.isolation.seccomp import install as install_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
-from shared.errors import QvmError
+from shared.errors import ReasonedError
 from shared.image.manifest import ImageError, ImageManifest
 from shared.image.verify import verify_open
 
@@ -62,11 +62,8 @@ _NEXT: dict[VmState, frozenset[VmState]] = {
 }
 
 
-class InstanceError(QvmError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class InstanceError(ReasonedError):
+    """A failure with a stable reason code (see `ReasonedError`)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ class Instance:
         for result in results:
             if isinstance(result, BaseException):
                 self._to(VmState.FAILED)
-                if isinstance(result, (InstanceError, NetworkError)):
+                if isinstance(result, ReasonedError):
                     raise InstanceError(result.reason, result.detail) from None
                 raise result
         if self.spec.cgroups:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import Field
 
-from shared.errors import QvmError
+from shared.errors import ReasonedError
 from shared.models import Frozen
 
 __all__ = [
@@ -38,13 +38,8 @@ SIGNATURE = "manifest.sig"
 _PART_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
-class ImageError(QvmError):
+class ImageError(ReasonedError):
     """An image bundle that must not be launched; `reason` is a stable code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class Part(Frozen):

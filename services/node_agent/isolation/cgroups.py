@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import QvmError
+from shared.errors import ReasonedError
 
 __all__ = ["CgroupError", "VmCgroup"]
 
@@ -18,11 +18,9 @@ PERIOD_US = 100_000
 QEMU_OVERHEAD_MIB = 256  # the VMM's own memory on top of guest RAM
 
 
-class CgroupError(QvmError):
+class CgroupError(ReasonedError):
     def __init__(self, detail: str) -> None:
-        super().__init__(f"no_cgroups: {detail}")
-        self.reason = "no_cgroups"
-        self.detail = detail
+        super().__init__("no_cgroups", detail)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from shared.errors import QvmError
+from shared.errors import ReasonedError
 
 __all__ = ["InstanceNetwork", "NetworkError", "leftover_namespaces"]
 
@@ -36,11 +36,8 @@ table netdev qvm_tap {{
 """
 
 
-class NetworkError(QvmError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class NetworkError(ReasonedError):
+    """A failure with a stable reason code (see `ReasonedError`)."""
 
 
 async def _run(*argv: str, stdin: bytes | None = None) -> str:

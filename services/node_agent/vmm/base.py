@@ -16,18 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shared.errors import QvmError
+from shared.errors import ReasonedError
 
 __all__ = ["LaunchSpec", "VmProcess", "Vmm", "VmmError"]
 
 
-class VmmError(QvmError):
+class VmmError(ReasonedError):
     """The VMM could not be started or controlled; `reason` is a stable code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
