@@ -61,12 +61,19 @@ class GuestChannel:
         kind, _, rest = text.partition(" ")
         return kind, rest
 
-    async def wait_ready(self) -> None:
-        kind, rest = await self._frame()
-        if kind == "ERROR":
-            raise ChannelError("guest_error", rest[:500])
-        if kind != "READY":
-            raise ChannelError("bad_frame", f"expected READY, got {kind[:40]!r}")
+    async def wait_ready(self, shared: bool = False) -> None:
+        """Wait for the guest init. On a `shared` channel (a serial port that is also the kernel console
+        until init silences it) lines before READY are boot messages and are skipped; after READY the
+        protocol is strict either way."""
+        for _ in range(100_000):
+            kind, rest = await self._frame()
+            if kind == "READY":
+                return
+            if kind == "ERROR":
+                raise ChannelError("guest_error", rest[:500])
+            if not shared:
+                raise ChannelError("bad_frame", f"expected READY, got {kind[:40]!r}")
+        raise ChannelError("bad_frame", "no READY among the boot messages")
 
     async def run(self, script: str) -> RunOutput:
         self._writer.write(b"RUN " + base64.b64encode(script.encode()) + b"\n")

@@ -187,7 +187,7 @@ class Instance:
     async def _ready_or_exit(self) -> None:
         assert self.vm is not None
         try:
-            await self._channel.wait_ready()
+            await self._channel.wait_ready(shared=self.vmm.shared_channel)
         except ChannelError as exc:
             await asyncio.sleep(0.2)
             await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))

@@ -3,7 +3,11 @@
 #
 #   /dev/vda  the image's root filesystem, mounted read-only (the VMM also attaches it read-only)
 #   /dev/vdb  this instance's scratch disk (ext4): the upper layer of an overlayfs over the root
-#   port qvm.0 (virtio-serial): line protocol with the node-agent
+#   the host channel, chosen by the kernel argument qvm.channel=:
+#       (default)  virtio-serial port named qvm.0 (QEMU)
+#       hvc0       a virtio console (Cloud Hypervisor), dedicated to the channel
+#       ttyS0      the serial port (Firecracker), shared with the kernel console until init silences it
+#   line protocol with the node-agent:
 #       guest -> host  READY | OUT <base64 line> | EXIT <code> | ERROR <text>
 #       host -> guest  RUN <base64 of a /bin/sh -c script>
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp /mnt/lower /mnt/scratch /mnt/root
@@ -16,16 +20,29 @@ for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; 
 
 fail() { [ -n "$PORT" ] && printf 'ERROR %s\n' "$*" >&3; echo "qvm-init: $*" >&2; sync; reboot -f; }
 
+CHANNEL=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in qvm.channel=*) CHANNEL=${arg#qvm.channel=} ;; esac
+done
 PORT=
 i=0
 while [ -z "$PORT" ] && [ $i -lt 600 ]; do
-  for p in /sys/class/virtio-ports/*; do
-    [ -e "$p/name" ] && [ "$(cat "$p/name")" = qvm.0 ] && PORT=/dev/${p##*/}
-  done
+  case "$CHANNEL" in
+    hvc0|ttyS0) [ -c "/dev/$CHANNEL" ] && PORT=/dev/$CHANNEL ;;
+    *)
+      for p in /sys/class/virtio-ports/*; do
+        [ -e "$p/name" ] && [ "$(cat "$p/name")" = qvm.0 ] && PORT=/dev/${p##*/}
+      done ;;
+  esac
   [ -n "$PORT" ] && [ -e "$PORT" ] || { PORT=; i=$((i + 1)); sleep 0.05; }
 done
 [ -n "$PORT" ] || fail "no host channel"
+if [ "$CHANNEL" = ttyS0 ]; then
+  echo 0 > /proc/sys/kernel/printk   # the serial is the channel now: no kernel messages on it
+  exec 2>/dev/null
+fi
 exec 3<>"$PORT"
+case "$CHANNEL" in hvc0|ttyS0) stty -F "$PORT" raw -echo 2>/dev/null ;; esac
 
 i=0
 while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do

@@ -98,3 +98,21 @@ def _namespaces() -> list[str]:
     from services.node_agent.isolation.network import leftover_namespaces
 
     return leftover_namespaces()
+
+
+@pytest.mark.parametrize("channel", ["virtio-console", "serial"])
+async def test_guest_init_speaks_over_the_channels_other_vmms_give(tmp_path: Path, channel: str) -> None:
+    """Cloud Hypervisor gives a virtio console (hvc0), Firecracker only its serial port (ttyS0, shared with
+    the kernel console): the same guest init and host parser work over both, proven here under QEMU."""
+    bundle = build_test_image(tmp_path / "images")
+    keys = load_public_keys([tmp_path / "images" / "publisher.pub"])
+    inst = Instance(InstanceSpec(f"ch-{channel}", "job", bundle, ("sh", "-c", "echo over $0; exit 5", channel),
+                                 cgroups=False, network=False),
+                    tmp_path / "instance", QemuMicrovm(channel=channel), dict(keys))
+    try:
+        await inst.verify()
+        await inst.launch()
+        out = await inst.run()
+    finally:
+        await inst.destroy()
+    assert (out.exit_code, out.output) == (5, f"over {channel}\n".encode())

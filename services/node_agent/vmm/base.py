@@ -66,6 +66,7 @@ class VmProcess:
 
 class Vmm(Protocol):
     name: str
+    shared_channel: bool  # the guest channel is a serial port that also carries boot messages
 
     async def launch(self, spec: LaunchSpec) -> VmProcess: ...
 

@@ -72,9 +72,15 @@ async def detect_accel(kernel: Path, qemu: str = QEMU) -> tuple[str, str]:
 class QemuMicrovm:
     name = "qemu-microvm"
 
-    def __init__(self, qemu: str = QEMU, accel: str = "auto") -> None:
+    def __init__(self, qemu: str = QEMU, accel: str = "auto", channel: str = "virtio-serial") -> None:
+        """`channel`: virtio-serial (port qvm.0, the default), virtio-console (hvc0, as Cloud Hypervisor
+        gives) or serial (ttyS0 shared with the kernel console, as Firecracker gives)."""
+        if channel not in ("virtio-serial", "virtio-console", "serial"):
+            raise ValueError(f"unknown channel {channel!r}")
         self.qemu = qemu
         self.accel = accel
+        self.channel = channel
+        self.shared_channel = channel == "serial"
 
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
@@ -82,6 +88,17 @@ class QemuMicrovm:
     def argv(self, spec: LaunchSpec, accel: str, qmp_fd: int) -> list[str]:
         khz = tsc_khz()
         cmdline = spec.cmdline + (f" tsc_early_khz={khz}" if khz and accel == "tcg" else "")
+        cmdline += {"virtio-serial": "", "virtio-console": " qvm.channel=hvc0", "serial": " qvm.channel=ttyS0"}[
+            self.channel]
+        if self.channel == "serial":
+            serial = ["-serial", "chardev:ch0"]
+            channel = ["-chardev", f"socket,id=ch0,fd={spec.channel_fd}"]
+        else:
+            serial = ["-serial", f"file:{spec.workdir / 'console.log'}"]
+            port = "virtserialport,chardev=ch0,name=qvm.0" if self.channel == "virtio-serial" else \
+                "virtconsole,chardev=ch0"
+            channel = ["-device", "virtio-serial-device", "-chardev", f"socket,id=ch0,fd={spec.channel_fd}",
+                       "-device", port]
         machine = "microvm,x-option-roms=off,rtc=off"
         argv = [self.qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
                 "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
@@ -94,14 +111,12 @@ class QemuMicrovm:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", f"/proc/self/fd/{spec.kernel_fd}", "-initrd", f"/proc/self/fd/{spec.initrd_fd}",
             "-append", cmdline,
-            "-serial", f"file:{spec.workdir / 'console.log'}",
+            *serial,
             "-drive", f"id=root,file=/proc/self/fd/{spec.rootfs_fd},format=raw,if=none,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-drive", f"id=scratch,file={spec.scratch},format=raw,if=none",
             "-device", "virtio-blk-device,drive=scratch",
-            "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=ch0,fd={spec.channel_fd}",
-            "-device", "virtserialport,chardev=ch0,name=qvm.0",
+            *channel,
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-pidfile", str(spec.workdir / "vmm.pid"),
             *spec.extra_args,
