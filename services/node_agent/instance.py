@@ -16,7 +16,6 @@ import contextlib
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -157,26 +156,24 @@ class Instance:
         confine = _confinement(self.cgroup, self.net, self.spec.seccomp)
         self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
         os.ftruncate(self._memfd, self.spec.memory_mib << 20)
-        host_end, guest_end = socket.socketpair()
         kernel, initrd, rootfs = (f.fileno() for f in self._files)
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
-            rootfs_fd=rootfs, scratch=scratch, channel_fd=guest_end.fileno(), cmdline=self.manifest.cmdline,
+            rootfs_fd=rootfs, scratch=scratch, cmdline=self.manifest.cmdline,
             vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine,
-            extra_args=tuple(self.net.qemu_args()) if self.net else ())
+            tap=self.net.tap if self.net else None)
         started = time.monotonic()
         try:
             self.vm = await self.vmm.launch(spec)
             self.timings["prepare_ms"] = (started - t0) * 1000
             self.timings["spawn_ms"] = (time.monotonic() - started) * 1000
         except VmmError as exc:
-            host_end.close()
             self._to(VmState.FAILED)
             raise InstanceError(exc.reason, exc.detail) from None
-        finally:
-            guest_end.close()
         self._to(VmState.BOOTING)
-        self._channel = await GuestChannel.open(host_end)
+        assert self.vm.channel is not None
+        self._channel = await GuestChannel.open(self.vm.channel)
+        self.vm.channel = None  # the channel's stream owns the socket now
         try:
             await asyncio.wait_for(self._ready_or_exit(), self.spec.boot_timeout_s)
         except TimeoutError:

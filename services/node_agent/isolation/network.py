@@ -53,6 +53,7 @@ async def _run(*argv: str, stdin: bytes | None = None) -> str:
 @dataclass(frozen=True)
 class InstanceNetwork:
     netns: str
+    tap: str = TAP
 
     @classmethod
     async def create(cls, instance_id: str) -> InstanceNetwork:
@@ -80,10 +81,6 @@ class InstanceNetwork:
                 raise OSError(ctypes.get_errno(), "setns")
         finally:
             os.close(fd)
-
-    def qemu_args(self) -> list[str]:
-        return ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-                "-device", "virtio-net-device,netdev=n0"]
 
     async def dropped_packets(self) -> int:
         """Packets from the guest that the tap's ingress policy dropped."""

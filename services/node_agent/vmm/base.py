@@ -1,8 +1,9 @@
 """The one interface every VMM driver implements, and what a launch needs.
 
 A driver gets a `LaunchSpec` (verified image files already opened by the agent, the instance's scratch
-disk, the guest channel's socket, limits) and returns a `VmProcess`. The agent talks to the guest only
-through the channel; the driver only starts, watches and stops the VMM.
+disk, limits, confinement) and returns a `VmProcess` that holds the agent's end of the guest channel
+(however that VMM provides it). The agent talks to the guest only through the channel; the driver
+only starts, watches and stops the VMM.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ class LaunchSpec:
     initrd_fd: int
     rootfs_fd: int
     scratch: Path
-    channel_fd: int  # the guest's end of a socketpair (virtio-serial port qvm.0 / vsock)
     cmdline: str
     vcpus: int
     memory_mib: int
     memory_fd: int | None = None  # agent-owned memfd for guest RAM (scrubbed after exit)
     extra_fds: tuple[int, ...] = field(default=())
     confine: Callable[[], None] | None = None  # runs in the VMM's child before exec (cgroup, netns, seccomp)
-    extra_args: tuple[str, ...] = ()  # VMM-specific device arguments (e.g. the instance's tap)
+    tap: str | None = None  # the instance's tap, inside the namespace the VMM joins (None: no NIC)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class VmProcess:
     accel: str
     started_ns: int
     console: Path
+    channel: socket.socket | None = None  # the agent's end of the guest channel (the driver makes it)
     control: socket.socket | None = None  # the agent's end of the VMM's control channel (QMP)
 
     async def wait(self) -> int:

@@ -85,19 +85,19 @@ class QemuMicrovm:
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
 
-    def argv(self, spec: LaunchSpec, accel: str, qmp_fd: int) -> list[str]:
+    def argv(self, spec: LaunchSpec, accel: str, qmp_fd: int, channel_fd: int) -> list[str]:
         khz = tsc_khz()
         cmdline = spec.cmdline + (f" tsc_early_khz={khz}" if khz and accel == "tcg" else "")
         cmdline += {"virtio-serial": "", "virtio-console": " qvm.channel=hvc0", "serial": " qvm.channel=ttyS0"}[
             self.channel]
         if self.channel == "serial":
             serial = ["-serial", "chardev:ch0"]
-            channel = ["-chardev", f"socket,id=ch0,fd={spec.channel_fd}"]
+            channel = ["-chardev", f"socket,id=ch0,fd={channel_fd}"]
         else:
             serial = ["-serial", f"file:{spec.workdir / 'console.log'}"]
             port = "virtserialport,chardev=ch0,name=qvm.0" if self.channel == "virtio-serial" else \
                 "virtconsole,chardev=ch0"
-            channel = ["-device", "virtio-serial-device", "-chardev", f"socket,id=ch0,fd={spec.channel_fd}",
+            channel = ["-device", "virtio-serial-device", "-chardev", f"socket,id=ch0,fd={channel_fd}",
                        "-device", port]
         machine = "microvm,x-option-roms=off,rtc=off"
         argv = [self.qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
@@ -119,8 +119,10 @@ class QemuMicrovm:
             *channel,
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-pidfile", str(spec.workdir / "vmm.pid"),
-            *spec.extra_args,
         ]
+        if spec.tap:
+            argv += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
+                     "-device", "virtio-net-device,netdev=n0"]
         return argv
 
     async def launch(self, spec: LaunchSpec) -> VmProcess:
@@ -130,22 +132,26 @@ class QemuMicrovm:
         if accel == "auto":
             accel, _why = await detect_accel(Path(f"/proc/{os.getpid()}/fd/{spec.kernel_fd}"), self.qemu)
         control, qmp_end = socket.socketpair()
-        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, spec.channel_fd, qmp_end.fileno(), *spec.extra_fds]
+        channel, guest_end = socket.socketpair()
+        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, guest_end.fileno(), qmp_end.fileno(), *spec.extra_fds]
         if spec.memory_fd is not None:
             fds.append(spec.memory_fd)
         started = time.time_ns()
         try:
             with open(spec.workdir / "vmm.log", "wb") as vmm_log:
                 proc = await asyncio.create_subprocess_exec(
-                    *self.argv(spec, accel, qmp_end.fileno()), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+                    *self.argv(spec, accel, qmp_end.fileno(), guest_end.fileno()), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True,
                     preexec_fn=spec.confine)
         except (OSError, subprocess.SubprocessError) as exc:
             control.close()
+            channel.close()
             raise VmmError("vmm_start_failed", f"{type(exc).__name__}: {exc}") from None
         finally:
             qmp_end.close()
-        return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log", control)
+            guest_end.close()
+        return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log", channel=channel,
+                         control=control)
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
         if vm.proc.returncode is None and vm.control is not None:
