@@ -140,8 +140,9 @@ class QemuMicrovm:
         try:
             with open(spec.workdir / "vmm.log", "wb") as vmm_log:
                 proc = await asyncio.create_subprocess_exec(
-                    *self.argv(spec, accel, qmp_end.fileno(), guest_end.fileno()), pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log, start_new_session=True,
+                    *self.argv(spec, accel, qmp_end.fileno(), guest_end.fileno()), pass_fds=fds,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log,
+                    start_new_session=True,
                     preexec_fn=spec.confine)
         except (OSError, subprocess.SubprocessError) as exc:
             control.close()
