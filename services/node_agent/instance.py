@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
 from services.node_agent.isolation.network import InstanceNetwork
-from services.node_agent.isolation.seccomp import QEMU_ALLOW, VIOLATION_SIGNAL
+from services.node_agent.isolation.seccomp import VIOLATION_SIGNAL
 from services.node_agent.isolation.seccomp import install as install_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
 from shared.errors import ReasonedError
@@ -77,7 +77,8 @@ class InstanceSpec:
     run_timeout_s: float = 3600.0
     boot_timeout_s: float = 120.0
     cgroups: bool = True  # the job's CPU and memory limits on the VMM
-    seccomp: frozenset[str] | None = QEMU_ALLOW  # the VMM's syscall allow-list (None: no filter)
+    seccomp: bool = True  # the VMM's syscall allow-list (`vmm.seccomp_allow`; VMMs with their own filters: None)
+    seccomp_allow: frozenset[str] | None = None  # overrides the driver's list (tests of violations)
     cgroup_root: Path = Path("/sys/fs/cgroup")
     network: bool = True  # a tap in the instance's own netns behind nftables default-deny (False: no NIC)
 
@@ -153,7 +154,8 @@ class Instance:
             except CgroupError as exc:
                 self._to(VmState.FAILED)
                 raise InstanceError(exc.reason, exc.detail) from None
-        confine = _confinement(self.cgroup, self.net, self.spec.seccomp)
+        allow = (self.spec.seccomp_allow or self.vmm.seccomp_allow) if self.spec.seccomp else None
+        confine = _confinement(self.cgroup, self.net, allow)
         self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
         os.ftruncate(self._memfd, self.spec.memory_mib << 20)
         kernel, initrd, rootfs = (f.fileno() for f in self._files)

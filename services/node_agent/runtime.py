@@ -29,7 +29,6 @@ from pathlib import Path
 from services.node_agent.instance import Instance, InstanceError, InstanceSpec
 from services.node_agent.isolation.cgroups import leftover_cgroups
 from services.node_agent.isolation.network import PREFIX, InstanceNetwork, leftover_namespaces
-from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.vmm.base import Vmm
 from shared.bus import Bus
 from shared.codec import Event
@@ -97,7 +96,7 @@ class InstanceRuntime:
                 InstanceSpec(instance_id=instance_id, job_id=job_id, bundle=bundle, command=spec.command,
                              vcpus=spec.profile.cpu_cores, memory_mib=max(128, spec.profile.ram_mib),
                              run_timeout_s=float(spec.max_runtime_s), cgroups=self.settings.vm_cgroups,
-                             seccomp=QEMU_ALLOW if self.settings.vm_seccomp else None,
+                             seccomp=self.settings.vm_seccomp,
                              network=self.settings.vm_network == "netns"),
                 workdir, self.vmm, dict(trusted))
             self.jobs[job_id].instance = instance

@@ -18,6 +18,8 @@ from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
 from services.node_agent.runtime import InstanceRuntime
 from services.node_agent.vmm.base import Vmm
+from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
+from services.node_agent.vmm.firecracker import Firecracker
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from shared.bus import Bus
 from shared.codec import Event
@@ -56,9 +58,14 @@ class NodeAgent:
 
     @classmethod
     async def create(cls, bus: Bus, settings: Settings) -> NodeAgent:
-        if settings.vmm != "qemu-microvm":
-            raise ConfigError(f"VMM {settings.vmm!r} is not available on this agent yet (use qemu-microvm)")
-        return cls(bus, settings, vmm=QemuMicrovm(accel=settings.vm_accel))
+        drivers: dict[str, Callable[[], Vmm]] = {
+            "qemu-microvm": lambda: QemuMicrovm(accel=settings.vm_accel),
+            "firecracker": Firecracker,
+            "cloud-hypervisor": CloudHypervisor,
+        }
+        if settings.vmm not in drivers:
+            raise ConfigError(f"unknown VMM {settings.vmm!r} (one of {', '.join(drivers)})")
+        return cls(bus, settings, vmm=drivers[settings.vmm]())
 
     def _release(self, job_id: str) -> None:
         self.held.pop(job_id, None)

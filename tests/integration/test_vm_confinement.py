@@ -52,7 +52,7 @@ async def test_vmm_runs_in_its_cgroup_under_a_seccomp_filter(tmp_path: Path) -> 
 
 
 async def test_a_filtered_syscall_kills_the_vmm_and_is_reported(tmp_path: Path) -> None:
-    inst = _instance(tmp_path, ("true",), seccomp=QEMU_ALLOW - {"execve"}, cgroups=False, boot_timeout_s=30.0)
+    inst = _instance(tmp_path, ("true",), seccomp_allow=QEMU_ALLOW - {"execve"}, cgroups=False, boot_timeout_s=30.0)
     try:
         await inst.verify()
         with pytest.raises(InstanceError) as exc:

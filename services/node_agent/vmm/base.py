@@ -55,6 +55,7 @@ class VmProcess:
     console: Path
     channel: socket.socket | None = None  # the agent's end of the guest channel (the driver makes it)
     control: socket.socket | None = None  # the agent's end of the VMM's control channel (QMP)
+    api_socket: Path | None = None  # the VMM's REST API socket (Firecracker, Cloud Hypervisor)
 
     async def wait(self) -> int:
         return await self.proc.wait()
@@ -68,6 +69,7 @@ class VmProcess:
 class Vmm(Protocol):
     name: str
     shared_channel: bool  # the guest channel is a serial port that also carries boot messages
+    seccomp_allow: frozenset[str] | None  # the agent's filter for this VMM (None: the VMM installs its own)
 
     async def launch(self, spec: LaunchSpec) -> VmProcess: ...
 

@@ -22,6 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.qmp import Qmp
 
@@ -81,6 +82,7 @@ class QemuMicrovm:
         self.accel = accel
         self.channel = channel
         self.shared_channel = channel == "serial"
+        self.seccomp_allow: frozenset[str] | None = QEMU_ALLOW
 
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None

@@ -1,0 +1,209 @@
+"""A stand-in for the Firecracker and Cloud Hypervisor binaries (neither installs here): it serves their
+documented REST API on the unix socket the driver names, rejects every request that the real API would
+reject (unknown fields, missing fields, wrong types, calls in the wrong state), records each request for
+the test to check, and after boot answers the guest channel the way qvm's guest init does.
+
+    fake_vmm.py firecracker --api-sock PATH --id ID
+    fake_vmm.py cloud-hypervisor --api-socket path=PATH
+Environment: FAKE_VMM_RECORD (JSON lines of requests), FAKE_VMM_FAIL (a path to answer 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+RECORD = os.environ.get("FAKE_VMM_RECORD", "/dev/null")
+FAIL = os.environ.get("FAKE_VMM_FAIL", "")
+
+FC_SCHEMAS: dict[str, tuple[dict[str, type], dict[str, type]]] = {  # required, optional
+    "/machine-config": ({"vcpu_count": int, "mem_size_mib": int},
+                        {"smt": bool, "track_dirty_pages": bool, "cpu_template": str, "huge_pages": str}),
+    "/boot-source": ({"kernel_image_path": str}, {"boot_args": str, "initrd_path": str}),
+    "/drives/": ({"drive_id": str, "is_root_device": bool},
+                 {"path_on_host": str, "is_read_only": bool, "partuuid": str, "cache_type": str, "io_engine": str}),
+    "/network-interfaces/": ({"iface_id": str, "host_dev_name": str}, {"guest_mac": str}),
+    "/actions": ({"action_type": str}, {}),
+}
+CH_CONFIG_KEYS = {"cpus", "memory", "payload", "disks", "net", "rng", "serial", "console", "devices", "vsock",
+                  "iommu", "platform", "balloon", "fs", "pmem", "numa", "watchdog", "pvpanic", "tpm", "landlock_enable"}
+CONSOLE_MODES = {"Off", "Pty", "Tty", "File", "Socket", "Null"}
+
+
+def check(body: Any, required: dict[str, type], optional: dict[str, type]) -> str | None:
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    for k in required:
+        if k not in body:
+            return f"missing field `{k}`"
+    for k, v in body.items():
+        t = required.get(k) or optional.get(k)
+        if t is None:
+            return f"unknown field `{k}`"
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            return f"invalid type for `{k}`"
+    return None
+
+
+class Fake:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.started = False
+        self.created: dict[str, Any] | None = None
+        self.booted = asyncio.Event()
+        self.done = asyncio.Event()
+        self.config: dict[str, Any] = {}
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        with open(RECORD, "a") as f:
+            f.write(json.dumps({"method": method, "path": path, "body": body}) + "\n")
+        if FAIL and path == FAIL:
+            return 400, {"fault_message": f"injected failure on {path}"}
+        return self.firecracker(method, path, body) if self.kind == "firecracker" else self.ch(method, path, body)
+
+    def firecracker(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if method == "GET" and path == "/":
+            return 200, {"state": "Running" if self.started else "Not started", "id": "fake"}
+        if method != "PUT":
+            return 400, {"fault_message": "Invalid request method"}
+        key = next((k for k in FC_SCHEMAS if path == k or (k.endswith("/") and path.startswith(k))), None)
+        if key is None:
+            return 400, {"fault_message": f"Invalid request path {path}"}
+        err = check(body, *FC_SCHEMAS[key])
+        if err:
+            return 400, {"fault_message": err}
+        if key.endswith("/") and body[("drive_id" if key == "/drives/" else "iface_id")] != path[len(key):]:
+            return 400, {"fault_message": "The id from the path does not match the id from the body"}
+        if key == "/actions":
+            action = body["action_type"]
+            if action not in ("InstanceStart", "SendCtrlAltDel", "FlushMetrics"):
+                return 400, {"fault_message": f"unknown action {action}"}
+            if action == "InstanceStart":
+                if self.started:
+                    return 400, {"fault_message": "The microVM is already running"}
+                if "/boot-source" not in self.config or "/machine-config" not in self.config:
+                    return 400, {"fault_message": "Cannot start microvm without kernel configuration."}
+                self.started = True
+                self.booted.set()
+            elif action == "SendCtrlAltDel":
+                if not self.started:
+                    return 400, {"fault_message": "not supported before starting the microVM"}
+                self.done.set()
+            return 204, None
+        if self.started:
+            return 400, {"fault_message": "The requested operation is not supported after starting the microVM."}
+        if key == "/machine-config" and not 1 <= body["vcpu_count"] <= 32:
+            return 400, {"fault_message": "vcpu_count out of range"}
+        self.config[key if not key.endswith("/") else path] = body
+        return 204, None
+
+    def ch(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if method == "GET" and path == "/api/v1/vm.info":
+            return 200, {"state": "Running" if self.started else "Created", "config": self.created}
+        if method != "PUT":
+            return 405, "method not allowed"
+        if path == "/api/v1/vm.create":
+            if self.created is not None:
+                return 500, "VM already created"
+            if not isinstance(body, dict) or set(body) - CH_CONFIG_KEYS:
+                return 400, f"unknown VmConfig fields {sorted(set(body) - CH_CONFIG_KEYS) if isinstance(body, dict) else body}"
+            payload = body.get("payload")
+            if not isinstance(payload, dict) or not (payload.get("kernel") or payload.get("firmware")):
+                return 400, "payload.kernel or payload.firmware is required"
+            cpus = body.get("cpus", {"boot_vcpus": 1, "max_vcpus": 1})
+            if not 1 <= cpus.get("boot_vcpus", 1) <= cpus.get("max_vcpus", cpus.get("boot_vcpus", 1)):
+                return 400, "boot_vcpus must be between 1 and max_vcpus"
+            if not isinstance(body.get("memory", {}).get("size", 512 << 20), int):
+                return 400, "memory.size must be an integer (bytes)"
+            for disk in body.get("disks", []):
+                if "path" not in disk:
+                    return 400, "disk path is required"
+            for dev in ("serial", "console"):
+                mode = body.get(dev, {}).get("mode", "Off")
+                if mode not in CONSOLE_MODES or (mode == "Socket" and not body[dev].get("socket")):
+                    return 400, f"invalid {dev} configuration"
+            self.created = body
+            return 204, None
+        if path == "/api/v1/vm.boot":
+            if self.created is None:
+                return 500, "VM is not created"
+            self.started = True
+            self.booted.set()
+            return 204, None
+        if path in ("/api/v1/vm.shutdown", "/api/v1/vmm.shutdown"):
+            if path.endswith("vmm.shutdown"):
+                self.done.set()
+            return 204, None
+        return 404, "not found"
+
+
+async def serve_api(fake: Fake, sock_path: str) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await reader.readline()
+            if not request:
+                break
+            method, path, _ = request.decode().split(" ", 2)
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            raw = await reader.readexactly(length) if length else b""
+            body = json.loads(raw) if raw else None
+            status, reply = fake.handle(method, path, body)
+            data = b"" if reply is None else json.dumps(reply).encode()
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(data)}\r\n"
+                         f"Content-Type: application/json\r\n\r\n".encode() + data)
+            await writer.drain()
+
+    await asyncio.start_unix_server(on_conn, path=sock_path)
+
+
+async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, noise: bool, fake: Fake) -> None:
+    """Answer like qvm's guest init (the real init is exercised under QEMU), then power off."""
+    if noise:
+        writer.write(b"[    0.000000] Linux version 6.1 (fake console noise before init)\n")
+    writer.write(b"READY\n")
+    await writer.drain()
+    line = await reader.readline()
+    if line.startswith(b"RUN "):
+        script = base64.b64decode(line[4:].strip()).decode()
+        out = f"fake guest ran: {script}\n".encode()
+        writer.write(b"OUT " + base64.b64encode(out) + b"\nEXIT 0\n")
+        await writer.drain()
+        fake.done.set()  # the guest powers off after EXIT, and the VMM exits with it
+
+
+async def main() -> None:
+    kind = sys.argv[1]
+    args = sys.argv[2:]
+    if kind == "firecracker":
+        sock_path = args[args.index("--api-sock") + 1]
+    else:
+        sock_path = args[args.index("--api-socket") + 1].removeprefix("path=")
+    fake = Fake(kind)
+    await serve_api(fake, sock_path)
+    await fake.booted.wait()
+    if kind == "firecracker":  # the serial console is our stdin/stdout (one socket)
+        reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=os.dup(0)))
+        task = asyncio.create_task(guest(reader, writer, True, fake))
+    else:
+        console = fake.created["console"]["socket"]  # type: ignore[index]
+
+        async def on_console(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await guest(r, w, False, fake)
+
+        await asyncio.start_unix_server(on_console, path=console)
+        task = None
+    await fake.done.wait()
+    del task
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
