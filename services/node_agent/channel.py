@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from shared.errors import ReasonedError
@@ -75,7 +76,8 @@ class GuestChannel:
                 raise ChannelError("bad_frame", f"expected READY, got {kind[:40]!r}")
         raise ChannelError("bad_frame", "no READY among the boot messages")
 
-    async def run(self, script: str) -> RunOutput:
+    async def run(self, script: str, on_output: Callable[[bytes], Awaitable[None]] | None = None) -> RunOutput:
+        """Run `script` in the guest; `on_output` sees each chunk as it arrives (live streaming)."""
         self._writer.write(b"RUN " + base64.b64encode(script.encode()) + b"\n")
         await self._writer.drain()
         digest = hashlib.sha256()
@@ -90,6 +92,8 @@ class GuestChannel:
                     raise ChannelError("bad_frame", "OUT frame is not base64") from None
                 digest.update(chunk)
                 total += len(chunk)
+                if on_output is not None:
+                    await on_output(chunk)
                 if len(kept) < MAX_KEPT_OUTPUT:
                     kept += chunk[: MAX_KEPT_OUTPUT - len(kept)]
             elif kind == "EXIT":

@@ -18,7 +18,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -191,12 +191,12 @@ class Instance:
             await asyncio.sleep(0.2)
             await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
 
-    async def run(self) -> RunOutput:
-        """Run the job's command in the guest; returns its exit code and output."""
+    async def run(self, on_output: Callable[[bytes], Awaitable[None]] | None = None) -> RunOutput:
+        """Run the job's command in the guest; returns its exit code and output (streamed to `on_output`)."""
         script = shlex.join(self.spec.command) if self.spec.command else "true"
         started = time.monotonic()
         try:
-            out = await asyncio.wait_for(self._channel.run(script), self.spec.run_timeout_s)
+            out = await asyncio.wait_for(self._channel.run(script, on_output), self.spec.run_timeout_s)
         except TimeoutError:
             await self._fail("run_timeout", f"workload ran past {self.spec.run_timeout_s:g}s")
         except ChannelError as exc:

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,40 @@ __all__ = ["InstanceRuntime"]
 log = get_logger("qvm.node_agent.runtime")
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OUTPUT_CHUNK = 64 * 1024
+OUTPUT_FLUSH_S = 0.5
+OUTPUT_PUBLISHED_MAX = 1 << 20  # beyond this only the digest and byte count are reported
+
+
+class OutputStreamer:
+    """Publishes workload output while it runs: a chunk at 64 KiB, or every half second of quiet."""
+
+    def __init__(self, emit: Callable[[int, bytes], Awaitable[None]]) -> None:
+        self._emit = emit
+        self._buf = bytearray()
+        self._seq = 0
+        self._published = 0
+        self._lock = asyncio.Lock()
+
+    async def add(self, chunk: bytes) -> None:
+        room = OUTPUT_PUBLISHED_MAX - self._published - len(self._buf)
+        if room > 0:
+            self._buf += chunk[:room]
+        if len(self._buf) >= OUTPUT_CHUNK:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._buf:
+                chunk = bytes(self._buf[:OUTPUT_CHUNK])
+                del self._buf[:OUTPUT_CHUNK]
+                await self._emit(self._seq, chunk)
+                self._seq += 1
+                self._published += len(chunk)
+
+    async def flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.flush()
 
 
 @dataclass
@@ -113,11 +147,17 @@ class InstanceRuntime:
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),
                                                     accel=instance.vm.accel), cause)
             await self._emit(job_id, InstanceRunning(instance_id=instance_id), cause)
-            out = await instance.run()
-            for seq, start in enumerate(range(0, len(out.output), OUTPUT_CHUNK)):
-                chunk = out.output[start:start + OUTPUT_CHUNK]
+            async def emit_chunk(seq: int, chunk: bytes) -> None:
                 await self._emit(job_id, InstanceOutput(instance_id=instance_id, seq=seq,
                                                         data_b64=base64.b64encode(chunk).decode()), cause, str(seq))
+
+            streamer = OutputStreamer(emit_chunk)
+            flusher = asyncio.create_task(streamer.flush_every(OUTPUT_FLUSH_S))
+            try:
+                out = await instance.run(streamer.add)
+            finally:
+                flusher.cancel()
+                await streamer.flush()
             await self._emit(job_id, InstanceExited(
                 instance_id=instance_id, exit_code=out.exit_code, runtime_ms=round(instance.runtime_ms, 1),
                 output_sha256=out.sha256, output_bytes=out.total_bytes, output_truncated=out.truncated), cause)

@@ -196,3 +196,15 @@ def _vmm_processes(root: Path) -> list[int]:
 def _failure(events) -> str:
     failed = _of(events, EventType.INSTANCE_FAILED)
     return f"{failed[0].payload.reason}: {failed[0].payload.detail}" if failed else ""
+
+
+async def test_output_streams_while_the_workload_runs(stack, tmp_path: Path) -> None:
+    build_test_image(tmp_path / "images")
+    view, events = await _run_job(stack, tmp_path, _job("sh", "-c", "echo first; sleep 3; echo second"))
+    assert view.state is JobState.DONE, (view.state, view.reason, _failure(events))
+    outputs = _of(events, EventType.INSTANCE_OUTPUT)
+    exited = _of(events, EventType.INSTANCE_EXITED)[0]
+    assert _output(events) == b"first\nsecond\n"
+    assert len(outputs) >= 2 and base64.b64decode(outputs[0].payload.data_b64) == b"first\n"
+    assert exited.envelope.time_ns - outputs[0].envelope.time_ns > 2e9, "the first line was published live"
+    assert [o.payload.seq for o in outputs] == list(range(len(outputs)))
