@@ -158,7 +158,13 @@ class Instance:
         confine = _confinement(self.cgroup, self.net, allow)
         self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
         os.ftruncate(self._memfd, self.spec.memory_mib << 20)
-        kernel, initrd, rootfs = (f.fileno() for f in self._files)
+        kernel, initrd, rootfs = (f.fileno() for f in self._files[:3])
+        if self.vmm.elf_kernel:
+            if self.manifest.vmlinux is None:
+                self._to(VmState.FAILED)
+                raise InstanceError("image_needs_vmlinux", f"{self.vmm.name} boots an ELF kernel; build the image "
+                                                           "with --with-vmlinux")
+            kernel = self._files[3].fileno()
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
             rootfs_fd=rootfs, scratch=scratch, cmdline=self.manifest.cmdline,

@@ -133,6 +133,8 @@ def image_build(
     rootfs_dir: Annotated[Path | None, typer.Option(help="Root filesystem from a directory")] = None,
     rootfs_tar: Annotated[Path | None, typer.Option(help="Root filesystem from `docker save` / OCI tarball")] = None,
     with_busybox: Annotated[bool, typer.Option(help="Add busybox as /bin/sh and friends")] = False,
+    with_vmlinux: Annotated[bool, typer.Option(help="Also ship the ELF kernel (Firecracker, Cloud Hypervisor)")]
+    = False,
     kernel_package: Annotated[str, typer.Option(help="Distribution kernel package")] = "linux-image-cloud-amd64",
     kernel_deb: Annotated[Path | None, typer.Option(help="Use this kernel .deb instead of downloading")] = None,
 ) -> None:
@@ -144,7 +146,8 @@ def image_build(
         def work() -> Any:
             kernel = fetch_kernel(kernel_package, kernel_deb)
             return build_image(BuildRequest(name=name, out=out, kernel=kernel, publisher_key=key,
-                                            rootfs_dir=rootfs_dir, rootfs_tar=rootfs_tar, with_busybox=with_busybox))
+                                            rootfs_dir=rootfs_dir, rootfs_tar=rootfs_tar, with_busybox=with_busybox,
+                                            with_vmlinux=with_vmlinux))
         with console.status(f"building {name}"):
             manifest = await asyncio.to_thread(work)
         table = Table(title=f"image {name} (publisher {manifest.publisher}, kernel {manifest.kernel_release})")

@@ -16,6 +16,7 @@ from shared.image.kernel import GuestKernel, module_load_order
 from shared.image.manifest import MANIFEST, SIGNATURE, ImageError, ImageManifest, Part, load_private_key, publisher_id
 from shared.image.rootfs import add_busybox, apply_container_tar, make_ext4
 from shared.image.verify import file_sha256
+from shared.image.vmlinux import extract_vmlinux
 
 __all__ = ["DEFAULT_CMDLINE", "BuildRequest", "build_image", "find_static_busybox"]
 
@@ -31,6 +32,7 @@ class BuildRequest:
     rootfs_dir: Path | None = None
     rootfs_tar: Path | None = None
     with_busybox: bool = False
+    with_vmlinux: bool = False  # also ship the ELF kernel Firecracker and Cloud Hypervisor boot
     cmdline: str = DEFAULT_CMDLINE
 
 
@@ -70,6 +72,8 @@ def build_image(req: BuildRequest) -> ImageManifest:
     busybox = find_static_busybox()
     req.out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(req.kernel.vmlinuz, req.out / "vmlinuz")
+    if req.with_vmlinux:
+        (req.out / "vmlinux").write_bytes(extract_vmlinux(req.kernel.vmlinuz.read_bytes()))
     build_initramfs(req.kernel, busybox, req.out / "initrd.img")
     with tempfile.TemporaryDirectory(prefix="qvm-rootfs-") as tmp:
         root = Path(tmp) / "root"
@@ -90,6 +94,7 @@ def build_image(req: BuildRequest) -> ImageManifest:
     manifest = ImageManifest(
         name=req.name, created_ns=time.time_ns(), kernel=part("vmlinuz"), initrd=part("initrd.img"),
         rootfs=part("rootfs.ext4"), cmdline=req.cmdline, kernel_release=req.kernel.release,
+        vmlinux=part("vmlinux") if req.with_vmlinux else None,
         publisher=publisher_id(key.public_key()),
     )
     raw = manifest.canonical()

@@ -57,10 +57,12 @@ class ImageManifest(Frozen):
     rootfs: Part
     cmdline: str = Field(max_length=2048, description="Kernel command line (qvm adds host-specific timing).")
     kernel_release: str = Field(max_length=128)
+    vmlinux: Part | None = Field(None, description="The kernel as an ELF image (Firecracker, Cloud Hypervisor).")
     publisher: str = Field(pattern=r"^[0-9a-f]{16}$", description="Publisher key id (SHA-256 prefix).")
 
     def parts(self) -> list[Part]:
-        return [self.kernel, self.initrd, self.rootfs]
+        """kernel, initrd, rootfs, then vmlinux when the bundle has one (verify_open keeps this order)."""
+        return [self.kernel, self.initrd, self.rootfs, *([self.vmlinux] if self.vmlinux else [])]
 
     def canonical(self) -> bytes:
         return self.model_dump_json(indent=None).encode()

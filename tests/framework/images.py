@@ -22,7 +22,7 @@ def require_vm_tools() -> None:
             pytest.skip(f"{tool} not installed (apt package {package}): micro VM tests need it")
 
 
-def build_test_image(images: Path) -> Path:
+def build_test_image(images: Path, with_vmlinux: bool = False) -> Path:
     """<images>/test-image signed by <images>/publisher.key (trusted via publisher.pub)."""
     require_vm_tools()
     priv, _pub = generate_publisher_key(images)
@@ -30,5 +30,5 @@ def build_test_image(images: Path) -> Path:
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "motd").write_text("hello from the read-only root\n")
     build_image(BuildRequest(name=IMAGE, out=images / IMAGE, kernel=fetch_kernel(), publisher_key=priv,
-                             rootfs_dir=root, with_busybox=True))
+                             rootfs_dir=root, with_busybox=True, with_vmlinux=with_vmlinux))
     return images / IMAGE

@@ -30,7 +30,7 @@ def _binary(tmp_path: Path, kind: str) -> str:
 
 def _instance(tmp_path: Path, vmm: object, record: Path) -> Instance:
     os.environ["FAKE_VMM_RECORD"] = str(record)
-    bundle = build_test_image(tmp_path / "images")
+    bundle = build_test_image(tmp_path / "images", with_vmlinux=True)
     keys = load_public_keys([tmp_path / "images" / "publisher.pub"])
     return Instance(InstanceSpec(f"rest-{tmp_path.name[-16:]}", "job", bundle, ("echo", "hi"), vcpus=2, memory_mib=192,
                                  cgroups=False, network=False),
@@ -64,6 +64,8 @@ async def test_firecracker_configures_starts_runs_and_stops_through_its_api(tmp_
     assert reqs[0]["body"] == {"vcpu_count": 2, "mem_size_mib": 192, "smt": False}
     boot = reqs[1]["body"]
     assert isinstance(boot, dict) and boot["kernel_image_path"].startswith(f"/proc/{os.getpid()}/fd/")
+    kernel = Path(boot["kernel_image_path"]).name
+    assert kernel.isdigit()  # the verified ELF vmlinux, as an open descriptor of the agent
     assert "qvm.channel=ttyS0" in boot["boot_args"]
     assert reqs[2]["body"]["is_read_only"] is True and reqs[3]["body"]["is_read_only"] is False  # type: ignore[index]
     assert reqs[4]["body"] == {"action_type": "InstanceStart"}
@@ -134,3 +136,16 @@ async def test_the_stand_in_rejects_what_the_real_api_rejects(tmp_path: Path) ->
     assert ch.handle("PUT", "/api/v1/vm.boot", None)[0] == 500
     assert ch.handle("PUT", "/api/v1/vm.create", {"payload": {}})[0] == 400
     assert ch.handle("PUT", "/api/v1/vm.create", {"payload": {"kernel": "k"}, "console": {"mode": "Socket"}})[0] == 400
+
+
+async def test_an_image_without_vmlinux_is_refused_by_elf_kernel_vmms(tmp_path: Path) -> None:
+    bundle = build_test_image(tmp_path / "images")
+    keys = load_public_keys([tmp_path / "images" / "publisher.pub"])
+    inst = Instance(InstanceSpec("no-vmlinux", "job", bundle, ("true",), cgroups=False, network=False),
+                    tmp_path / "instance", Firecracker(_binary(tmp_path, "firecracker")), dict(keys))
+    try:
+        await inst.verify()
+        with pytest.raises(InstanceError, match="image_needs_vmlinux"):
+            await inst.launch()
+    finally:
+        await inst.destroy()

@@ -30,7 +30,7 @@ class VmmError(ReasonedError):
 class LaunchSpec:
     instance_id: str
     workdir: Path
-    kernel_fd: int
+    kernel_fd: int  # the bzImage, or the ELF vmlinux for VMMs with `elf_kernel`
     initrd_fd: int
     rootfs_fd: int
     scratch: Path
@@ -70,6 +70,7 @@ class Vmm(Protocol):
     name: str
     shared_channel: bool  # the guest channel is a serial port that also carries boot messages
     seccomp_allow: frozenset[str] | None  # the agent's filter for this VMM (None: the VMM installs its own)
+    elf_kernel: bool  # boots the ELF vmlinux (Firecracker, Cloud Hypervisor), not the bzImage
 
     async def launch(self, spec: LaunchSpec) -> VmProcess: ...
 

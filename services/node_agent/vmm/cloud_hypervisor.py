@@ -4,8 +4,7 @@
 The guest channel is a virtio console (`console: {mode: Socket}`, hvc0 in the guest,
 `qvm.channel=hvc0`), dedicated to the channel; the kernel console goes to the serial port, logged to
 the instance's console.log. Image files are the agent's verified descriptors (`/proc/<agent>/fd/N`).
-Cloud Hypervisor boots an ELF `vmlinux` (PVH); the image builder ships the distribution's bzImage, so
-real boots need the builder to extract vmlinux first (not done yet). GPU attachment comes with VFIO.
+It boots the image's ELF `vmlinux` (PVH; `qvm image build --with-vmlinux`). GPU attachment comes with VFIO.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ class CloudHypervisor:
     shared_channel = False
 
     seccomp_allow: frozenset[str] | None = None  # it installs its own per-thread seccomp filters
+    elf_kernel = True
 
     def __init__(self, binary: str = "cloud-hypervisor") -> None:
         self.binary = binary

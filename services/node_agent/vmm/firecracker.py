@@ -9,7 +9,7 @@ which are the guest end of a socketpair (`qvm.channel=ttyS0`; the guest init sil
 console once it runs). Image files are the agent's verified descriptors, named `/proc/<agent>/fd/N`.
 Not yet: starting through the jailer (chroot, uid/gid, cgroup, netns) — the agent applies its own
 cgroup, namespace and seccomp confinement before exec instead; guest RAM from an agent-owned memfd.
-Firecracker boots an uncompressed ELF `vmlinux`, which the image builder does not extract yet.
+It boots the image's ELF `vmlinux` (`qvm image build --with-vmlinux`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Firecracker:
     shared_channel = True
 
     seccomp_allow: frozenset[str] | None = None  # it installs its own per-thread seccomp filters
+    elf_kernel = True
 
     def __init__(self, binary: str = "firecracker") -> None:
         self.binary = binary

@@ -83,6 +83,7 @@ class QemuMicrovm:
         self.channel = channel
         self.shared_channel = channel == "serial"
         self.seccomp_allow: frozenset[str] | None = QEMU_ALLOW
+        self.elf_kernel = False
 
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
