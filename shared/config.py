@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     vm_accel: str = Field("auto", pattern="^(auto|kvm|tcg)$", description="auto: KVM where it works, else TCG.")
     vm_cgroups: bool = Field(True, description="Put each VMM in a cgroup with the job's CPU and memory limits.")
     vm_seccomp: bool = Field(True, description="Run each VMM under a seccomp syscall allow-list.")
+    egress_netns: str | None = Field(None, description="Uplink network namespace for jobs with an egress allowlist; "
+                                     "unset: such jobs are refused.")
     vm_network: str = Field("netns", pattern="^(netns|none)$",
                             description="netns: a tap in the instance's netns, nftables default-deny; none: no NIC.")
     instances_dir: Path | None = Field(None, description="Per-instance work dirs; default <state_dir>/instances.")

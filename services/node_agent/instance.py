@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
-from services.node_agent.isolation.network import InstanceNetwork
+from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
 from services.node_agent.isolation.seccomp import VIOLATION_SIGNAL
 from services.node_agent.isolation.seccomp import install as install_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
@@ -81,6 +81,8 @@ class InstanceSpec:
     seccomp_allow: frozenset[str] | None = None  # overrides the driver's list (tests of violations)
     cgroup_root: Path = Path("/sys/fs/cgroup")
     network: bool = True  # a tap in the instance's own netns behind nftables default-deny (False: no NIC)
+    egress: tuple[EgressRule, ...] = ()  # TCP destinations the guest may reach, through `uplink`
+    uplink: str | None = None  # the node's uplink namespace (QVM_EGRESS_NETNS)
 
 
 @dataclass
@@ -137,7 +139,8 @@ class Instance:
         # The scratch disk and the network namespace are independent subprocess work: prepare them together.
         results = await asyncio.gather(
             asyncio.to_thread(_make_scratch, scratch, self.spec.scratch_mib),
-            InstanceNetwork.create(self.spec.instance_id) if self.spec.network else _none(),
+            InstanceNetwork.create(self.spec.instance_id, self.spec.egress, self.spec.uplink) if self.spec.network
+            else _none(),
             return_exceptions=True)
         if isinstance(results[1], InstanceNetwork):
             self.net = results[1]
@@ -167,7 +170,8 @@ class Instance:
             kernel = self._files[3].fileno()
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
-            rootfs_fd=rootfs, scratch=scratch, cmdline=self.manifest.cmdline,
+            rootfs_fd=rootfs, scratch=scratch,
+            cmdline=self.manifest.cmdline + (f" {guest_net_arg()}" if self.spec.egress and self.net else ""),
             vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine,
             tap=self.net.tap if self.net else None)
         started = time.monotonic()

@@ -28,7 +28,13 @@ from pathlib import Path
 
 from services.node_agent.instance import Instance, InstanceError, InstanceSpec
 from services.node_agent.isolation.cgroups import leftover_cgroups
-from services.node_agent.isolation.network import PREFIX, InstanceNetwork, leftover_namespaces
+from services.node_agent.isolation.network import (
+    PREFIX,
+    InstanceNetwork,
+    NetworkError,
+    leftover_namespaces,
+    parse_egress,
+)
 from services.node_agent.vmm.base import Vmm
 from shared.bus import Bus
 from shared.codec import Event
@@ -131,7 +137,8 @@ class InstanceRuntime:
                              vcpus=spec.profile.cpu_cores, memory_mib=max(128, spec.profile.ram_mib),
                              run_timeout_s=float(spec.max_runtime_s), cgroups=self.settings.vm_cgroups,
                              seccomp=self.settings.vm_seccomp,
-                             network=self.settings.vm_network == "netns"),
+                             network=self.settings.vm_network == "netns",
+                             egress=tuple(parse_egress(spec.egress)), uplink=self.settings.egress_netns),
                 workdir, self.vmm, dict(trusted))
             self.jobs[job_id].instance = instance
             await instance.verify()
@@ -163,7 +170,7 @@ class InstanceRuntime:
                 output_sha256=out.sha256, output_bytes=out.total_bytes, output_truncated=out.truncated), cause)
             log.info("instance exited", extra={"instance_id": instance_id, "exit_code": out.exit_code,
                                                "boot_ms": round(instance.boot_ms), "output_bytes": out.total_bytes})
-        except (InstanceError, ImageError) as exc:
+        except (InstanceError, ImageError, NetworkError) as exc:
             log.warning("instance failed", extra={"instance_id": instance_id, "reason": exc.reason})
             await self._emit(job_id, InstanceFailed(instance_id=instance_id, reason=exc.reason[:64],
                                                     detail=exc.detail[:1024]), cause)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
+from services.node_agent.isolation.network import NetworkError, parse_egress
 from services.node_agent.runtime import InstanceRuntime
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
@@ -99,8 +100,7 @@ class NodeAgent:
         others = [c for j, c in self.held.items() if j != job_id]
         refusal = await asyncio.to_thread(self._check, placed, others)
         if refusal is None and placed.job.egress:
-            refusal = Refusal("egress_unsupported", "this node cannot enforce egress allowlists yet; it runs "
-                                                    "guests with no network access only")
+            refusal = self._egress_refusal(placed.job.egress)
         # act + emit
         if refusal is not None:
             log.warning("assignment refused", extra={"reason": refusal.reason, "detail": refusal.detail})
@@ -115,6 +115,16 @@ class NodeAgent:
         """Blocking (procfs, NVML): runs in a worker thread."""
         live = self.inventory.model_copy(update={"gpus": self.read_gpus()})
         return check_assignment(placed, live, self.host.meminfo_mib("MemAvailable") or live.ram_mib, others)
+
+    def _egress_refusal(self, entries: tuple[str, ...]) -> Refusal | None:
+        if self.settings.egress_netns is None or self.settings.vm_network != "netns":
+            return Refusal("egress_unsupported", "this node has no uplink namespace: it runs guests without "
+                                                 "network access only")
+        try:
+            parse_egress(entries)
+        except NetworkError as exc:
+            return Refusal(exc.reason, exc.detail)
+        return None
 
     async def _accept(self, job_id: str, placed: JobPlaced, event: Event) -> None:
         await self.bus.publish(JobAccepted(node_id=self.node_id, attempt=placed.attempt), job_id=job_id,

@@ -21,8 +21,12 @@ for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; 
 fail() { [ -n "$PORT" ] && printf 'ERROR %s\n' "$*" >&3; echo "qvm-init: $*" >&2; sync; reboot -f; }
 
 CHANNEL=
+NET=
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in qvm.channel=*) CHANNEL=${arg#qvm.channel=} ;; esac
+  case "$arg" in
+    qvm.channel=*) CHANNEL=${arg#qvm.channel=} ;;
+    qvm.net=*) NET=${arg#qvm.net=} ;;  # address/prefix,gateway: the node allows this job some egress
+  esac
 done
 PORT=
 i=0
@@ -57,6 +61,11 @@ mkdir -p /mnt/root/proc /mnt/root/sys /mnt/root/dev /mnt/root/tmp
 mount -t proc proc /mnt/root/proc
 mount -t sysfs sysfs /mnt/root/sys
 mount -t devtmpfs devtmpfs /mnt/root/dev
+
+if [ -n "$NET" ]; then
+  ip link set eth0 up && ip addr add "${NET%,*}" dev eth0 && ip route add default via "${NET#*,}" \
+    || fail "cannot configure the network"
+fi
 
 printf 'READY\n' >&3
 while IFS= read -r line <&3; do

@@ -4,7 +4,9 @@ syscall does."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,47 @@ async def test_guest_init_speaks_over_the_channels_other_vmms_give(tmp_path: Pat
     finally:
         await inst.destroy()
     assert (out.exit_code, out.output) == (5, f"over {channel}\n".encode())
+
+
+async def test_egress_allowlist_reaches_only_the_listed_destination(tmp_path: Path) -> None:
+    """An uplink namespace stands in for the node's uplink (no host routes or rules are touched): it holds
+    198.18.0.1 with two TCP servers; the job may reach port 8080 only."""
+    from services.node_agent.isolation.network import parse_egress
+
+    uplink = f"qvm-test-up-{os.getpid()}"
+    await _sh("ip", "netns", "add", uplink)
+    servers = []
+    try:
+        await _sh("ip", "-n", uplink, "link", "set", "lo", "up")
+        await _sh("ip", "-n", uplink, "addr", "add", "198.18.0.1/32", "dev", "lo")
+        for port in (8080, 8081):
+            servers.append(await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", uplink, sys.executable, "-c",
+                "import socket,sys\ns=socket.create_server(('198.18.0.1',int(sys.argv[1])))\n"
+                "while True:\n c,_=s.accept(); c.sendall(b'hello from '+sys.argv[1].encode()+b'\\n'); c.close()",
+                str(port)))
+        await asyncio.sleep(0.5)
+        probe = ("for p in 8080 8081; do nc -w 2 198.18.0.1 $p </dev/null || echo blocked $p; done; "
+                 "nc -w 2 10.0.2.2 22 </dev/null || echo blocked host")
+        inst = _instance(tmp_path, ("sh", "-c", probe), cgroups=False,
+                         egress=tuple(parse_egress(["198.18.0.1:8080"])), uplink=uplink)
+        try:
+            await inst.verify()
+            await inst.launch()
+            out = (await inst.run()).output.decode()
+            dropped = await inst.net.dropped_packets() if inst.net else 0
+        finally:
+            await inst.destroy()
+        assert "hello from 8080" in out and "hello from 8081" not in out, out
+        assert "blocked 8081" in out and "blocked host" in out, out
+        assert dropped > 0
+    finally:
+        for srv in servers:
+            srv.kill()
+            await srv.wait()
+        await _sh("ip", "netns", "del", uplink)
+
+
+async def _sh(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv)
+    assert await proc.wait() == 0, argv
