@@ -4,6 +4,7 @@ reject (unknown fields, missing fields, wrong types, calls in the wrong state), 
 the test to check, and after boot answers the guest channel the way qvm's guest init does.
 
     fake_vmm.py firecracker --api-sock PATH --id ID
+    fake_vmm.py jailer --id ID --exec-file FC --uid U --gid G --chroot-base-dir DIR -- --api-sock /run/...
     fake_vmm.py cloud-hypervisor --api-socket path=PATH
 Environment: FAKE_VMM_RECORD (JSON lines of requests), FAKE_VMM_FAIL (a path to answer 400).
 """
@@ -51,7 +52,9 @@ def check(body: Any, required: dict[str, type], optional: dict[str, type]) -> st
 
 
 class Fake:
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, root: str = "", uid: int | None = None) -> None:
+        self.root = root  # the jail's chroot: API paths are inside it
+        self.uid = uid
         self.kind = kind
         self.started = False
         self.created: dict[str, Any] | None = None
@@ -97,6 +100,14 @@ class Fake:
             return 204, None
         if self.started:
             return 400, {"fault_message": "The requested operation is not supported after starting the microVM."}
+        if self.root:  # jailed: every file must be inside the chroot and readable by the jailed uid
+            for field in ("kernel_image_path", "initrd_path", "path_on_host"):
+                if field in body:
+                    inside = os.path.join(self.root, body[field].lstrip("/"))
+                    if not body[field].startswith("/") or not os.path.isfile(inside):
+                        return 400, {"fault_message": f"{body[field]} does not exist in the jail"}
+                    if self.uid is not None and os.stat(inside).st_uid != self.uid:
+                        return 400, {"fault_message": f"{body[field]} is not owned by the jailed uid"}
         if key == "/machine-config" and not 1 <= body["vcpu_count"] <= 32:
             return 400, {"fault_message": "vcpu_count out of range"}
         self.config[key if not key.endswith("/") else path] = body
@@ -183,11 +194,22 @@ async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nois
 async def main() -> None:
     kind = sys.argv[1]
     args = sys.argv[2:]
-    if kind == "firecracker":
+    root, uid = "", None
+    if kind == "jailer":
+        jail_id, exec_file = args[args.index("--id") + 1], args[args.index("--exec-file") + 1]
+        uid = int(args[args.index("--uid") + 1])
+        int(args[args.index("--gid") + 1])
+        base = args[args.index("--chroot-base-dir") + 1]
+        root = os.path.join(base, os.path.basename(exec_file), jail_id, "root")
+        fc_args = args[args.index("--") + 1:]
+        os.makedirs(os.path.join(root, "run"), exist_ok=True)
+        sock_path = os.path.join(root, fc_args[fc_args.index("--api-sock") + 1].lstrip("/"))
+        kind = "firecracker"
+    elif kind == "firecracker":
         sock_path = args[args.index("--api-sock") + 1]
     else:
         sock_path = args[args.index("--api-socket") + 1].removeprefix("path=")
-    fake = Fake(kind)
+    fake = Fake(kind, root, uid)
     await serve_api(fake, sock_path)
     await fake.booted.wait()
     if kind == "firecracker":  # the serial console is our stdin/stdout (one socket)

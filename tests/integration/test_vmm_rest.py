@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,33 @@ async def test_firecracker_configures_starts_runs_and_stops_through_its_api(tmp_
     assert "qvm.channel=ttyS0" in boot["boot_args"]
     assert reqs[2]["body"]["is_read_only"] is True and reqs[3]["body"]["is_read_only"] is False  # type: ignore[index]
     assert reqs[4]["body"] == {"action_type": "InstanceStart"}
+
+
+async def test_firecracker_through_its_jailer(tmp_path: Path) -> None:
+    record = tmp_path / "requests.jsonl"
+    jail_base = Path(tempfile.mkdtemp(prefix="jail-"))  # short: the API socket lives inside (108-byte limit)
+    fc = Firecracker(_binary(tmp_path, "firecracker"), jailer=_binary(tmp_path, "jailer"), chroot_base=jail_base,
+                     uid=64123, gid=64123)
+    inst = _instance(tmp_path, fc, record)
+    try:
+        await inst.verify()
+        await inst.launch()
+        assert inst.vm is not None and inst.vm.jail is not None
+        jail_root = inst.vm.jail / "root"
+        copied = jail_root / "vmlinux"
+        assert copied.stat().st_uid == 64123
+        assert copied.read_bytes() == (inst.spec.bundle / "vmlinux").read_bytes(), "the verified bytes"
+        out = await inst.run()
+    finally:
+        await inst.destroy()
+    assert out.exit_code == 0
+    reqs = _requests(record)
+    boot = next(r["body"] for r in reqs if r["path"] == "/boot-source")
+    assert boot["kernel_image_path"] == "/vmlinux" and boot["initrd_path"] == "/initrd.img"  # type: ignore[index]
+    drives = {r["body"]["drive_id"]: r["body"]["path_on_host"] for r in reqs if r["path"].startswith("/drives/")}  # type: ignore[index]
+    assert drives == {"root": "/rootfs.ext4", "scratch": "/scratch.ext4"}
+    assert not list(jail_base.rglob("*.ext4")), "the jail is removed with the instance"
+    shutil.rmtree(jail_base)
 
 
 async def test_cloud_hypervisor_creates_boots_runs_and_shuts_down_through_its_api(tmp_path: Path) -> None:

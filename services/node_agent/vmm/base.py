@@ -56,6 +56,7 @@ class VmProcess:
     channel: socket.socket | None = None  # the agent's end of the guest channel (the driver makes it)
     control: socket.socket | None = None  # the agent's end of the VMM's control channel (QMP)
     api_socket: Path | None = None  # the VMM's REST API socket (Firecracker, Cloud Hypervisor)
+    jail: Path | None = None  # the jailer's chroot directory, removed on stop
 
     async def wait(self) -> int:
         return await self.proc.wait()

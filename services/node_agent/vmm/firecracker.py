@@ -7,8 +7,11 @@
 The guest channel is the serial port: Firecracker connects the guest's ttyS0 to its own stdin/stdout,
 which are the guest end of a socketpair (`qvm.channel=ttyS0`; the guest init silences the kernel
 console once it runs). Image files are the agent's verified descriptors, named `/proc/<agent>/fd/N`.
-Not yet: starting through the jailer (chroot, uid/gid, cgroup, netns) — the agent applies its own
-cgroup, namespace and seccomp confinement before exec instead; guest RAM from an agent-owned memfd.
+Where the `jailer` binary is present, Firecracker is started through it: chroot under
+`<chroot base>/firecracker/<id>/root`, an unprivileged uid/gid, its own mount namespace; the verified
+bytes are copied from the agent's open descriptors into the chroot (so a file replaced on disk after the
+check still never boots), and API paths are relative to the chroot. The agent's cgroup and network
+namespace are joined before exec either way. Not yet: guest RAM from an agent-owned memfd.
 It boots the image's ELF `vmlinux` (`qvm image build --with-vmlinux`).
 """
 
@@ -21,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.rest import UdsApi, api_socket_path
@@ -35,8 +39,13 @@ class Firecracker:
     seccomp_allow: frozenset[str] | None = None  # it installs its own per-thread seccomp filters
     elf_kernel = True
 
-    def __init__(self, binary: str = "firecracker") -> None:
+    def __init__(self, binary: str = "firecracker", jailer: str | None = "jailer",
+                 chroot_base: Path = Path("/srv/jailer"), uid: int = 64_000, gid: int = 64_000) -> None:
+        """`jailer=None` never jails; otherwise the jailer is used when it is on PATH."""
         self.binary = binary
+        self.jailer = shutil.which(jailer) if jailer else None
+        self.chroot_base = chroot_base
+        self.uid, self.gid = uid, gid
 
     def available(self) -> bool:
         return shutil.which(self.binary) is not None
@@ -44,7 +53,21 @@ class Firecracker:
     async def launch(self, spec: LaunchSpec) -> VmProcess:
         if not self.available():
             raise VmmError("vmm_missing", f"{self.binary} not found")
-        sock = api_socket_path(spec.instance_id, "fc.sock")
+        jail: Path | None = None
+        if self.jailer:
+            jail_id = "".join(c if c.isalnum() or c == "-" else "-" for c in spec.instance_id)[-60:]
+            jail = self.chroot_base / Path(self.binary).name / jail_id
+            paths = await asyncio.to_thread(self._fill_jail, jail / "root", spec)
+            sock = jail / "root" / "run" / "firecracker.socket"
+            argv = [self.jailer, "--id", jail_id, "--exec-file", shutil.which(self.binary) or self.binary,
+                    "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.chroot_base),
+                    "--", "--api-sock", "/run/firecracker.socket"]
+        else:
+            fd = f"/proc/{os.getpid()}/fd"
+            paths = {"kernel": f"{fd}/{spec.kernel_fd}", "initrd": f"{fd}/{spec.initrd_fd}",
+                     "rootfs": f"{fd}/{spec.rootfs_fd}", "scratch": str(spec.scratch)}
+            sock = api_socket_path(spec.instance_id, "fc.sock")
+            argv = [self.binary, "--api-sock", str(sock), "--id", spec.instance_id[-60:]]
         sock.unlink(missing_ok=True)
         channel, guest_end = socket.socketpair()
         fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, *spec.extra_fds]
@@ -52,8 +75,7 @@ class Firecracker:
         try:
             with open(spec.workdir / "vmm.log", "wb") as vmm_log:
                 proc = await asyncio.create_subprocess_exec(
-                    self.binary, "--api-sock", str(sock), "--id", spec.instance_id[-60:],
-                    pass_fds=fds, stdin=guest_end.fileno(), stdout=guest_end.fileno(), stderr=vmm_log,
+                    *argv, pass_fds=fds, stdin=guest_end.fileno(), stdout=guest_end.fileno(), stderr=vmm_log,
                     start_new_session=True,
                     preexec_fn=spec.confine)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -62,19 +84,18 @@ class Firecracker:
         finally:
             guest_end.close()
         (spec.workdir / "vmm.pid").write_text(str(proc.pid))
-        vm = VmProcess(proc.pid, proc, self.name, "kvm", started, spec.workdir / "console.log", channel=channel)
+        vm = VmProcess(proc.pid, proc, self.name, "kvm", started, spec.workdir / "console.log", channel=channel,
+                       jail=jail)
         api = UdsApi(sock)
         try:
             await api.wait_ready(proc)
-            fd = f"/proc/{os.getpid()}/fd"
             await api.put("/machine-config", {"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib,
                                               "smt": False})
-            await api.put("/boot-source", {"kernel_image_path": f"{fd}/{spec.kernel_fd}",
-                                           "initrd_path": f"{fd}/{spec.initrd_fd}",
+            await api.put("/boot-source", {"kernel_image_path": paths["kernel"], "initrd_path": paths["initrd"],
                                            "boot_args": spec.cmdline + " qvm.channel=ttyS0"})
-            await api.put("/drives/root", {"drive_id": "root", "path_on_host": f"{fd}/{spec.rootfs_fd}",
+            await api.put("/drives/root", {"drive_id": "root", "path_on_host": paths["rootfs"],
                                            "is_root_device": False, "is_read_only": True})
-            await api.put("/drives/scratch", {"drive_id": "scratch", "path_on_host": str(spec.scratch),
+            await api.put("/drives/scratch", {"drive_id": "scratch", "path_on_host": paths["scratch"],
                                               "is_root_device": False, "is_read_only": False})
             if spec.tap:
                 await api.put("/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": spec.tap})
@@ -82,6 +103,8 @@ class Firecracker:
         except VmmError:
             await vm.kill()
             channel.close()
+            if jail is not None:
+                shutil.rmtree(jail, ignore_errors=True)
             raise
         finally:
             await api.close()
@@ -105,3 +128,29 @@ class Firecracker:
             vm.channel = None
         if vm.api_socket is not None:
             vm.api_socket.unlink(missing_ok=True)
+        if vm.jail is not None:
+            await asyncio.to_thread(shutil.rmtree, vm.jail, True)
+            vm.jail = None
+
+    def _fill_jail(self, root: Path, spec: LaunchSpec) -> dict[str, str]:
+        """Copy the verified bytes (from the agent's open descriptors) and the scratch disk into the chroot,
+        owned by the jailed uid; returns the paths as Firecracker sees them inside the chroot."""
+        root.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for role, fd, name, mode in (("kernel", spec.kernel_fd, "vmlinux", 0o440),
+                                     ("initrd", spec.initrd_fd, "initrd.img", 0o440),
+                                     ("rootfs", spec.rootfs_fd, "rootfs.ext4", 0o440)):
+            dest = root / name
+            with open(dest, "wb") as f:
+                os.lseek(fd, 0, os.SEEK_SET)
+                while chunk := os.read(fd, 4 << 20):
+                    f.write(chunk)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.chown(dest, self.uid, self.gid)
+            dest.chmod(mode)
+            out[role] = f"/{name}"
+        scratch = root / "scratch.ext4"
+        subprocess.run(["cp", "--sparse=always", str(spec.scratch), str(scratch)], check=True)
+        os.chown(scratch, self.uid, self.gid)
+        out["scratch"] = "/scratch.ext4"
+        return out
