@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from services.node_agent.channel import RunOutput
+from services.node_agent.instance import Instance
 from shared.image.build import BuildRequest, build_image
 from shared.image.kernel import fetch_kernel
 from shared.image.manifest import generate_publisher_key
@@ -32,3 +34,13 @@ def build_test_image(images: Path, with_vmlinux: bool = False) -> Path:
     build_image(BuildRequest(name=IMAGE, out=images / IMAGE, kernel=fetch_kernel(), publisher_key=priv,
                              rootfs_dir=root, with_busybox=True, with_vmlinux=with_vmlinux))
     return images / IMAGE
+
+
+async def run_once(inst: Instance) -> RunOutput:
+    """Verify, launch and run an instance; destroy it whatever happens."""
+    try:
+        await inst.verify()
+        await inst.launch()
+        return await inst.run()
+    finally:
+        await inst.destroy()

@@ -15,7 +15,7 @@ from services.node_agent.instance import Instance, InstanceError, InstanceSpec, 
 from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from shared.image.manifest import load_public_keys
-from tests.framework.images import build_test_image
+from tests.framework.images import build_test_image, run_once
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -111,12 +111,7 @@ async def test_guest_init_speaks_over_the_channels_other_vmms_give(tmp_path: Pat
     inst = Instance(InstanceSpec(f"ch-{channel}", "job", bundle, ("sh", "-c", "echo over $0; exit 5", channel),
                                  cgroups=False, network=False),
                     tmp_path / "instance", QemuMicrovm(channel=channel), dict(keys))
-    try:
-        await inst.verify()
-        await inst.launch()
-        out = await inst.run()
-    finally:
-        await inst.destroy()
+    out = await run_once(inst)
     assert (out.exit_code, out.output) == (5, f"over {channel}\n".encode())
 
 

@@ -13,7 +13,7 @@ from services.node_agent.instance import Instance, InstanceSpec
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
 from services.node_agent.vmm.firecracker import Firecracker
 from shared.image.manifest import load_public_keys
-from tests.framework.images import build_test_image
+from tests.framework.images import build_test_image, run_once
 
 
 @pytest.mark.parametrize(("binary", "driver"), [("firecracker", Firecracker), ("cloud-hypervisor", CloudHypervisor)])
@@ -26,10 +26,5 @@ async def test_real_vmm_runs_a_job(tmp_path: Path, binary: str, driver: type) ->
     keys = load_public_keys([tmp_path / "images" / "publisher.pub"])
     inst = Instance(InstanceSpec(f"real-{binary}", "job", bundle, ("sh", "-c", "echo written > /x && cat /x; exit 4")),
                     tmp_path / "instance", driver(), dict(keys))
-    try:
-        await inst.verify()
-        await inst.launch()
-        out = await inst.run()
-    finally:
-        await inst.destroy()
+    out = await run_once(inst)
     assert (out.exit_code, out.output) == (4, b"written\n")

@@ -17,7 +17,7 @@ from services.node_agent.instance import Instance, InstanceError, InstanceSpec
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
 from services.node_agent.vmm.firecracker import Firecracker
 from shared.image.manifest import load_public_keys
-from tests.framework.images import build_test_image
+from tests.framework.images import build_test_image, run_once
 
 FAKE = Path(__file__).parent.parent / "framework" / "fake_vmm.py"
 
@@ -52,12 +52,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_firecracker_configures_starts_runs_and_stops_through_its_api(tmp_path: Path) -> None:
     record = tmp_path / "requests.jsonl"
     inst = _instance(tmp_path, Firecracker(_binary(tmp_path, "firecracker")), record)
-    try:
-        await inst.verify()
-        await inst.launch()
-        out = await inst.run()
-    finally:
-        await inst.destroy()
+    out = await run_once(inst)
     assert out.exit_code == 0 and out.output == b"fake guest ran: echo hi\n"
     reqs = _requests(record)
     assert [(r["method"], r["path"]) for r in reqs] == [
@@ -103,12 +98,7 @@ async def test_firecracker_through_its_jailer(tmp_path: Path) -> None:
 async def test_cloud_hypervisor_creates_boots_runs_and_shuts_down_through_its_api(tmp_path: Path) -> None:
     record = tmp_path / "requests.jsonl"
     inst = _instance(tmp_path, CloudHypervisor(_binary(tmp_path, "cloud-hypervisor")), record)
-    try:
-        await inst.verify()
-        await inst.launch()
-        out = await inst.run()
-    finally:
-        await inst.destroy()
+    out = await run_once(inst)
     assert out.exit_code == 0 and out.output == b"fake guest ran: echo hi\n"
     reqs = _requests(record)
     assert [r["path"] for r in reqs] == ["/api/v1/vm.create", "/api/v1/vm.boot"]

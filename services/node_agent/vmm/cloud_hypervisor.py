@@ -10,7 +10,6 @@ It boots the image's ELF `vmlinux` (PVH; `qvm image build --with-vmlinux`). GPU 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -18,7 +17,7 @@ import subprocess
 import time
 
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
-from services.node_agent.vmm.rest import UdsApi, api_socket_path
+from services.node_agent.vmm.rest import UdsApi, api_socket_path, stop_through_api
 
 __all__ = ["CloudHypervisor"]
 
@@ -85,23 +84,7 @@ class CloudHypervisor:
         return vm
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
-        if vm.proc.returncode is None and vm.api_socket is not None:
-            api = UdsApi(vm.api_socket, timeout=2.0)
-            for call in ("vm.shutdown", "vmm.shutdown"):
-                with contextlib.suppress(VmmError):
-                    await api.put(f"{API}/{call}")
-            await api.close()
-            try:
-                await asyncio.wait_for(vm.proc.wait(), grace_s)
-            except TimeoutError:
-                await vm.kill()
-        elif vm.proc.returncode is None:
-            await vm.kill()
-        if vm.channel is not None:
-            vm.channel.close()
-            vm.channel = None
-        if vm.api_socket is not None:
-            vm.api_socket.unlink(missing_ok=True)
+        await stop_through_api(vm, [(f"{API}/vm.shutdown", None), (f"{API}/vmm.shutdown", None)], grace_s)
 
 
 async def _connect(path: os.PathLike[str] | str, proc: asyncio.subprocess.Process, wait_s: float = 10.0

@@ -18,7 +18,6 @@ It boots the image's ELF `vmlinux` (`qvm image build --with-vmlinux`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
-from services.node_agent.vmm.rest import UdsApi, api_socket_path
+from services.node_agent.vmm.rest import UdsApi, api_socket_path, stop_through_api
 
 __all__ = ["Firecracker"]
 
@@ -112,22 +111,7 @@ class Firecracker:
         return vm
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
-        if vm.proc.returncode is None and vm.api_socket is not None:
-            api = UdsApi(vm.api_socket, timeout=2.0)
-            with contextlib.suppress(VmmError):
-                await api.put("/actions", {"action_type": "SendCtrlAltDel"})
-            await api.close()
-            try:
-                await asyncio.wait_for(vm.proc.wait(), grace_s)
-            except TimeoutError:
-                await vm.kill()
-        elif vm.proc.returncode is None:
-            await vm.kill()
-        if vm.channel is not None:
-            vm.channel.close()
-            vm.channel = None
-        if vm.api_socket is not None:
-            vm.api_socket.unlink(missing_ok=True)
+        await stop_through_api(vm, [("/actions", {"action_type": "SendCtrlAltDel"})], grace_s)
         if vm.jail is not None:
             await asyncio.to_thread(shutil.rmtree, vm.jail, True)
             vm.jail = None

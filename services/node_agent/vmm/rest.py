@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -10,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from services.node_agent.vmm.base import VmmError
+from services.node_agent.vmm.base import VmmError, VmProcess
 
-__all__ = ["UdsApi", "api_socket_path"]
+__all__ = ["UdsApi", "api_socket_path", "stop_through_api"]
 
 
 def api_socket_path(instance_id: str, suffix: str) -> Path:
@@ -65,3 +66,25 @@ def _fault(resp: httpx.Response) -> str:
     except ValueError:
         return resp.text[:300]
     return str(body.get("fault_message", body) if isinstance(body, dict) else body)[:300]
+
+
+async def stop_through_api(vm: VmProcess, calls: list[tuple[str, dict[str, Any] | None]], grace_s: float) -> None:
+    """Ask the VMM to stop through its API (`calls` in order), kill it after `grace_s`, release its channel
+    and API socket."""
+    if vm.proc.returncode is None and vm.api_socket is not None:
+        api = UdsApi(vm.api_socket, timeout=2.0)
+        for path, body in calls:
+            with contextlib.suppress(VmmError):
+                await api.put(path, body)
+        await api.close()
+        try:
+            await asyncio.wait_for(vm.proc.wait(), grace_s)
+        except TimeoutError:
+            await vm.kill()
+    elif vm.proc.returncode is None:
+        await vm.kill()
+    if vm.channel is not None:
+        vm.channel.close()
+        vm.channel = None
+    if vm.api_socket is not None:
+        vm.api_socket.unlink(missing_ok=True)
