@@ -31,7 +31,7 @@ from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
 from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
 from services.node_agent.isolation.seccomp import VIOLATION_SIGNAL
-from services.node_agent.isolation.seccomp import install as install_seccomp
+from services.node_agent.isolation.seccomp import prepare as prepare_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
 from shared.errors import ReasonedError
 from shared.image.manifest import ImageError, ImageManifest
@@ -158,7 +158,7 @@ class Instance:
                 self._to(VmState.FAILED)
                 raise InstanceError(exc.reason, exc.detail) from None
         allow = (self.spec.seccomp_allow or self.vmm.seccomp_allow) if self.spec.seccomp else None
-        confine = _confinement(self.cgroup, self.net, allow)
+        confine, to_close = _confinement(self.cgroup, self.net, allow)
         self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
         os.ftruncate(self._memfd, self.spec.memory_mib << 20)
         kernel, initrd, rootfs = (f.fileno() for f in self._files[:3])
@@ -182,6 +182,9 @@ class Instance:
         except VmmError as exc:
             self._to(VmState.FAILED)
             raise InstanceError(exc.reason, exc.detail) from None
+        finally:
+            for fd in to_close:
+                os.close(fd)
         self._to(VmState.BOOTING)
         assert self.vm.channel is not None
         self._channel = await GuestChannel.open(self.vm.channel)
@@ -267,19 +270,23 @@ class Instance:
 
 
 def _confinement(cgroup: VmCgroup | None, net: InstanceNetwork | None,
-                 allow: frozenset[str] | None) -> Callable[[], None] | None:
+                 allow: frozenset[str] | None) -> tuple[Callable[[], None] | None, list[int]]:
+    """(confine, descriptors to close after the launch)."""
     if cgroup is None and net is None and allow is None:
-        return None
+        return None, []
+
+    seccomp_filter = prepare_seccomp(allow) if allow is not None else None
+    join_netns, netns_fd = net.joiner() if net is not None else (None, -1)
 
     def confine() -> None:  # in the VMM's child, between fork and exec; seccomp last (it forbids setns)
         if cgroup is not None:
             cgroup.join_self()
-        if net is not None:
-            net.enter()
-        if allow is not None:
-            install_seccomp(allow)
+        if join_netns is not None:
+            join_netns()
+        if seccomp_filter is not None:
+            seccomp_filter.load()
 
-    return confine
+    return confine, [netns_fd] if netns_fd >= 0 else []
 
 
 async def _none() -> None:

@@ -9,8 +9,11 @@ the kernel logs the syscall (audit type 1326) and the agent reports `instance.fa
 from __future__ import annotations
 
 import signal
+from typing import Any
 
-__all__ = ["QEMU_ALLOW", "install"]
+import pyseccomp as seccomp
+
+__all__ = ["QEMU_ALLOW", "install", "prepare"]
 
 QEMU_ALLOW: frozenset[str] = frozenset(
     """
@@ -31,14 +34,18 @@ tgkill timerfd_create timerfd_settime uname unlink unlinkat write writev
 VIOLATION_SIGNAL = signal.SIGSYS
 
 
-def install(allow: frozenset[str] = QEMU_ALLOW) -> None:
-    """Load the filter into the calling process (sets no_new_privs); unknown names are skipped."""
-    import pyseccomp as seccomp
-
+def prepare(allow: frozenset[str] = QEMU_ALLOW) -> Any:
+    """Build the filter in the agent (before fork): the child then only loads it, without importing or
+    compiling anything between fork and exec. Unknown names (other architectures) are skipped."""
     f = seccomp.SyscallFilter(defaction=seccomp.KILL_PROCESS)
     for name in sorted(allow):
         try:
             f.add_rule(seccomp.ALLOW, name)
         except (ValueError, OSError):
-            continue  # not a syscall on this architecture / libseccomp version
-    f.load()
+            continue
+    return f
+
+
+def install(allow: frozenset[str] = QEMU_ALLOW) -> None:
+    """Load the filter into the calling process (sets no_new_privs)."""
+    prepare(allow).load()
