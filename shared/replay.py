@@ -1,7 +1,8 @@
 """Read streams from their first message (audit, status, demo).
 
 `read_stream` walks a stream with an ephemeral pull consumer from sequence 1 (no acks, deleted when
-idle) and yields raw messages in batches; decoding is the caller's choice (see `shared.audit`).
+idle) and yields raw messages in batches (the audit decodes them in worker processes); `fold_jobs`
+decodes the job stream into a `JobBook` (status, demo, tests).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.bus import map_nats_errors
+from shared.codec import Codec, Event
+from shared.errors import RejectedEvent, TransitionNotAllowed
+from shared.events import STREAMS, Domain
+from shared.lifecycle import JobBook
 
-__all__ = ["RawMessage", "read_stream"]
+__all__ = ["RawMessage", "fold_jobs", "read_stream"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +56,25 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str = ">", bat
     finally:
         with map_nats_errors(f"close reader on {stream}"):
             await sub.unsubscribe()
+
+
+async def fold_jobs(js: JetStreamContext, codec: Codec, subject: str = ">", *, strict: bool = False
+                    ) -> tuple[JobBook, list[Event]]:
+    """The job stream folded into a book, and the events folded, in stream order.
+
+    Messages that do not verify, and events that would make an illegal transition, are skipped (the
+    audit reports them) unless `strict`, where they raise.
+    """
+    book = JobBook()
+    folded: list[Event] = []
+    async for batch in read_stream(js, STREAMS[Domain.JOBS].name, subject):
+        for m in batch:
+            try:
+                event = codec.decode(m.subject, m.data)
+                book.apply(event)
+            except (RejectedEvent, TransitionNotAllowed):
+                if strict:
+                    raise
+                continue
+            folded.append(event)
+    return book, folded

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -143,7 +142,3 @@ def inject_context() -> dict[str, str]:
 
 def extract_context(carrier: Mapping[str, str]) -> otel_context.Context:
     return extract(dict(carrier))
-
-
-def now_ms() -> float:
-    return time.monotonic() * 1000

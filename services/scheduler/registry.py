@@ -200,13 +200,11 @@ class Registry:
         with map_nats_errors(f"registry read {node_id}"):
             try:
                 entry = await self.kv.get(node_id)
-            except (NotFoundError, Exception) as exc:
-                if "NotFound" in type(exc).__name__ or "KeyDeleted" in type(exc).__name__:
-                    cur = self._confirmed.pop(node_id, None)
-                    self._index_claims(node_id, cur[0] if cur else None, None)
-                    self._refresh_view(node_id)
-                    return
-                raise
+            except NotFoundError:  # also KeyNotFoundError and KeyDeletedError: the record is gone
+                cur = self._confirmed.pop(node_id, None)
+                self._index_claims(node_id, cur[0] if cur else None, None)
+                self._refresh_view(node_id)
+                return
         rec = _decode(entry.value) if entry.value else None
         cur = self._confirmed.pop(node_id, None)
         self._index_claims(node_id, cur[0] if cur else None, rec)

@@ -295,12 +295,8 @@ class Scheduler:
         for job_id in keys:
             try:
                 entry = await self.pending_kv.get(job_id)
-            except KeyNotFoundError:
+            except NotFoundError:  # also KeyNotFoundError and KeyDeletedError: placed meanwhile
                 continue
-            except Exception as exc:
-                if "Deleted" in type(exc).__name__ or "NotFound" in type(exc).__name__:
-                    continue
-                raise
             if not entry.value:
                 continue
             try:

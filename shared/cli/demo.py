@@ -21,20 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
 
 from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
+from shared.cli.render import summarize
 from shared.cli.stack import LocalStack
 from shared.config import Settings
+from shared.errors import QvmError
 from shared.events import InstanceOutput
 from shared.identity import Identity, Role
 from shared.image.demo import ensure_demo_image
 from shared.jobspec import load_job
 from shared.lifecycle import JobState
 from shared.models import TrustState
-from shared.replay import read_stream
+from shared.replay import fold_jobs
 
 __all__ = ["run_demo"]
 
@@ -100,46 +103,30 @@ async def _wait_node(admin: Bus, node_id: str, seconds: float) -> dict[str, Any]
             if entry.value:
                 rec: dict[str, Any] = msgpack.unpackb(entry.value, raw=False)
                 return rec
-        except Exception:  # not there yet
+        except NotFoundError:  # not registered yet
             pass
         await asyncio.sleep(0.2)
-    raise TimeoutError(f"node {node_id} did not register within {seconds}s")
+    raise QvmError(f"node {node_id} did not register within {seconds:g}s (see the node-agent log)")
 
 
 async def _wait_job(admin: Bus, job_id: str, console: Console, seconds: float) -> JobState | None:
-    from shared.lifecycle import JobBook
-
     deadline = time.monotonic() + seconds
-    table = Table(title=f"job {job_id}")
-    for col in ("event", "producer", "details"):
-        table.add_column(col)
     while time.monotonic() < deadline:
-        book = JobBook()
-        rows = []
-        output = b""
-        async for batch in read_stream(admin.js, "QVM_JOBS", f"qvm.jobs.{job_id}.>"):
-            for m in batch:
-                ev = admin.codec.decode(m.subject, m.data)
-                book.apply(ev)
-                if isinstance(ev.payload, InstanceOutput):
-                    output += base64.b64decode(ev.payload.data_b64)
-                rows.append((str(ev.spec.type), ev.envelope.producer, _details(ev.payload)))
+        book, events = await fold_jobs(admin.js, admin.codec, f"qvm.jobs.{job_id}.>")
         view = book.get(job_id)
         if view and view.terminal:
-            for r in rows:
-                table.add_row(*r)
+            table = Table(title=f"job {job_id}")
+            for col in ("event", "producer", "details"):
+                table.add_column(col)
+            for ev in events:
+                table.add_row(str(ev.spec.type), ev.envelope.producer, summarize(ev.payload, 110))
             console.print(table)
             console.print(f"   job state: [bold]{view.state}[/bold] on node {view.node_id}; exit code {view.exit_code}")
             console.print("   output from the guest:")
+            output = b"".join(base64.b64decode(ev.payload.data_b64) for ev in events
+                              if isinstance(ev.payload, InstanceOutput))
             for line in output.decode(errors="replace").splitlines():
                 console.print(f"     | {line}", markup=False, highlight=False)
             return view.state
         await asyncio.sleep(0.3)
     return None
-
-
-def _details(payload: Any) -> str:
-    data = payload.model_dump(mode="json")
-    for noisy in ("job", "inventory", "data_b64"):
-        data.pop(noisy, None)
-    return ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, "", [], {}))[:110]

@@ -21,14 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.bus import Bus
+from shared.cli.render import summarize
 from shared.config import Settings
-from shared.errors import QvmError, RejectedEvent, TransitionNotAllowed
-from shared.events import STREAMS, Domain
+from shared.errors import QvmError, RejectedEvent
+from shared.events import STREAMS
 from shared.identity import Identity, Role
-from shared.lifecycle import JobBook
 from shared.models import TrustState
 from shared.natsconf import permissions_for
 from shared.pki import Pki
+from shared.replay import fold_jobs
 from shared.telemetry import setup_logging, setup_tracing
 
 logging.getLogger("asyncio").setLevel(logging.ERROR)  # ssl eof_received chatter when connections close
@@ -264,31 +265,15 @@ def cancel(job_id: str, reason: str = "client_request") -> None:
     console.print(f"cancel requested for {job_id}")
 
 
-async def _fold_jobs(bus: Bus, subject: str = ">") -> tuple[JobBook, list[Any]]:
-    from shared.replay import read_stream
-
-    book = JobBook()
-    timeline: list[Any] = []
-    async for batch in read_stream(bus.js, STREAMS[Domain.JOBS].name, subject):
-        for m in batch:
-            try:
-                ev = bus.codec.decode(m.subject, m.data)
-                book.apply(ev)
-                timeline.append(ev)
-            except (RejectedEvent, TransitionNotAllowed):
-                continue
-    return book, timeline
-
-
 async def _follow_job(job_id: str, seconds: float) -> None:
     bus = await _connect(Role.ADMIN)
     try:
         deadline = time.monotonic() + seconds
         shown = 0
         while time.monotonic() < deadline:
-            book, timeline = await _fold_jobs(bus, f"qvm.jobs.{job_id}.>")
+            book, timeline = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>")
             for ev in timeline[shown:]:
-                console.print(f"  {ev.spec.type:<22} {_summary(ev)}")
+                console.print(f"  {ev.spec.type:<22} {summarize(ev.payload)}")
             shown = len(timeline)
             view = book.get(job_id)
             if view and view.terminal:
@@ -298,12 +283,6 @@ async def _follow_job(job_id: str, seconds: float) -> None:
         await bus.close()
 
 
-def _summary(ev: Any) -> str:
-    data = ev.payload.model_dump(mode="json")
-    data.pop("inventory", None)
-    return ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, "", [], {}))[:160]
-
-
 @app.command()
 def status(job_id: Annotated[str | None, typer.Argument()] = None) -> None:
     """Jobs and their states, folded from the job stream."""
@@ -311,7 +290,7 @@ def status(job_id: Annotated[str | None, typer.Argument()] = None) -> None:
     async def body() -> None:
         bus = await _connect(Role.ADMIN)
         try:
-            book, timeline = await _fold_jobs(bus, f"qvm.jobs.{job_id}.>" if job_id else ">")
+            book, timeline = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>" if job_id else ">")
         finally:
             await bus.close()
         if job_id:
@@ -324,7 +303,7 @@ def status(job_id: Annotated[str | None, typer.Argument()] = None) -> None:
                 table.add_column(col)
             for ev in timeline:
                 table.add_row(time.strftime("%H:%M:%S", time.localtime(ev.envelope.time_ns / 1e9)),
-                              str(ev.spec.type), ev.envelope.producer, _summary(ev))
+                              str(ev.spec.type), ev.envelope.producer, summarize(ev.payload))
             console.print(table)
             return
         table = Table(title="jobs")
@@ -383,7 +362,7 @@ def events(follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> N
             try:
                 ev = bus.codec.decode(msg.subject, msg.data)
                 console.print(f"[green]✓[/green] {ev.spec.type:<20} job={ev.job_id or '-'} node={ev.node_id or '-'} "
-                              f"by {ev.envelope.producer}: {_summary(ev)}")
+                              f"by {ev.envelope.producer}: {summarize(ev.payload)}")
             except RejectedEvent as exc:
                 console.print(f"[red]✗[/red] {msg.subject[:80]}: {exc.reason.value}: {exc.detail[:120]}")
 

@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shared.bus import Bus
 from shared.codec import Event
-from shared.errors import TransitionNotAllowed
 from shared.events import STREAMS, Domain
 from shared.lifecycle import JobBook
 from shared.models import GpuInfo, Inventory
-from shared.replay import read_stream
+from shared.replay import fold_jobs, read_stream
 
 
 def gpu_inventory(node: str, gpus: int = 8, cores: int = 64, ram_mib: int = 512 * 1024) -> Inventory:
@@ -51,13 +50,7 @@ async def events_of(admin: Bus, domain: Domain = Domain.JOBS, subject: str = ">"
 
 async def job_book(admin: Bus, strict: bool = True) -> JobBook:
     """The fold of the job stream; `strict` fails on an illegal transition (as the audit does)."""
-    book = JobBook()
-    for ev in await events_of(admin):
-        try:
-            book.apply(ev)
-        except TransitionNotAllowed:
-            if strict:
-                raise
+    book, _ = await fold_jobs(admin.js, admin.codec, strict=strict)
     return book
 
 
