@@ -8,9 +8,10 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptse
 
 .PHONY: setup apt demo test bench lint docs clean
 
-setup: $(STAMP) apt
+setup: apt $(STAMP)
 
-$(STAMP): pyproject.toml
+# apt first: tpm2-pytss builds against libtss2-dev.
+$(STAMP): pyproject.toml | apt
 	@command -v python3 >/dev/null || { echo "python3 (3.11+) is required"; exit 1; }
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

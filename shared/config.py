@@ -56,6 +56,18 @@ class Settings(BaseSettings):
 
     node_id: str | None = Field(None, description="The node-agent's node id (default: from the hostname).")
 
+    tpm: str | None = Field(None, description="The node's TPM as a tss2 TCTI: device:/dev/tpmrm0 on hosts, "
+                            "swtpm:host=127.0.0.1,port=P for swtpm; unset: no TPM (the node is never trusted).")
+    tpm_ak_algorithm: str = Field("ecc-p256", pattern="^(ecc-p256|rsa-2048)$", description="Attestation key type.")
+    measurement_pcr: int = Field(15, ge=0, le=23, description="PCR the agent extends with its measurement log.")
+    measurement_log: Path | None = Field(None, description="Append-only measurement log; default "
+                                         "<state_dir>/tpm/measurements-<node>.jsonl.")
+    attest_interval_s: float = Field(60.0, gt=0, description="Node re-attestation period (plus jitter).")
+    attest_jitter_s: float = Field(10.0, ge=0)
+    attest_timeout_s: float = Field(30.0, gt=0, description="Longest an instance waits for its verdict.")
+    attest_policy: Path | None = Field(None, description="The verifier's attestation policy (JSON); default "
+                                       "<state_dir>/attestation-policy.json.")
+
     @property
     def pki_path(self) -> Path:
         return self.pki_dir or self.state_dir / "pki"
@@ -67,6 +79,13 @@ class Settings(BaseSettings):
     @property
     def instances_path(self) -> Path:
         return self.instances_dir or self.state_dir / "instances"
+
+    @property
+    def attest_policy_path(self) -> Path:
+        return self.attest_policy or self.state_dir / "attestation-policy.json"
+
+    def measurement_log_path(self, node_id: str) -> Path:
+        return self.measurement_log or self.state_dir / "tpm" / f"measurements-{node_id}.jsonl"
 
     def publisher_key_files(self) -> list[Path]:
         return self.publisher_keys or sorted(self.images_path.glob("*.pub"))

@@ -55,6 +55,19 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
                  "Teardown requests for this node only."),
     ConsumerSpec("offline", Role.JANITOR, Domain.NODES, (E.NODE_OFFLINE,),
                  "Nodes gone offline: fail and tear down their jobs."),
+    ConsumerSpec("trust", Role.SCHEDULER, Domain.ATTESTATION, (E.ATTEST_VERIFIED, E.ATTEST_FAILED, E.ATTEST_REVOKED),
+                 "Node attestation results: the registry's trust state."),
+    ConsumerSpec("work", Role.ATTESTATION_VERIFIER, Domain.ATTESTATION,
+                 (E.ATTEST_ENROLL_REQUESTED, E.ATTEST_REQUESTED, E.ATTEST_EVIDENCE),
+                 "Enrollments, challenge requests and evidence: one work queue shared by all verifier replicas.",
+                 ack_wait_s=10.0, backoff_s=(0.2, 0.5, 1.0, 2.0, 5.0)),
+    ConsumerSpec("attestation", Role.NODE_AGENT, Domain.ATTESTATION,
+                 (E.ATTEST_CHALLENGE, E.ATTEST_VERIFIED, E.ATTEST_FAILED),
+                 "This node's challenges and node-level verdicts."),
+    ConsumerSpec("verdicts", Role.NODE_AGENT, Domain.JOBS, (E.INSTANCE_ATTESTED, E.INSTANCE_ATTESTATION_FAILED),
+                 "Verdicts on this node's instances (the workload waits for one)."),
+    ConsumerSpec("revocations", Role.JANITOR, Domain.ATTESTATION, (E.ATTEST_REVOKED,),
+                 "Nodes that lost their trust: fail and tear down their jobs."),
 )
 
 

@@ -21,16 +21,26 @@ from pydantic import Field
 
 from shared.errors import Reason
 from shared.identity import JobId, NodeId, Role
-from shared.models import Frozen, HardwareProfile, Inventory, ResourceClaim, SecurityLevel
+from shared.models import Frozen, HardwareProfile, Inventory, ResourceClaim, SecurityLevel, TrustState
 
 __all__ = [
     "CATALOGUE",
     "DEAD_LETTER_SUBJECT",
     "STREAMS",
+    "AttestChallenge",
+    "AttestEvidence",
+    "AttestPurpose",
+    "AttestRequested",
+    "AttestationFailed",
+    "AttestationResult",
     "Domain",
+    "EnrollRequested",
     "EventRejected",
     "EventSpec",
     "EventType",
+    "GpuEvidence",
+    "InstanceAttestationFailed",
+    "InstanceAttested",
     "InstanceBooted",
     "InstanceDestroyed",
     "InstanceExited",
@@ -50,6 +60,7 @@ __all__ = [
     "NodeHeartbeat",
     "NodeOffline",
     "NodeRegistered",
+    "NodeRevoked",
     "StreamSpec",
     "TeardownRequested",
     "spec_for",
@@ -106,9 +117,18 @@ class EventType(StrEnum):
     INSTANCE_EXITED = "instance.exited"
     INSTANCE_FAILED = "instance.failed"
     INSTANCE_DESTROYED = "instance.destroyed"
+    INSTANCE_ATTESTED = "instance.attested"
+    INSTANCE_ATTESTATION_FAILED = "instance.attestation_failed"
     NODE_REGISTERED = "node.registered"
     NODE_HEARTBEAT = "node.heartbeat"
     NODE_OFFLINE = "node.offline"
+    ATTEST_ENROLL_REQUESTED = "attest.enroll_requested"
+    ATTEST_REQUESTED = "attest.requested"
+    ATTEST_CHALLENGE = "attest.challenge"
+    ATTEST_EVIDENCE = "attest.evidence"
+    ATTEST_VERIFIED = "attest.verified"
+    ATTEST_FAILED = "attest.failed"
+    ATTEST_REVOKED = "attest.revoked"
     TEARDOWN_REQUESTED = "teardown.requested"
     EVENT_REJECTED = "event.rejected"
 
@@ -250,6 +270,123 @@ class TeardownRequested(Frozen):
     reason: str = Field(max_length=64)
 
 
+# ---------------------------------------------------------------- attestation
+
+_HEX = r"^([0-9a-f]{2})*$"
+
+
+class AttestPurpose(StrEnum):
+    ENROLL = "enroll"  # credential activation + first node quote
+    NODE = "node"  # a node-level quote (re-attestation)
+    INSTANCE = "instance"  # a quote bound to one instance's ephemeral key, before its workload runs
+
+
+class EnrollRequested(Frozen):
+    """A node-agent presents its TPM: the EK (identity), its certificate, and a new attestation key."""
+
+    ek_public: str = Field(pattern=_HEX, max_length=2048, description="TPM2B_PUBLIC of the EK (hex).")
+    ek_certificate: str = Field("", pattern=_HEX, max_length=8192, description="EK certificate, DER (hex).")
+    ak_public: str = Field(pattern=_HEX, max_length=2048, description="TPM2B_PUBLIC of the AK (hex).")
+    ak_qualified_name: str = Field(pattern=_HEX, max_length=140, description="The AK's Qualified Name (hex).")
+    node_key: str = Field(pattern=_HEX64, description="SHA-256 of the node's event-signing public key.")
+
+
+class AttestRequested(Frozen):
+    """A node asks to be challenged: on its re-attestation schedule, or for an instance about to run."""
+
+    purpose: AttestPurpose
+    instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    job_id: JobId | None = None
+    key: str = Field(pattern=_HEX64, description="The key the quote binds: the instance's X25519 public key, "
+                                                 "or the SHA-256 of the node's signing key.")
+
+
+class AttestChallenge(Frozen):
+    """A verifier's challenge: a single-use nonce (or, to enroll, an encrypted credential)."""
+
+    challenge_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    purpose: AttestPurpose
+    instance_id: str | None = Field(None, max_length=64)
+    job_id: JobId | None = None
+    nonce: str = Field("", pattern=_HEX, max_length=64)
+    pcrs: tuple[int, ...] = Field(max_length=24)
+    expires_ns: int = Field(ge=0)
+    credential_blob: str = Field("", pattern=_HEX, max_length=1024, description="TPM2B_ID_OBJECT (enroll).")
+    encrypted_secret: str = Field("", pattern=_HEX, max_length=1024, description="TPM2B_ENCRYPTED_SECRET.")
+
+
+class GpuEvidence(Frozen):
+    """A GPU's confidential-computing attestation report, fetched with the challenge's nonce."""
+
+    uuid: str = Field(max_length=96)
+    cc_mode: str = Field(max_length=32)
+    report: str = Field("", pattern=_HEX, max_length=16384)
+    certificate_chain: str = Field("", max_length=32768)
+
+
+class AttestEvidence(Frozen):
+    """The node's answer: a quote, the quoted PCR values and the measurement log that explains them."""
+
+    challenge_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    purpose: AttestPurpose
+    instance_id: str | None = Field(None, max_length=64)
+    job_id: JobId | None = None
+    attest: str = Field(pattern=_HEX, max_length=2048, description="TPMS_ATTEST (hex).")
+    signature: str = Field(pattern=_HEX, max_length=1200, description="TPMT_SIGNATURE (hex).")
+    pcrs: dict[int, str] = Field(max_length=24, description="Quoted sha256 PCR values (hex) by index.")
+    log: tuple[dict[str, object], ...] = Field((), max_length=10_000, description="The measurement log.")
+    gpus: tuple[GpuEvidence, ...] = Field((), max_length=16)
+
+
+class AttestationResult(Frozen):
+    """A verifier's signed verdict (the envelope's signature makes it an attestation result)."""
+
+    purpose: AttestPurpose
+    challenge_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    evidence_id: str = Field(max_length=64, description="Event id of the evidence that was appraised.")
+    instance_id: str | None = Field(None, max_length=64)
+    job_id: JobId | None = None
+    trust: TrustState
+    ak_name: str = Field(pattern=_HEX, max_length=140)
+    ek_sha256: str = Field(pattern=_HEX64)
+    agent_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    image_manifest_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    vmm_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    public_key: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="The attested instance key.")
+    pcr_sha256: str = Field(pattern=_HEX64, description="The measurement PCR's quoted value.")
+    reset_count: int = Field(ge=0)
+    restart_count: int = Field(ge=0)
+    firmware_version: str = Field(max_length=16)
+    gpus: tuple[str, ...] = Field((), max_length=16, description="Per-GPU evidence outcome.")
+    verified_ns: int = Field(ge=0)
+    expires_ns: int = Field(ge=0)
+
+
+class InstanceAttested(AttestationResult):
+    """The verdict on an instance's quote (same fields; its own event type on the job's subject)."""
+
+
+class AttestationFailed(Frozen):
+    purpose: AttestPurpose
+    challenge_id: str = Field("", pattern=r"^([0-9a-f]{32})?$")
+    instance_id: str | None = Field(None, max_length=64)
+    job_id: JobId | None = None
+    reason: str = Field(max_length=64, examples=["nonce_mismatch", "pcr_digest_mismatch", "tpm_rebooted"])
+    detail: str = Field("", max_length=1024)
+
+
+class InstanceAttestationFailed(AttestationFailed):
+    """An instance's quote failed; the instance must not run."""
+
+
+class NodeRevoked(Frozen):
+    """A node's trust is withdrawn: its instances are stopped and its keys revoked."""
+
+    reason: str = Field(max_length=64, examples=["attestation_failed", "attestation_deadline_missed"])
+    detail: str = Field("", max_length=1024)
+    last_verified_ns: int = Field(0, ge=0)
+
+
 class EventRejected(Frozen):
     """A consumer refused a message before any handler saw it; the raw message is in the dead letters."""
 
@@ -334,12 +471,36 @@ _SPECS = [
           {_R.NODE_AGENT}, {_R.JANITOR}, "The instance could not start or run; nothing of it is left running."),
     _spec(EventType.INSTANCE_DESTROYED, InstanceDestroyed, "qvm.jobs.{job_id}.instance.destroyed.{node_id}",
           {_R.NODE_AGENT}, {_R.JANITOR, _R.SCHEDULER}, "VMM stopped, descriptors closed, work directory removed."),
+    _spec(EventType.INSTANCE_ATTESTED, InstanceAttested, "qvm.jobs.{job_id}.instance.attested.{node_id}",
+          {_R.ATTESTATION_VERIFIER}, {_R.NODE_AGENT, _R.JANITOR, _R.KEY_BROKER},
+          "The instance's quote verified: it may receive keys and run."),
+    _spec(EventType.INSTANCE_ATTESTATION_FAILED, InstanceAttestationFailed,
+          "qvm.jobs.{job_id}.instance.attestation_failed.{node_id}",
+          {_R.ATTESTATION_VERIFIER}, {_R.NODE_AGENT, _R.JANITOR},
+          "The instance's quote did not verify (reason code); it never runs."),
     _spec(EventType.NODE_REGISTERED, NodeRegistered, "qvm.nodes.{node_id}.registered",
           {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent announces itself with its measured inventory."),
     _spec(EventType.NODE_HEARTBEAT, NodeHeartbeat, "qvm.nodes.{node_id}.heartbeat",
           {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent is alive."),
     _spec(EventType.NODE_OFFLINE, NodeOffline, "qvm.nodes.{node_id}.offline",
           {_R.SCHEDULER}, {_R.JANITOR}, "A node's heartbeats stopped."),
+    _spec(EventType.ATTEST_ENROLL_REQUESTED, EnrollRequested, "qvm.attestation.{node_id}.enroll",
+          {_R.NODE_AGENT}, {_R.ATTESTATION_VERIFIER}, "A node presents its EK and a new AK."),
+    _spec(EventType.ATTEST_REQUESTED, AttestRequested, "qvm.attestation.{node_id}.requested",
+          {_R.NODE_AGENT}, {_R.ATTESTATION_VERIFIER}, "A node asks for a challenge (schedule, or an instance)."),
+    _spec(EventType.ATTEST_CHALLENGE, AttestChallenge, "qvm.attestation.{node_id}.challenge",
+          {_R.ATTESTATION_VERIFIER}, {_R.NODE_AGENT}, "A single-use nonce, or an encrypted credential to activate."),
+    _spec(EventType.ATTEST_EVIDENCE, AttestEvidence, "qvm.attestation.{node_id}.evidence",
+          {_R.NODE_AGENT}, {_R.ATTESTATION_VERIFIER}, "A quote, its PCR values and the measurement log."),
+    _spec(EventType.ATTEST_VERIFIED, AttestationResult, "qvm.attestation.{node_id}.verified",
+          {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.NODE_AGENT},
+          "The node's quote verified: it is trusted until the result expires."),
+    _spec(EventType.ATTEST_FAILED, AttestationFailed, "qvm.attestation.{node_id}.failed",
+          {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.NODE_AGENT},
+          "The node's enrollment or quote failed, with a reason code; it is untrusted."),
+    _spec(EventType.ATTEST_REVOKED, NodeRevoked, "qvm.attestation.{node_id}.revoked",
+          {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.JANITOR, _R.KEY_BROKER},
+          "A node lost its trust (failed or missed re-attestation): stop its instances, revoke its keys."),
     _spec(EventType.TEARDOWN_REQUESTED, TeardownRequested, "qvm.teardown.{job_id}.requested.{node_id}",
           {_R.JANITOR}, {_R.NODE_AGENT, _R.SCHEDULER}, "Tear a job down on its node and free its claim."),
     _spec(EventType.EVENT_REJECTED, EventRejected, "qvm.dead.rejected.{producer}",

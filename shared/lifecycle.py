@@ -2,13 +2,15 @@
 
     (none) --submitted--> pending --placed--> placed --accepted--> provisioning
     pending <--refused-- placed
-    provisioning --instance.running--> running --instance.exited--> stopping
+    provisioning --instance.booted--> attesting --instance.attested--> attesting --instance.running--> running
+    provisioning --instance.running--> running  (a node without a TPM, where the operator allows it)
+    running --instance.exited--> stopping
                  --instance.destroyed--> cleaning --job.done--> done
-    provisioning / running --instance.destroyed--> failed(instance_destroyed)
+    provisioning / attesting / running --instance.destroyed--> failed(instance_destroyed)
+    attesting --instance.attestation_failed--> failed(reason)
     any non-terminal --failed / instance.failed--> failed(reason);  any non-terminal --cancelled--> cancelled
 
-`attesting` and `keys-released` (between provisioning and running) are entered by the events of the
-attestation and key-release phases. `apply` returns the new
+`keys-released` (between attesting and running) is entered by the key-release phase. `apply` returns the new
 view or raises `TransitionNotAllowed`; it never mutates. Re-applying an event already folded (same id,
 as on JetStream redelivery) is a no-op, which keeps every consumer idempotent.
 """
@@ -22,6 +24,7 @@ from enum import StrEnum
 from shared.codec import Event
 from shared.errors import TransitionNotAllowed
 from shared.events import (
+    AttestationFailed,
     EventType,
     InstanceExited,
     InstanceFailed,
@@ -66,10 +69,13 @@ ALLOWED_FROM: dict[EventType, frozenset[JobState | None]] = {
     EventType.JOB_DONE: frozenset({_S.CLEANING}),
     EventType.INSTANCE_PROVISIONING: frozenset({_S.PROVISIONING}),
     EventType.INSTANCE_BOOTED: frozenset({_S.PROVISIONING}),
-    EventType.INSTANCE_RUNNING: frozenset({_S.PROVISIONING}),
+    EventType.INSTANCE_ATTESTED: frozenset({_S.ATTESTING}),
+    EventType.INSTANCE_ATTESTATION_FAILED: frozenset({_S.ATTESTING}),
+    EventType.INSTANCE_RUNNING: frozenset({_S.PROVISIONING, _S.ATTESTING}),
     EventType.INSTANCE_OUTPUT: frozenset({_S.RUNNING}),
     EventType.INSTANCE_EXITED: frozenset({_S.RUNNING}),
-    EventType.INSTANCE_FAILED: frozenset({_S.PROVISIONING, _S.RUNNING}),
+    # After a failed attestation the agent reports its own failure of the instance: already failed, kept.
+    EventType.INSTANCE_FAILED: frozenset({_S.PROVISIONING, _S.ATTESTING, _S.RUNNING, _S.FAILED}),
     # Tearing an instance down is always legal, also after the job ended (cancelled, failed).
     EventType.INSTANCE_DESTROYED: frozenset(JobState),
 }
@@ -91,6 +97,7 @@ class JobView:
     instance_id: str = ""
     exit_code: int | None = None
     destroyed: bool = False
+    attested: bool = False
     seen: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -140,8 +147,16 @@ def apply(view: JobView | None, event: Event) -> JobView:
             return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
         case EventType.JOB_DONE:
             return replace(view, state=_S.DONE, since_ns=t, seen=seen)
-        case EventType.INSTANCE_PROVISIONING | EventType.INSTANCE_BOOTED | EventType.INSTANCE_OUTPUT:
+        case EventType.INSTANCE_PROVISIONING | EventType.INSTANCE_OUTPUT:
             return replace(view, seen=seen, instance_id=getattr(p, "instance_id", view.instance_id))
+        case EventType.INSTANCE_BOOTED:
+            return replace(view, state=_S.ATTESTING, since_ns=t, seen=seen,
+                           instance_id=getattr(p, "instance_id", view.instance_id))
+        case EventType.INSTANCE_ATTESTED:
+            return replace(view, seen=seen, attested=True)
+        case EventType.INSTANCE_ATTESTATION_FAILED:
+            assert isinstance(p, AttestationFailed)
+            return replace(view, state=_S.FAILED, since_ns=t, reason=f"attestation_{p.reason}"[:64], seen=seen)
         case EventType.INSTANCE_RUNNING:
             return replace(view, state=_S.RUNNING, since_ns=t, seen=seen)
         case EventType.INSTANCE_EXITED:
@@ -149,6 +164,8 @@ def apply(view: JobView | None, event: Event) -> JobView:
             return replace(view, state=_S.STOPPING, since_ns=t, exit_code=p.exit_code, seen=seen)
         case EventType.INSTANCE_FAILED:
             assert isinstance(p, InstanceFailed)
+            if view.state is _S.FAILED:
+                return replace(view, seen=seen)
             return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
         case EventType.INSTANCE_DESTROYED:
             if view.terminal:

@@ -21,8 +21,14 @@ from shared.pki import Pki
 
 __all__ = ["inbox_prefix", "permissions_for", "render_server_config"]
 
-KV_BUCKETS = ("qvm_nodes", "qvm_jobs")
-"""The scheduler's JetStream KV buckets: node registry + capacity, and its job book."""
+KV_BUCKETS: dict[str, tuple[Role, float]] = {
+    "qvm_nodes": (Role.SCHEDULER, 0.0),  # node registry + capacity
+    "qvm_jobs": (Role.SCHEDULER, 0.0),  # jobs waiting for capacity
+    "qvm_attest_challenges": (Role.ATTESTATION_VERIFIER, 3600.0),  # single-use challenges (expire on their own)
+    "qvm_attest_nodes": (Role.ATTESTATION_VERIFIER, 0.0),  # enrolled AKs, boot counters, revocations
+    "qvm_attest_eks": (Role.ATTESTATION_VERIFIER, 0.0),  # EK fingerprint -> node (one EK, one node)
+}
+"""JetStream KV buckets: owner role (the only identity that may read or write them) and max age (0: none)."""
 
 
 def inbox_prefix(ident: Identity) -> str:
@@ -64,7 +70,8 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
         # Reading a job's submission back when a node refuses it.
         pub += [f"$JS.API.STREAM.MSG.GET.{STREAMS[Domain.JOBS].name}",
                 f"$JS.API.DIRECT.GET.{STREAMS[Domain.JOBS].name}.>"]
-        for bucket in KV_BUCKETS:
+    for bucket, (owner, _) in KV_BUCKETS.items():
+        if ident.role is owner:
             pub += [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
                     f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
                     f"$JS.FC.KV_{bucket}.>", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*"]

@@ -53,14 +53,14 @@ async def provision(js: JetStreamContext, settings: Settings) -> list[str]:
                     changed.append(f"updated {cfg.name}")
                 except BadRequestError as exc:  # e.g. replicas cannot change on a single server
                     changed.append(f"kept {cfg.name} ({exc.description})")
-    for bucket in KV_BUCKETS:
+    for bucket, (_, max_age) in KV_BUCKETS.items():
         with map_nats_errors(f"provision kv {bucket}"):
             try:
                 await js.key_value(bucket)
             except (NotFoundError, BadRequestError):
                 await js.create_key_value(KeyValueConfig(
                     bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas,
-                    direct=True,
+                    direct=True, ttl=max_age or None,
                 ))
                 changed.append(f"created kv {bucket}")
     return changed

@@ -1,12 +1,8 @@
-"""`python -m services.attestation_verifier` — not built yet.
+"""`python -m services.attestation_verifier`: run one verifier replica (stateless; run as many as you like)."""
 
-The verifier (TPM quotes, nonces in KV, measured-launch policy, re-attestation) is issue #4. Until then
-this entry point refuses to start instead of pretending to verify anything; `qvm up` does not start it,
-and the scheduler's default minimum trust (`trusted`) keeps every node ineligible until it exists.
-"""
-
-import sys
+from services.attestation_verifier.service import Verifier
+from shared.identity import Identity, Role
+from shared.runtime import serve
 
 if __name__ == "__main__":
-    sys.stderr.write("attestation-verifier is not implemented yet (issue #4); refusing to start\n")
-    sys.exit(3)
+    serve("attestation-verifier", lambda s: Identity(Role.ATTESTATION_VERIFIER), Verifier.create)

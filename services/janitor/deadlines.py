@@ -31,7 +31,7 @@ def _deadline(job: JobView, settings: Settings) -> float | None:
             return settings.deadline_pending_s
         case JobState.PLACED:
             return settings.deadline_placed_s
-        case JobState.PROVISIONING:
+        case JobState.PROVISIONING | JobState.ATTESTING:
             return settings.deadline_provisioning_s
         case JobState.RUNNING:
             runtime = job.spec.max_runtime_s if job.spec else settings.deadline_provisioning_s

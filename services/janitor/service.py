@@ -1,8 +1,8 @@
 """The janitor, first part: deadline and lost-node sweeps, cancellations, teardown requests.
 
 consume  the whole job stream through an ordered consumer (replayed from the start at every start, so
-         the book survives restarts without its own storage), node.offline (durable)
-decide   `deadlines.due_actions` on the folded book; jobs on a lost node
+         the book survives restarts without its own storage), node.offline and attest.revoked (durable)
+decide   `deadlines.due_actions` on the folded book; jobs on a lost or revoked node
 act/emit job.failed / job.cancelled and teardown.requested for the job's node, with ids derived from
          the job's state, so replicas and restarts report each failure once
 
@@ -24,7 +24,16 @@ from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent, TransitionNotAllowed
-from shared.events import STREAMS, Domain, JobCancelled, JobDone, JobFailed, NodeOffline, TeardownRequested
+from shared.events import (
+    STREAMS,
+    Domain,
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    NodeOffline,
+    NodeRevoked,
+    TeardownRequested,
+)
 from shared.identity import Role
 from shared.ids import derive_event_id
 from shared.lifecycle import JobBook, JobView
@@ -59,6 +68,7 @@ class Janitor:
         try:
             await run_together(
                 self.bus.consume(consumer_spec(Role.JANITOR, "offline"), self.on_offline, stop),
+                self.bus.consume(consumer_spec(Role.JANITOR, "revocations"), self.on_revoked, stop),
                 self._sweeper(stop),
             )
         finally:
@@ -102,6 +112,14 @@ class Janitor:
         node = event.node_id or ""
         for job in jobs_on_node(self.book, node):
             await self.act(Action(job, "fail", "node_lost", f"node {node} stopped sending heartbeats"))
+
+    async def on_revoked(self, event: Event) -> None:
+        """A node that lost its trust keeps nothing running: fail and tear down each of its jobs."""
+        assert isinstance(event.payload, NodeRevoked)
+        await self.caught_up.wait()
+        node = event.node_id or ""
+        for job in jobs_on_node(self.book, node):
+            await self.act(Action(job, "fail", "node_revoked", f"node {node}: {event.payload.reason}"))
 
     # ------------------------------------------------------------ decide + act
     async def _sweeper(self, stop: asyncio.Event) -> None:

@@ -116,6 +116,11 @@ class Instance:
     def public_key(self) -> bytes:
         return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
+    def guest_cmdline(self) -> str:
+        """The kernel command line the VMM gets (measured before launch)."""
+        assert self.manifest is not None
+        return self.manifest.cmdline + (f" {guest_net_arg()}" if self.spec.egress and self.spec.network else "")
+
     # ------------------------------------------------------------ steps
     async def verify(self) -> ImageManifest:
         """Check the bundle (signature, digests) through descriptors that stay open for the launch."""
@@ -171,7 +176,7 @@ class Instance:
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
             rootfs_fd=rootfs, scratch=scratch,
-            cmdline=self.manifest.cmdline + (f" {guest_net_arg()}" if self.spec.egress and self.net else ""),
+            cmdline=self.guest_cmdline(),
             vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine,
             tap=self.net.tap if self.net else None)
         started = time.monotonic()

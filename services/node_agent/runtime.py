@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.instance import Instance, InstanceError, InstanceSpec
 from services.node_agent.isolation.cgroups import leftover_cgroups
 from services.node_agent.isolation.network import (
@@ -103,8 +104,11 @@ class _Running:
 
 class InstanceRuntime:
     def __init__(self, bus: Bus, settings: Settings, vmm: Vmm,
-                 on_destroyed: Callable[[str], None] | None = None) -> None:
+                 on_destroyed: Callable[[str], None] | None = None, gate: InstanceGate | None = None) -> None:
+        """With `gate` (a node with a TPM) every instance is measured before launch and its workload waits
+        for a verified quote; without one, instances run unattested (only on unverified nodes)."""
         self.on_destroyed = on_destroyed
+        self.gate = gate
         self.bus = bus
         self.settings = settings
         self.vmm = vmm
@@ -145,6 +149,8 @@ class InstanceRuntime:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "instance.json").write_text(json.dumps(
                 {"job_id": job_id, "instance_id": instance_id, "node_id": self.node_id, "cause": cause.id}))
+            if self.gate is not None:
+                await self.gate.measure(job_id, instance)  # measured launch: extend before the VMM starts
             digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
             await self._emit(job_id, InstanceProvisioning(
                 instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=self.vmm.name,
@@ -153,6 +159,10 @@ class InstanceRuntime:
             assert instance.vm is not None
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),
                                                     accel=instance.vm.accel), cause)
+            if self.gate is not None:
+                verdict = await self.gate.attest(job_id, instance_id, instance.public_key, cause)
+                log.info("instance attested", extra={"instance_id": instance_id,
+                                                     "pcr": verdict.pcr_sha256[:16]})
             await self._emit(job_id, InstanceRunning(instance_id=instance_id), cause)
             async def emit_chunk(seq: int, chunk: bytes) -> None:
                 await self._emit(job_id, InstanceOutput(instance_id=instance_id, seq=seq,

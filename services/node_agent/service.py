@@ -1,19 +1,29 @@
 """The node-agent: register, heartbeat, check assignments, accept or refuse, run accepted jobs.
 
-consume  job.placed for this node only, teardown.requested for this node only
+consume  job.placed for this node only, teardown.requested for this node only,
+         attest.challenge and node verdicts, instance verdicts (this node only)
 decide   `check_assignment` against the live host and the jobs this agent already holds; the job's
-         network policy (egress allowlists cannot be enforced yet: refused)
-act      hold the job's resources; run it in a micro VM (`runtime.InstanceRuntime`); tear it down
-emit     node.registered at start, node.heartbeat every interval, job.accepted / job.refused (ids
-         derived from the assignment, so a redelivered assignment is answered once), instance.*
+         network policy (egress needs an uplink namespace)
+act      hold the job's resources; run it in a micro VM (`runtime.InstanceRuntime`), measured before launch
+         and held until its quote verifies (`attest.gate`); tear it down; quote for challenges
+emit     node.registered at start, attest.enroll_requested, node.heartbeat every interval, attest.requested
+         on the re-attestation schedule, attest.evidence, job.accepted / job.refused (ids derived from the
+         assignment, so a redelivered assignment is answered once), instance.*
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import time
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives import serialization
+
+from services.node_agent.attest.attester import Attester, AttestError, node_key_digest
+from services.node_agent.attest.gate import InstanceGate
+from services.node_agent.attest.measure import agent_config, code_digest
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
 from services.node_agent.isolation.network import NetworkError, parse_egress
@@ -27,11 +37,24 @@ from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import ConfigError
-from shared.events import JobAccepted, JobPlaced, JobRefused, NodeHeartbeat, NodeRegistered, TeardownRequested
+from shared.events import (
+    AttestationFailed,
+    AttestationResult,
+    AttestChallenge,
+    AttestPurpose,
+    AttestRequested,
+    JobAccepted,
+    JobPlaced,
+    JobRefused,
+    NodeHeartbeat,
+    NodeRegistered,
+    TeardownRequested,
+)
 from shared.identity import Role
 from shared.models import GpuInfo, Inventory, ResourceClaim
 from shared.runtime import run_together
 from shared.telemetry import get_logger
+from shared.tpm.measurements import AgentMeasurement, digest_of
 
 __all__ = ["AGENT_VERSION", "NodeAgent"]
 
@@ -39,11 +62,21 @@ AGENT_VERSION = "0.1.0"
 log = get_logger("qvm.node_agent")
 
 
+def attester_for(bus: Bus, settings: Settings) -> Attester | None:
+    """The node's attester when it has a TPM (`QVM_TPM`); its quotes bind the node's signing key."""
+    if not settings.tpm:
+        return None
+    raw = bus.codec.signer.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) \
+        if bus.codec.signer else b""
+    return Attester(settings.tpm, settings.measurement_log_path(bus.identity.node_id or "node"),
+                    settings.measurement_pcr, node_key_digest(raw), settings.tpm_ak_algorithm)
+
+
 class NodeAgent:
     def __init__(self, bus: Bus, settings: Settings, host: HostReader | None = None,
                  inventory: Inventory | None = None,
                  read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus,
-                 vmm: Vmm | None = None) -> None:
+                 vmm: Vmm | None = None, attester: Attester | None = None) -> None:
         """`inventory`/`read_gpus` are injectable for tests on machines without GPUs (the NVML boundary).
         Without `vmm` the agent only places (tests of the bus side); `create()` always gives it one."""
         assert bus.identity.node_id, "a node-agent bus identity carries its node id"
@@ -55,7 +88,11 @@ class NodeAgent:
         self.inventory = inventory or self.host.inventory(gpus=read_gpus())
         self.held: dict[str, ResourceClaim] = {}
         self._beat = 0
-        self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release) if vmm else None
+        self.attester = attester
+        self.enrolled = False
+        self.gate = InstanceGate(bus, attester, settings.attest_timeout_s) if attester else None
+        self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release, gate=self.gate) \
+            if vmm else None
 
     @classmethod
     async def create(cls, bus: Bus, settings: Settings) -> NodeAgent:
@@ -66,7 +103,7 @@ class NodeAgent:
         }
         if settings.vmm not in drivers:
             raise ConfigError(f"unknown VMM {settings.vmm!r} (one of {', '.join(drivers)})")
-        return cls(bus, settings, vmm=drivers[settings.vmm]())
+        return cls(bus, settings, vmm=drivers[settings.vmm](), attester=attester_for(bus, settings))
 
     def _release(self, job_id: str) -> None:
         self.held.pop(job_id, None)
@@ -78,15 +115,25 @@ class NodeAgent:
                                node_id=self.node_id)
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
+        attesting = []
+        if self.attester is not None and await self._start_attester():
+            attesting = [
+                self.bus.consume(consumer_spec(Role.NODE_AGENT, "attestation"), self.on_attestation, stop),
+                self.bus.consume(consumer_spec(Role.NODE_AGENT, "verdicts"), self.on_verdict, stop),
+                self._reattest(stop),
+            ]
         try:
             await run_together(
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "teardown"), self.on_teardown, stop),
                 self._heartbeats(stop),
+                *attesting,
             )
         finally:
             if self.runtime is not None:
                 await self.runtime.stop_all()
+            if self.attester is not None:
+                await self.attester.close()
 
     # ------------------------------------------------------------ consume
     async def on_assignment(self, event: Event) -> None:
@@ -140,6 +187,73 @@ class NodeAgent:
             log.info("instance torn down", extra={"reason": event.payload.reason})
         if self.held.pop(job_id, None) is not None:
             log.info("job released", extra={"reason": event.payload.reason})
+
+    # ------------------------------------------------------------ attestation
+    async def _start_attester(self) -> bool:
+        """Open the TPM, measure the agent, ask to enroll. A node that cannot attest still runs (and
+        reports why); the scheduler never trusts it."""
+        assert self.attester is not None
+        try:
+            await self.attester.start(AgentMeasurement(
+                node_id=self.node_id, agent_version=AGENT_VERSION, agent_sha256=code_digest(),
+                config_sha256=digest_of(agent_config(self.settings)), config=agent_config(self.settings)))
+        except AttestError as exc:
+            log.error("node cannot attest", extra={"reason": exc.reason, "detail": exc.detail[:300]})
+            return False
+        await self.bus.publish(self.attester.enroll_request(), node_id=self.node_id)
+        log.info("enrollment requested", extra={"pcr": self.settings.measurement_pcr})
+        return True
+
+    async def on_attestation(self, event: Event) -> None:
+        assert self.attester is not None
+        match event.payload:
+            case AttestChallenge() as challenge:
+                if challenge.expires_ns < time.time_ns():
+                    log.info("expired challenge skipped", extra={"purpose": challenge.purpose.value})
+                    return
+                key: bytes | None = None
+                if challenge.purpose is AttestPurpose.INSTANCE:
+                    key = self.gate.key_for(challenge.instance_id or "") if self.gate else None
+                    if key is None:
+                        log.info("challenge for an instance no longer here", extra={
+                            "instance_id": challenge.instance_id})
+                        return
+                try:
+                    evidence = await self.attester.answer(challenge, key)
+                except AttestError as exc:
+                    log.error("cannot answer challenge", extra={"reason": exc.reason, "detail": exc.detail[:300]})
+                    return
+                await self.bus.publish(evidence, node_id=self.node_id, caused_by=event)
+            case AttestationResult() as result:
+                self.enrolled = True
+                log.info("node attested", extra={"purpose": result.purpose.value, "pcr": result.pcr_sha256[:16]})
+            case AttestationFailed() as failed:
+                self.enrolled = False  # enroll again at the next tick (a reboot, a revocation)
+                log.warning("node attestation failed", extra={"purpose": failed.purpose.value,
+                                                              "reason": failed.reason})
+
+    async def on_verdict(self, event: Event) -> None:
+        if self.gate is not None:
+            self.gate.resolve(event)
+
+    async def _reattest(self, stop: asyncio.Event) -> None:
+        """Every interval (with jitter, so a fleet does not challenge in step): a node quote, or a new
+        enrollment after a failure."""
+        assert self.attester is not None
+        while not stop.is_set():
+            delay = self.settings.attest_interval_s + random.uniform(0, self.settings.attest_jitter_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            try:
+                if self.enrolled:
+                    request = AttestRequested(purpose=AttestPurpose.NODE, key=self.attester.node_key.hex())
+                    await self.bus.publish(request, node_id=self.node_id)
+                else:
+                    await self.bus.publish(self.attester.enroll_request(), node_id=self.node_id)
+            except Exception as exc:  # the next tick retries
+                log.warning("re-attestation request failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
 
     # ------------------------------------------------------------ heartbeats
     async def _heartbeats(self, stop: asyncio.Event) -> None:

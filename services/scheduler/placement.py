@@ -15,6 +15,7 @@ for jobs that need many GPUs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -52,6 +53,8 @@ class NodeRecord(Frozen):
     inventory: Inventory
     agent_version: str = ""
     trust: TrustState = TrustState.UNVERIFIED
+    trust_since_ns: int = Field(0, description="Time of the attestation result that set `trust`.")
+    trust_expires_ns: int = Field(0, description="A `trusted` node is only `unverified` after this (0: never).")
     status: NodeStatus = NodeStatus.ONLINE
     last_seen_ns: int = 0
     last_event_id: str = ""
@@ -64,6 +67,12 @@ class NodeRecord(Frozen):
         ram = self.inventory.ram_mib - sum(c.claim.ram_mib for c in self.claims.values())
         used = {u for c in self.claims.values() for u in c.claim.gpu_uuids}
         return cpu, ram, tuple(g for g in self.inventory.gpus if g.uuid not in used)
+
+    def trust_at(self, now_ns: int) -> TrustState:
+        """Trust as of `now_ns`: a verified result that expired proves nothing any more."""
+        if self.trust is TrustState.TRUSTED and self.trust_expires_ns and now_ns > self.trust_expires_ns:
+            return TrustState.UNVERIFIED
+        return self.trust
 
     def free_cpu(self) -> int:
         return self._free[0]
@@ -91,11 +100,11 @@ _FILTER_ORDER = ("offline", "untrusted", "no_confidential_host", "no_capacity_cp
                  "no_matching_gpu")
 
 
-def fits(node: NodeRecord, job: JobSubmitted, min_trust: TrustState) -> ResourceClaim | str:
-    """The claim this node can make for the job, or the reason it cannot."""
+def fits(node: NodeRecord, job: JobSubmitted, min_trust: TrustState, now_ns: int = 0) -> ResourceClaim | str:
+    """The claim this node can make for the job, or the reason it cannot (`now_ns` 0: now)."""
     if node.status is not NodeStatus.ONLINE:
         return "offline"
-    if node.trust.rank < min_trust.rank:
+    if node.trust_at(now_ns or time.time_ns()).rank < min_trust.rank:
         return "untrusted"
     if job.security is SecurityLevel.CONFIDENTIAL and not node.inventory.confidential:
         return "no_confidential_host"
@@ -129,6 +138,7 @@ def choose(
     the cost per decision on large fleets at the price of an approximate tie-break inside a bucket.
     """
     skip = set(excluded)
+    now_ns = time.time_ns()
     fitting = 0
     best: tuple[tuple[int, int, int, str], Placement] | None = None
     reasons: dict[str, int] = {}
@@ -140,7 +150,7 @@ def choose(
         if best is not None and (fitting >= max_fitting
                                  or len(node.free_gpus()) - job.profile.gpus.count > best[0][0]):
             break
-        got = fits(node, job, min_trust)
+        got = fits(node, job, min_trust, now_ns)
         if isinstance(got, str):
             reasons[got] = reasons.get(got, 0) + 1
             continue
@@ -170,5 +180,6 @@ def with_claims(node: NodeRecord, claims: dict[str, Claim], **changes: object) -
 def claim_still_fits(node: NodeRecord, claim: ResourceClaim) -> bool:
     """Re-check a claim decided on an older view against the node's current record."""
     free = {g.uuid for g in node.free_gpus()}
-    return (node.status is NodeStatus.ONLINE and node.free_cpu() >= claim.cpu_cores
+    return (node.status is NodeStatus.ONLINE and node.trust is not TrustState.UNTRUSTED
+            and node.free_cpu() >= claim.cpu_cores
             and node.free_ram() >= claim.ram_mib and set(claim.gpu_uuids) <= free)

@@ -37,6 +37,8 @@ from shared.errors import RejectedEvent
 from shared.events import (
     CATALOGUE,
     STREAMS,
+    AttestationFailed,
+    AttestationResult,
     Domain,
     EventType,
     JobAccepted,
@@ -47,17 +49,22 @@ from shared.events import (
     NodeHeartbeat,
     NodeOffline,
     NodeRegistered,
+    NodeRevoked,
     subject_for,
 )
 from shared.identity import Role
 from shared.ids import derive_event_id
-from shared.models import Frozen
+from shared.models import Frozen, TrustState
 from shared.runtime import run_together
 from shared.telemetry import get_logger
 
 __all__ = ["PendingJob", "Scheduler"]
 
 log = get_logger("qvm.scheduler")
+
+
+class NodeNotRegistered(Exception):
+    """A trust result arrived before the node's registration; JetStream redelivers it shortly."""
 
 
 class PendingJob(Frozen):
@@ -102,6 +109,7 @@ class Scheduler:
                 self._consume("jobs", self.on_job_event, stop),
                 self._consume("nodes", self.on_node_event, stop),
                 self._consume("teardown", self.on_teardown, stop),
+                self._consume("trust", self.on_trust, stop),
                 self._sweeper(stop),
                 _await(watch),
             )
@@ -148,8 +156,11 @@ class Scheduler:
                     if rec is None:
                         return NodeRecord(node_id=node_id, inventory=reg.inventory, agent_version=reg.agent_version,
                                           last_seen_ns=now, last_event_id=event.id)
+                    # A restarted agent proves itself again; a result newer than this registration stands.
+                    stale = rec.trust_since_ns < event.envelope.time_ns and rec.trust is TrustState.TRUSTED
                     return with_claims(rec, rec.claims, inventory=reg.inventory, agent_version=reg.agent_version,
-                                       status=NodeStatus.ONLINE, last_seen_ns=now, last_event_id=event.id)
+                                       status=NodeStatus.ONLINE, last_seen_ns=now, last_event_id=event.id,
+                                       **({"trust": TrustState.UNVERIFIED} if stale else {}))
                 await self.registry.update(node_id, register)
                 log.info("node registered", extra={"node_id": node_id, "gpus": len(reg.inventory.gpus)})
             case NodeHeartbeat():
@@ -159,6 +170,32 @@ class Scheduler:
                     return with_claims(rec, rec.claims, status=NodeStatus.ONLINE, last_seen_ns=now,
                                        last_event_id=event.id)
                 await self.registry.update(node_id, beat)
+
+    async def on_trust(self, event: Event) -> None:
+        """Attestation results set the node's trust; only a newer result replaces an older one."""
+        node_id = event.node_id or ""
+        t = event.envelope.time_ns
+        match event.payload:
+            case AttestationResult() as result:
+                changes: dict[str, object] = {"trust": TrustState.TRUSTED, "trust_since_ns": t,
+                                              "trust_expires_ns": result.expires_ns}
+            case AttestationFailed() | NodeRevoked():
+                changes = {"trust": TrustState.UNTRUSTED, "trust_since_ns": t, "trust_expires_ns": 0}
+            case _:
+                return
+
+        def set_trust(rec: NodeRecord | None) -> NodeRecord | None:
+            if rec is None:
+                raise NodeNotRegistered(node_id)  # retried: the registration is on its way
+            if rec.trust_since_ns > t:
+                return rec
+            return with_claims(rec, rec.claims, **changes)
+
+        await self.registry.update(node_id, set_trust)
+        log.info("node trust", extra={"node_id": node_id, "trust": str(changes["trust"]),
+                                      "event_type": str(event.spec.type)})
+        if changes["trust"] is TrustState.TRUSTED:
+            self.registry.capacity_changed.set()  # parked jobs may fit now
 
     async def on_teardown(self, event: Event) -> None:
         await self.release_job(event.job_id or "")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.bus import Bus
+from shared.cli.attest import attest_app
 from shared.cli.render import summarize
 from shared.config import Settings
 from shared.errors import QvmError, RejectedEvent
@@ -50,6 +51,7 @@ def _configure() -> None:
 app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
 app.add_typer(image_app, name="image")
+app.add_typer(attest_app, name="attest")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")

@@ -1,0 +1,35 @@
+"""Write an attestation policy from what is at hand: the signed images in a directory, this checkout's
+node-agent code, the VMM binaries on this machine, the instance security policies the agent enforces.
+
+Operators run it (`qvm attest policy`) where they build a release, review the result, and ship it to
+the verifiers; the embedded stack writes one for itself at `qvm up`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.node_agent.attest.measure import code_digest, file_digest, security_policy_digest
+from shared.image.manifest import MANIFEST, ImageManifest
+from shared.tpm.policy import AttestationPolicy, ImageReference
+
+__all__ = ["generate_policy"]
+
+
+def generate_policy(images_dir: Path, vmm_binaries: dict[str, Path], *, ek_ca: Path | None = None,
+                    measurement_pcr: int = 15, **overrides: object) -> AttestationPolicy:
+    images: dict[str, ImageReference] = {}
+    for manifest_file in sorted(images_dir.glob(f"*/{MANIFEST}")):
+        manifest = ImageManifest.model_validate_json(manifest_file.read_bytes())
+        ref = ImageReference(name=manifest.name, kernel_sha256=manifest.kernel.sha256,
+                             initrd_sha256=manifest.initrd.sha256, rootfs_sha256=manifest.rootfs.sha256)
+        images[file_digest(manifest_file)] = ref
+    # Every combination the agent can run with; operators drop the ones they do not allow.
+    policies = sorted({security_policy_digest(s, c, n) for s in (True, False) for c in (True, False)
+                       for n in (True, False)})
+    fields: dict[str, object] = dict(
+        measurement_pcr=measurement_pcr, pcrs=(measurement_pcr,), agents=(code_digest(),), images=images,
+        vmms={file_digest(path.resolve()): name for name, path in vmm_binaries.items()},
+        security_policies=tuple(policies), ek_ca=ek_ca, require_ek_certificate=ek_ca is not None)
+    fields.update(overrides)
+    return AttestationPolicy.model_validate(fields)

@@ -1,0 +1,1 @@
+"""The node-agent's side of attestation: measured launch (measurement log + PCR extends) and the TPM."""

@@ -1,0 +1,161 @@
+"""The node's attester: measured launch into one PCR, and quotes that answer verifier challenges.
+
+The TPM is used from a single worker thread (ESAPI contexts are neither thread-safe nor async). The
+measurement log is an append-only JSON-lines file; an entry is written (and fsynced) before its digest
+is extended, and quotes are taken under the same lock as extends, so the log handed out with a quote is
+exactly the one the quoted PCR reflects.
+
+At start the log is reconciled with the PCR:
+  PCR == replay(log)            the agent restarted: keep appending
+  PCR == replay(log minus last) it crashed between writing and extending: drop the last entry
+  PCR == 0                      the host (TPM) rebooted: start a new log
+  otherwise                     the log was lost or edited: the node cannot attest until the host reboots
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shared.errors import ReasonedError
+from shared.events import AttestChallenge, AttestEvidence, AttestPurpose, EnrollRequested
+from shared.telemetry import get_logger
+from shared.tpm.device import TpmDevice, TpmError
+from shared.tpm.measurements import (
+    AgentMeasurement,
+    InstanceMeasurement,
+    LogError,
+    entry_digest,
+    parse_log,
+    replay,
+)
+from shared.tpm.quote import binding
+
+__all__ = ["AttestError", "Attester"]
+
+log = get_logger("qvm.node_agent.attest")
+T = TypeVar("T")
+Entry = AgentMeasurement | InstanceMeasurement
+
+
+class AttestError(ReasonedError):
+    """The node cannot produce evidence (`reason`: tpm_unavailable, measurement_log_lost, ...)."""
+
+
+class Attester:
+    def __init__(self, tcti: str, log_path: Path, pcr: int, node_key: bytes, ak_algorithm: str = "ecc-p256") -> None:
+        self.tcti = tcti
+        self.log_path = log_path
+        self.pcr = pcr
+        self.node_key = node_key  # SHA-256 of the node's signing key: what node-level quotes bind
+        self.ak_algorithm = ak_algorithm
+        self.entries: list[Entry] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpm")
+        self._lock = asyncio.Lock()
+        self._tpm: TpmDevice | None = None
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    # ------------------------------------------------------------ start / stop
+    async def start(self, agent: AgentMeasurement) -> None:
+        try:
+            self._tpm = await self._call(TpmDevice, self.tcti, self.ak_algorithm)
+            await self._call(self._tpm.load_keys)
+            current = (await self._call(self._tpm.read_pcrs, [self.pcr]))[self.pcr]
+        except TpmError as exc:
+            raise AttestError(exc.reason, exc.detail) from None
+        self.entries = await asyncio.to_thread(self._reconcile, current)
+        await self.measure(agent)
+
+    def _reconcile(self, pcr: bytes) -> list[Entry]:
+        entries: list[Entry] = []
+        if self.log_path.exists():
+            try:
+                entries = parse_log([json.loads(line) for line in self.log_path.read_text().splitlines() if line])
+            except (ValueError, LogError) as exc:
+                raise AttestError("measurement_log_lost", f"{self.log_path} is unreadable: {str(exc)[:200]}") from None
+        if replay(entries) == pcr:
+            return entries
+        if entries and replay(entries[:-1]) == pcr:
+            log.warning("dropping a measurement that was logged but never extended")
+            self._rewrite(entries[:-1])
+            return entries[:-1]
+        if pcr == b"\x00" * 32:
+            if entries:
+                log.info("TPM was reset (host reboot): starting a new measurement log")
+            self._rewrite([])
+            return []
+        raise AttestError("measurement_log_lost", f"PCR {self.pcr} does not match {self.log_path}; the node cannot "
+                                                  "attest until the host reboots")
+
+    def _rewrite(self, entries: list[Entry]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.log_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e.model_dump(mode="json"), sort_keys=True) + "\n" for e in entries))
+        os.replace(tmp, self.log_path)
+
+    async def close(self) -> None:
+        if self._tpm is not None:
+            await self._call(self._tpm.close)
+            self._tpm = None
+        self._pool.shutdown(wait=False)
+
+    # ------------------------------------------------------------ measured launch
+    async def measure(self, entry: Entry) -> None:
+        """Log, then extend: a crash in between is repaired at the next start."""
+        assert self._tpm is not None
+        async with self._lock:
+            await asyncio.to_thread(self._append, entry)
+            try:
+                await self._call(self._tpm.extend, self.pcr, entry_digest(entry))
+            except TpmError as exc:
+                raise AttestError(exc.reason, exc.detail) from None
+            self.entries.append(entry)
+
+    def _append(self, entry: Entry) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(entry.model_dump(mode="json"), sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ------------------------------------------------------------ enrollment and evidence
+    def enroll_request(self) -> EnrollRequested:
+        assert self._tpm is not None
+        t = self._tpm
+        return EnrollRequested(ek_public=t.ek_public.hex(), ek_certificate=(t.ek_cert or b"").hex(),
+                               ak_public=t.ak_public.hex(), ak_qualified_name=t.ak_qualified_name.hex(),
+                               node_key=self.node_key.hex())
+
+    async def answer(self, challenge: AttestChallenge, key: bytes | None = None) -> AttestEvidence:
+        """Quote for a challenge. Enrollment: activate the credential first, and bind the quote to the
+        recovered secret and the AK's name. Otherwise bind the nonce to `key` (instance) or the node key."""
+        assert self._tpm is not None
+        try:
+            if challenge.purpose is AttestPurpose.ENROLL:
+                secret = await self._call(self._tpm.activate_credential, bytes.fromhex(challenge.credential_blob),
+                                          bytes.fromhex(challenge.encrypted_secret))
+                extra = binding(secret, self._tpm.ak_name)
+            else:
+                extra = binding(bytes.fromhex(challenge.nonce), key if key is not None else self.node_key)
+            async with self._lock:
+                quote = await self._call(self._tpm.quote, challenge.pcrs, extra)
+                entries = list(self.entries)
+        except TpmError as exc:
+            raise AttestError(exc.reason, exc.detail) from None
+        return AttestEvidence(
+            challenge_id=challenge.challenge_id, purpose=challenge.purpose, instance_id=challenge.instance_id,
+            job_id=challenge.job_id, attest=quote.attest.hex(), signature=quote.signature.hex(),
+            pcrs={i: v.hex() for i, v in quote.pcrs.items()},
+            log=tuple(e.model_dump(mode="json") for e in entries))
+
+
+def node_key_digest(public_key_raw: bytes) -> bytes:
+    return hashlib.sha256(public_key_raw).digest()
