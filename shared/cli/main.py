@@ -215,7 +215,7 @@ def up(
         try:
             url = await stack.start()
             console.print(f"[green]qvm up[/green]: NATS {url}; services {', '.join(stack.services)}; "
-                          f"logs in {s.state_dir / 'logs'}")
+                          f"TPM {stack.tcti or 'none'}; logs in {s.state_dir / 'logs'}")
             if min_trust is not TrustState.TRUSTED:
                 console.print(f"[yellow]placement minimum trust lowered to {min_trust.value}[/yellow]")
             while not stop.is_set():

@@ -1,7 +1,8 @@
 """`qvm up`: the embedded stack on one machine, as a small deployment would run it.
 
 Starts nats-server (mutual TLS, generated permissions, JetStream under the state dir), provisions the
-streams, then runs each service as its own supervised child process (`python -m services.<name>`),
+streams, starts this machine's TPM (swtpm unless `QVM_TPM` names a real one) and writes the verifier's
+policy, then runs each service as its own supervised child process (`python -m services.<name>`),
 restarting a crashed one with back-off. `stop()` (or Ctrl-C) ends the services first, then NATS.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,12 +24,13 @@ from shared.models import TrustState
 from shared.natsserver import EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
+from shared.tpm.swtpm import Swtpm, SwtpmState
 
 __all__ = ["SERVICE_MODULES", "LocalStack"]
 
 SERVICE_MODULES = {"scheduler": "services.scheduler", "janitor": "services.janitor",
-                   "node-agent": "services.node_agent"}
-"""What `qvm up` runs today; the verifier and key-broker join when their issues land."""
+                   "attestation-verifier": "services.attestation_verifier", "node-agent": "services.node_agent"}
+"""What `qvm up` runs today; the key-broker joins when its issue lands."""
 
 
 @dataclass
@@ -47,6 +50,7 @@ class LocalStack:
     min_trust: TrustState
     services: tuple[str, ...] = tuple(SERVICE_MODULES)
     nats: EmbeddedNats | None = None
+    tpm: Swtpm | None = None
     children: list[Child] = field(default_factory=list)
 
     @property
@@ -65,6 +69,7 @@ class LocalStack:
             await provision(admin.js, self.settings)
         finally:
             await admin.close()
+        self._start_tpm()
         logs = state / "logs"
         logs.mkdir(exist_ok=True)
         for name in self.services:
@@ -73,13 +78,40 @@ class LocalStack:
             self.children.append(child)
         return url
 
+    def _start_tpm(self) -> None:
+        """This machine's TPM for the node-agent: `QVM_TPM` when set (a host's /dev/tpmrm0), else a swtpm
+        under the state dir (a development TPM: its EK certificate comes from a local CA). The embedded
+        verifier's policy is written for what is here: this checkout's agent, the images under the state
+        dir, this machine's QEMU (a real deployment reviews and ships its own)."""
+        from services.attestation_verifier.policy_gen import generate_policy
+        from services.node_agent.vmm.qemu_microvm import QEMU
+
+        ek_ca = None
+        if not self.settings.tpm:
+            self.tpm = Swtpm(SwtpmState(self.settings.state_dir / "tpm" / "swtpm")).start()
+            ek_ca = self.tpm.state.ek_ca
+        qemu = shutil.which(QEMU)
+        policy = generate_policy(self.settings.images_path, {"qemu-microvm": Path(qemu)} if qemu else {},
+                                 ek_ca=ek_ca.resolve() if ek_ca else None,
+                                 measurement_pcr=self.settings.measurement_pcr)
+        path = self.settings.attest_policy_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(policy.model_dump_json(indent=2))
+
+    @property
+    def tcti(self) -> str | None:
+        return self.tpm.tcti if self.tpm else self.settings.tpm
+
     def _env(self, url: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             "QVM_STATE_DIR": str(self.settings.state_dir.resolve()), "QVM_NATS_URL": url,
             "QVM_PKI_DIR": str(self.settings.pki_path.resolve()), "QVM_MIN_TRUST": self.min_trust.value,
             "QVM_NODE_ID": self.node_id, "PYTHONUNBUFFERED": "1",
+            "QVM_ATTEST_POLICY": str(self.settings.attest_policy_path.resolve()),
         })
+        if self.tcti:
+            env["QVM_TPM"] = self.tcti
         return env
 
     def _spawn(self, child: Child, url: str) -> None:
@@ -115,6 +147,8 @@ class LocalStack:
                     child.proc.wait()
         if self.nats:
             self.nats.stop()
+        if self.tpm:
+            self.tpm.stop()
         url_file = self.settings.state_dir / "nats.url"
         if url_file.exists():
             url_file.unlink()
