@@ -24,7 +24,19 @@ def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
     env = {**os.environ, "QVM_STATE_DIR": str(tmp_path / "state"), "QVM_NODE_ID": "cli-node",
            "QVM_HEARTBEAT_INTERVAL_S": "1", "COLUMNS": "200"}
     env.pop("QVM_NATS_URL", None)
-    up = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up", "--min-trust", "unverified"], env=env,
+    # Images first: `qvm up` writes the embedded verifier's policy from the images it finds.
+    images = tmp_path / "state" / "images"
+    assert qvm(env, "image", "keygen", str(images)).returncode == 0
+    root = tmp_path / "root" / "etc"
+    root.mkdir(parents=True)
+    (root / "qvm-demo.txt").write_text("from the test image\n")
+    built = qvm(env, "image", "build", "qvm-demo-image", "--out", str(images / "qvm-demo-image"),
+                "--key", str(images / "publisher.key"), "--rootfs-dir", str(root.parent), "--with-busybox",
+                timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    verified = qvm(env, "image", "verify", str(images / "qvm-demo-image"), "--pubkey", str(images / "publisher.pub"))
+    assert verified.returncode == 0 and "verified" in verified.stdout
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "up"], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url_file = tmp_path / "state" / "nats.url"
@@ -34,27 +46,16 @@ def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "qvm up did not start"
             time.sleep(0.1)
 
-        deadline = time.monotonic() + 30
-        while "cli-node" not in (nodes := qvm(env, "nodes")).stdout:
+        deadline = time.monotonic() + 60  # registered, then enrolled (swtpm) and trusted
+        while "trusted" not in (nodes := qvm(env, "nodes")).stdout or "unverified" in nodes.stdout:
             assert time.monotonic() < deadline, nodes.stdout + nodes.stderr
             time.sleep(0.3)
-        assert "online" in nodes.stdout and "unverified" in nodes.stdout
+        assert "cli-node" in nodes.stdout and "online" in nodes.stdout
 
-        images = tmp_path / "state" / "images"
-        assert qvm(env, "image", "keygen", str(images)).returncode == 0
-        root = tmp_path / "root" / "etc"
-        root.mkdir(parents=True)
-        (root / "qvm-demo.txt").write_text("from the test image\n")
-        built = qvm(env, "image", "build", "qvm-demo-image", "--out", str(images / "qvm-demo-image"),
-                    "--key", str(images / "publisher.key"), "--rootfs-dir", str(root.parent), "--with-busybox",
-                    timeout=300)
-        assert built.returncode == 0, built.stdout + built.stderr
-        verified = qvm(env, "image", "verify", str(images / "qvm-demo-image"), "--pubkey", str(images / "publisher.pub"))
-        assert verified.returncode == 0 and "verified" in verified.stdout
 
         sub = qvm(env, "submit", "deploy/examples/job.yaml", "--wait", "120", timeout=180)
         assert sub.returncode == 0, sub.stderr
-        assert "job.accepted" in sub.stdout and "instance.exited" in sub.stdout and "job.done" in sub.stdout
+        assert "job.accepted" in sub.stdout and "instance.attested" in sub.stdout and "job.done" in sub.stdout
 
         status = qvm(env, "status")
         assert "demo-job" in status.stdout and "done" in status.stdout and "cli-node" in status.stdout
