@@ -7,6 +7,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# tpm2-pytss (the node-agent's TPM access) builds against the TSS libraries; its runtime needs them too.
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends libtss2-dev pkg-config gcc \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 # Only what the package needs (no .venv, .git or state directories in the build).
 COPY pyproject.toml ./
