@@ -234,9 +234,10 @@ class Verifier:
                 enrolled_ns=now, last_verified_ns=now, last_result_id=event.id)
             await self._put_node(node_id, record)
         else:
+            # The clock stays the enrollment's: quotes verified concurrently by several replicas may finish
+            # out of order, so "not before enrollment" is the monotonic check that holds for all of them.
             await self._put_node(node_id, enrolled.model_copy(update={
-                "clock": max(enrolled.clock, counters.clock), "last_verified_ns": now,
-                "last_result_id": event.id}), revision)
+                "last_verified_ns": now, "last_result_id": event.id}), revision)
             record = enrolled
         instance = appraisal.instances.get(challenge.instance_id or "") if challenge.instance_id else None
         fields = dict(

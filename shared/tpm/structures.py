@@ -288,7 +288,7 @@ def parse_public(data: bytes) -> PublicArea:
         r.u16()  # mode
     scheme = r.u16()
     scheme_hash = 0
-    if scheme != Alg.NULL:
+    if scheme not in (Alg.NULL, Alg.RSAES):  # RSAES is the one scheme without a hash
         scheme_hash = r.u16()
         if scheme == Alg.ECDAA:
             r.u16()  # count
@@ -299,11 +299,16 @@ def parse_public(data: bytes) -> PublicArea:
         if bits not in (1024, 2048, 3072, 4096):
             raise r.fail(f"RSA key size {bits}")
         x = r.tpm2b(512)
+        if len(x) not in (0, bits // 8):  # the declared size is what policies pin: it must be the real one
+            raise r.fail(f"RSA modulus of {len(x)} bytes for a {bits}-bit key")
     else:
         curve = r.u16()
         if r.u16() != Alg.NULL:  # kdf scheme
             r.u16()
         x, y = r.tpm2b(66), r.tpm2b(66)
+        size = {0x0003: 32, 0x0004: 48, 0x0005: 66}.get(curve)
+        if size is not None and (len(x), len(y)) not in ((0, 0), (size, size)):
+            raise r.fail(f"ECC point of {len(x)}+{len(y)} bytes for curve 0x{curve:04x}")
     r.end()
     return PublicArea(typ, name_alg, attrs, policy, symmetric, scheme, scheme_hash, curve, bits, exponent, x, y,
                       data)
