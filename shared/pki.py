@@ -14,6 +14,7 @@ Layout under the PKI directory:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ __all__ = [
     "Pki",
     "Signer",
     "TrustBundle",
+    "signing_key_digest",
 ]
 
 VALIDITY = dt.timedelta(days=825)
@@ -51,6 +53,12 @@ class Signer:
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data)
+
+
+def signing_key_digest(key: ed25519.Ed25519PublicKey) -> bytes:
+    """SHA-256 of an identity's raw Ed25519 signing key: what a node's TPM enrollment and node quotes bind,
+    tying the TPM to the node's identity on the bus."""
+    return hashlib.sha256(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).digest()
 
 
 class TrustBundle:

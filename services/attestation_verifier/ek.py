@@ -11,6 +11,7 @@ import datetime as dt
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from shared.tpm.quote import QuoteError
@@ -57,7 +58,7 @@ def check_ek_certificate(der: bytes, ek: PublicArea, cas: list[x509.Certificate]
         for issuer in issuers:
             try:
                 current.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, Exception):  # InvalidSignature and friends
+            except (InvalidSignature, ValueError, TypeError):  # not this issuer (or not its key type)
                 continue
             break
         else:

@@ -24,8 +24,6 @@ import random
 import time
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
-
 from services.attestation_verifier.ek import check_ek_certificate, load_ek_cas
 from services.attestation_verifier.state import Challenge, Kv, NodeAttestation, Stale
 from shared.bus import Bus, map_nats_errors
@@ -47,12 +45,13 @@ from shared.events import (
 from shared.identity import Identity, Role
 from shared.ids import derive_event_id
 from shared.models import Frozen, TrustState
+from shared.pki import signing_key_digest
 from shared.runtime import run_together
 from shared.telemetry import get_logger
 from shared.tpm.credential import make_credential
 from shared.tpm.policy import Appraisal, AttestationPolicy, Counters, appraise, check_counters, load_policy
-from shared.tpm.quote import QuoteError, binding, check_ak, verify_quote
-from shared.tpm.structures import Attest, TpmFormatError, parse_public
+from shared.tpm.quote import QuoteError, binding, check_ak, load_ak, verify_quote
+from shared.tpm.structures import Attest, PublicArea, TpmFormatError, parse_public
 
 __all__ = ["Verifier"]
 
@@ -65,7 +64,11 @@ class _EkOwner(Frozen):
 
 @dataclass(frozen=True)
 class _Enrollment:
+    """An enrollment request that passed its checks, with the keys it presented (parsed once)."""
+
     ek_sha256: str
+    ek: PublicArea
+    ak: PublicArea
 
 
 # Failures that say nothing about the node's integrity (a slow or restarted agent): no revocation.
@@ -128,12 +131,10 @@ class Verifier:
         stored, _, _ = await self.challenges.get(challenge_id, Challenge)
         if not isinstance(stored, Challenge):  # first delivery: make the credential and keep the challenge
             secret = os.urandom(32)
-            ak = parse_public(bytes.fromhex(req.ak_public))
-            ek = parse_public(bytes.fromhex(req.ek_public))
-            blob, encrypted = await asyncio.to_thread(make_credential, ek, ak.name, secret)
+            blob, encrypted = await asyncio.to_thread(make_credential, record.ek, record.ak.name, secret)
             stored = Challenge(
                 challenge_id=challenge_id, node_id=node_id, purpose=AttestPurpose.ENROLL,
-                expected_extra=binding(secret, ak.name).hex(), expires_ns=self._expiry(), pcrs=self.policy.pcrs,
+                expected_extra=binding(secret, record.ak.name).hex(), expires_ns=self._expiry(), pcrs=self.policy.pcrs,
                 ak_public=req.ak_public, ak_qualified_name=req.ak_qualified_name, ek_sha256=record.ek_sha256,
                 node_key=req.node_key, credential_blob=blob.hex(), encrypted_secret=encrypted.hex())
             if not await self.challenges.create(challenge_id, stored):
@@ -150,8 +151,7 @@ class Verifier:
             raise QuoteError(exc.reason, exc.detail) from None
         check_ak(ak, self.policy.ak_algorithms)
         signing = self.bus.codec.trust.key_for(str(Identity(Role.NODE_AGENT, node_id)))
-        if signing is None or hashlib.sha256(signing.public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest() != req.node_key:
+        if signing is None or signing_key_digest(signing).hex() != req.node_key:
             raise QuoteError("node_key_mismatch", "the enrollment is not bound to this node's signing key")
         if req.ek_certificate:
             if not self.ek_cas:
@@ -161,7 +161,7 @@ class Verifier:
                 check_ek_certificate(bytes.fromhex(req.ek_certificate), ek, self.ek_cas)
         elif self.policy.require_ek_certificate:
             raise QuoteError("ek_certificate_missing", "the TPM presented no EK certificate")
-        return _Enrollment(hashlib.sha256(ek.raw).hexdigest())
+        return _Enrollment(hashlib.sha256(ek.raw).hexdigest(), ek, ak)
 
     async def _ek_owner(self, ek_sha256: str) -> str:
         owner, _, _ = await self.eks.get(ek_sha256, _EkOwner)
@@ -243,7 +243,7 @@ class Verifier:
         fields = dict(
             purpose=challenge.purpose, challenge_id=challenge.challenge_id, evidence_id=event.id,
             instance_id=challenge.instance_id, job_id=challenge.job_id, trust=TrustState.TRUSTED,
-            ak_name=parse_public(bytes.fromhex(record.ak_public)).name.hex(), ek_sha256=record.ek_sha256,
+            ak_name=load_ak(bytes.fromhex(record.ak_public))[0].name.hex(), ek_sha256=record.ek_sha256,
             agent_sha256=appraisal.agent.agent_sha256 if appraisal.agent else "",
             image_manifest_sha256=instance.image_manifest_sha256 if instance else "",
             vmm_sha256=instance.vmm_sha256 if instance else "", public_key=instance.public_key if instance else "",

@@ -13,7 +13,7 @@ Every write is a compare-and-set on the key's revision; replicas never hold stat
 from __future__ import annotations
 
 import msgpack
-from nats.js.errors import KeyDeletedError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyDeletedError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import Field, ValidationError
 
@@ -100,10 +100,6 @@ class Kv:
                 return True
             except KeyWrongLastSequenceError:
                 return False
-            except Exception as exc:  # nats-py reports "key exists" as a generic API error on some versions
-                if "wrong last sequence" in str(exc).lower():
-                    return False
-                raise
 
     async def update(self, key: str, value: Frozen, revision: int) -> None:
         """Compare-and-set; raises `Stale` when another writer changed the key first."""
@@ -115,18 +111,10 @@ class Kv:
                     await self.kv.create(key, _pack(value))
             except KeyWrongLastSequenceError:
                 raise Stale(key) from None
-            except Exception as exc:
-                if "wrong last sequence" in str(exc).lower():
-                    raise Stale(key) from None
-                raise
 
     async def keys(self) -> list[str]:
         with map_nats_errors("kv keys"):
             try:
                 return list(await self.kv.keys())
-            except NotFoundError:
+            except (NoKeysError, NotFoundError):
                 return []
-            except Exception as exc:  # NoKeysError
-                if "no keys" in str(exc).lower():
-                    return []
-                raise

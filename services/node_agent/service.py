@@ -19,9 +19,7 @@ import random
 import time
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives import serialization
-
-from services.node_agent.attest.attester import Attester, AttestError, node_key_digest
+from services.node_agent.attest.attester import Attester, AttestError
 from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.attest.measure import agent_config, code_digest
 from services.node_agent.hardware_check import Refusal, check_assignment
@@ -52,6 +50,7 @@ from shared.events import (
 )
 from shared.identity import Role
 from shared.models import GpuInfo, Inventory, ResourceClaim
+from shared.pki import signing_key_digest
 from shared.runtime import run_together
 from shared.telemetry import get_logger
 from shared.tpm.measurements import AgentMeasurement, digest_of
@@ -66,10 +65,11 @@ def attester_for(bus: Bus, settings: Settings) -> Attester | None:
     """The node's attester when it has a TPM (`QVM_TPM`); its quotes bind the node's signing key."""
     if not settings.tpm:
         return None
-    raw = bus.codec.signer.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) \
-        if bus.codec.signer else b""
+    if bus.codec.signer is None:
+        raise ConfigError("a node-agent with a TPM needs its signing key (the node key its quotes bind)")
     return Attester(settings.tpm, settings.measurement_log_path(bus.identity.node_id or "node"),
-                    settings.measurement_pcr, node_key_digest(raw), settings.tpm_ak_algorithm)
+                    settings.measurement_pcr, signing_key_digest(bus.codec.signer.key.public_key()),
+                    settings.tpm_ak_algorithm)
 
 
 class NodeAgent:

@@ -44,6 +44,7 @@ from shared.errors import QvmError
 from shared.tpm.measurements import AgentMeasurement, InstanceMeasurement, entry_digest, parse_log, replay
 from shared.tpm.quote import AK_REQUIRED, QuoteError, binding, verify_quote
 from shared.tpm.structures import (
+    CURVES,
     HASH_NAMES,
     HASH_SIZES,
     TPM_GENERATED_VALUE,
@@ -77,7 +78,7 @@ err = Console(stderr=True, highlight=False)
 MAX_INPUT = 1 << 20  # every tpm2-tools file is a few hundred bytes; evidence with a long log stays well below
 MAX_EVIDENCE = 16 << 20
 HASH_BY_NAME = {name: Alg(alg) for alg, name in HASH_NAMES.items()}
-CURVE_IDS = {"secp256r1": 0x0003, "secp384r1": 0x0004, "secp521r1": 0x0005}
+CURVE_IDS = {curve.name: curve_id for curve_id, curve in CURVES.items()}
 
 # tss2 C struct sizes (tss2_tpm2_types.h: TPM2_NUM_PCR_BANKS 16, TPM2_PCR_SELECT_MAX 4, TPML_DIGEST holds 8)
 _BANKS, _SELECT_MAX, _SEL_SIZE = 16, 4, 8

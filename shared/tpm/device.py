@@ -24,7 +24,7 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS logs expected misses (a
 import contextlib
 
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2_SU, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
@@ -174,8 +174,3 @@ class TpmDevice:
         except TSS2_Exception as exc:
             raise TpmError("tpm_command_failed", f"Quote: {exc}") from None
         return Quote(bytes(quoted), bytes(sig.marshal()), self.read_pcrs(wanted))
-
-    def startup(self) -> None:
-        """TPM2_Startup(CLEAR) after a power cycle (swtpm tests)."""
-        with contextlib.suppress(TSS2_Exception):
-            self.esapi.startup(TPM2_SU.CLEAR)

@@ -15,7 +15,6 @@ At start the log is reconciled with the PCR:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +155,3 @@ class Attester:
             pcrs={i: v.hex() for i, v in quote.pcrs.items()},
             log=tuple(e.model_dump(mode="json") for e in entries))
 
-
-def node_key_digest(public_key_raw: bytes) -> bytes:
-    return hashlib.sha256(public_key_raw).digest()
