@@ -7,20 +7,28 @@ the verifiers; the embedded stack writes one for itself at `qvm up`.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from services.node_agent.attest.measure import code_digest, file_digest, security_policy_digest
+from services.node_agent.vmm.qemu_microvm import QEMU
+from shared.errors import ConfigError
 from shared.image.manifest import MANIFEST, ImageManifest
 from shared.tpm.policy import AttestationPolicy, ImageReference
 
-__all__ = ["generate_policy"]
+__all__ = ["generate_policy", "local_policy"]
 
 
 def generate_policy(images_dir: Path, vmm_binaries: dict[str, Path], *, ek_ca: Path | None = None,
                     measurement_pcr: int = 15, **overrides: object) -> AttestationPolicy:
     images: dict[str, ImageReference] = {}
     for manifest_file in sorted(images_dir.glob(f"*/{MANIFEST}")):
-        manifest = ImageManifest.model_validate_json(manifest_file.read_bytes())
+        try:
+            manifest = ImageManifest.model_validate_json(manifest_file.read_bytes())
+        except (OSError, ValidationError) as exc:
+            raise ConfigError(f"{manifest_file}: not a readable image manifest ({str(exc)[:200]})") from None
         ref = ImageReference(name=manifest.name, kernel_sha256=manifest.kernel.sha256,
                              initrd_sha256=manifest.initrd.sha256, rootfs_sha256=manifest.rootfs.sha256)
         images[file_digest(manifest_file)] = ref
@@ -33,3 +41,11 @@ def generate_policy(images_dir: Path, vmm_binaries: dict[str, Path], *, ek_ca: P
         security_policies=tuple(policies), ek_ca=ek_ca, require_ek_certificate=ek_ca is not None)
     fields.update(overrides)
     return AttestationPolicy.model_validate(fields)
+
+
+def local_policy(images_dir: Path, *, ek_ca: Path | None = None, measurement_pcr: int = 15,
+                 qemu: str = QEMU) -> AttestationPolicy:
+    """The policy for this machine: its images, this checkout's agent, the QEMU found on PATH."""
+    found = shutil.which(qemu)
+    return generate_policy(images_dir, {"qemu-microvm": Path(found)} if found else {}, ek_ca=ek_ca,
+                           measurement_pcr=measurement_pcr)

@@ -149,9 +149,9 @@ class InstanceRuntime:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "instance.json").write_text(json.dumps(
                 {"job_id": job_id, "instance_id": instance_id, "node_id": self.node_id, "cause": cause.id}))
-            if self.gate is not None:
-                await self.gate.measure(job_id, instance)  # measured launch: extend before the VMM starts
             digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+            if self.gate is not None:
+                await self.gate.measure(job_id, instance, digest)  # measured launch: extend before the VMM starts
             await self._emit(job_id, InstanceProvisioning(
                 instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=self.vmm.name,
                 public_key=instance.public_key.hex()), cause)

@@ -532,13 +532,15 @@ def policy(
 ) -> None:
     """Write a policy approving this checkout's node-agent, the images in IMAGES and this machine's QEMU;
     review it before shipping it to the verifiers."""
-    import shutil
-
-    from services.attestation_verifier.policy_gen import generate_policy
+    from services.attestation_verifier.policy_gen import local_policy
 
     with _clean_errors():
-        found = shutil.which(qemu)
-        written = generate_policy(images, {"qemu-microvm": Path(found)} if found else {}, ek_ca=ek_ca)
-        out.write_text(written.model_dump_json(indent=2))
+        if not images.is_dir():
+            raise InputError(f"{images} is not a directory of image bundles")
+        written = local_policy(images, ek_ca=ek_ca, qemu=qemu)
+        try:
+            out.write_text(written.model_dump_json(indent=2))
+        except OSError as exc:
+            raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {out}: {len(written.images)} image(s), {len(written.vmms)} VMM binary(ies), "
                   f"EK certificates {'required' if written.require_ek_certificate else 'not required'}")

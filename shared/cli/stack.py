@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -83,17 +82,14 @@ class LocalStack:
         under the state dir (a development TPM: its EK certificate comes from a local CA). The embedded
         verifier's policy is written for what is here: this checkout's agent, the images under the state
         dir, this machine's QEMU (a real deployment reviews and ships its own)."""
-        from services.attestation_verifier.policy_gen import generate_policy
-        from services.node_agent.vmm.qemu_microvm import QEMU
+        from services.attestation_verifier.policy_gen import local_policy
 
         ek_ca = None
         if not self.settings.tpm:
             self.tpm = Swtpm(SwtpmState(self.settings.state_dir / "tpm" / "swtpm")).start()
             ek_ca = self.tpm.state.ek_ca
-        qemu = shutil.which(QEMU)
-        policy = generate_policy(self.settings.images_path, {"qemu-microvm": Path(qemu)} if qemu else {},
-                                 ek_ca=ek_ca.resolve() if ek_ca else None,
-                                 measurement_pcr=self.settings.measurement_pcr)
+        policy = local_policy(self.settings.images_path, ek_ca=ek_ca.resolve() if ek_ca else None,
+                              measurement_pcr=self.settings.measurement_pcr)
         path = self.settings.attest_policy_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(policy.model_dump_json(indent=2))

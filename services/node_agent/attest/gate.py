@@ -32,7 +32,7 @@ class InstanceGate:
         self._waiting: dict[str, asyncio.Future[InstanceAttested]] = {}
         self._keys: dict[str, bytes] = {}
 
-    async def measure(self, job_id: str, instance: Instance) -> InstanceMeasurement:
+    async def measure(self, job_id: str, instance: Instance, manifest_sha256: str) -> InstanceMeasurement:
         m = instance.manifest
         assert m is not None
         binary = vmm_binary(instance.vmm)
@@ -41,8 +41,7 @@ class InstanceGate:
         kernel = m.vmlinux if instance.vmm.elf_kernel and m.vmlinux else m.kernel
         spec = instance.spec
         entry = InstanceMeasurement(
-            instance_id=spec.instance_id, job_id=job_id, image_manifest_sha256=await asyncio.to_thread(
-                file_digest, spec.bundle / "manifest.json"),
+            instance_id=spec.instance_id, job_id=job_id, image_manifest_sha256=manifest_sha256,
             kernel_sha256=kernel.sha256, initrd_sha256=m.initrd.sha256, rootfs_sha256=m.rootfs.sha256,
             cmdline=instance.guest_cmdline(), vmm=instance.vmm.name,
             vmm_sha256=await asyncio.to_thread(file_digest, binary),

@@ -47,8 +47,15 @@ def security_policy_digest(seccomp: bool, cgroups: bool, network: bool) -> str:
     return digest_of(instance_security_policy(seccomp, cgroups, network))
 
 
-@cache
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file, remembered per file version: a binary replaced in place (a QEMU upgrade) is
+    hashed again, so a measurement never reports the digest of what used to be there."""
+    st = path.stat()
+    return _digest_of_version(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@cache
+def _digest_of_version(path: Path, dev: int, ino: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
