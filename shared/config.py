@@ -65,8 +65,19 @@ class Settings(BaseSettings):
     attest_interval_s: float = Field(60.0, gt=0, description="Node re-attestation period (plus jitter).")
     attest_jitter_s: float = Field(10.0, ge=0)
     attest_timeout_s: float = Field(30.0, gt=0, description="Longest an instance waits for its verdict.")
+    key_release_timeout_s: float = Field(30.0, gt=0, description="Longest an attested instance waits for its "
+                                                                 "volume key from the key-broker.")
+    client_secrets_timeout_s: float = Field(300.0, gt=0, description="Longest an attested instance waits for "
+                                                                     "its client to verify it and release secrets.")
     attest_policy: Path | None = Field(None, description="The verifier's attestation policy (JSON); default "
                                        "<state_dir>/attestation-policy.json.")
+
+    kek_source: str = Field("", max_length=1024, description="Where the key-broker's KEK ring comes from: "
+                            "file:PATH (passphrase file), tpm:PATH?pcrs=0,7 (sealed to QVM_TPM), "
+                            "kms:module:factory (plug-in); empty: a development passphrase file under "
+                            "<state_dir>/keys, created on first use (protects nothing at rest).")
+    kek_passphrase_file: Path | None = Field(None, description="File holding the KEK passphrase for a file: "
+                                             "source (else QVM_KEK_PASSPHRASE); never logged.")
 
     @property
     def pki_path(self) -> Path:

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from shared.bus import Bus
 from shared.cli.attest import attest_app
+from shared.cli.keys import keys_app
 from shared.cli.render import summarize
 from shared.config import Settings
 from shared.errors import QvmError, RejectedEvent
@@ -52,6 +53,7 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
 app.add_typer(image_app, name="image")
 app.add_typer(attest_app, name="attest")
+app.add_typer(keys_app, name="keys")
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")

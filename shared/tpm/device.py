@@ -11,12 +11,15 @@ Keys:
   AK  a restricted ECC P-256 (or RSA-2048) signing key created as an endorsement-hierarchy primary: the
       same key every time from the same TPM (nothing to store on the host), and quotes by keys of that
       hierarchy carry the real resetCount / restartCount (other hierarchies obfuscate them).
+  SRK the TCG-template ECC P-256 storage primary of the owner hierarchy, re-derived on every use (nothing
+      stored); the parent of sealed data objects (`seal` / `unseal`, the key-broker's KEKs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS logs expected misses (absent NV indices) as errors
@@ -24,26 +27,41 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS logs expected misses (a
 import contextlib
 
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_OBJECT, TPMA_SESSION
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
+    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
     TPMS_PCR_SELECTION,
+    TPMS_SENSITIVE_CREATE,
     TPMT_HA,
+    TPMT_SYM_DEF,
     TPMU_HA,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from shared.errors import ReasonedError
 
-__all__ = ["AK_TEMPLATES", "Quote", "TpmDevice", "TpmError"]
+__all__ = ["AK_TEMPLATES", "MAX_SEALED_BYTES", "Quote", "TpmDevice", "TpmError", "pcr_policy_digest"]
 
 AK_ATTRS = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
             | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
 AK_TEMPLATES = {"ecc-p256": "ecc256:ecdsa-sha256:null", "rsa-2048": "rsa2048:rsassa-sha256:null"}
+# TCG TPM v2.0 Provisioning Guidance, storage root key: ECC NIST P-256, AES-128-CFB, SHA-256, these
+# attributes, a zero-filled unique field. The same template gives the same key every time on one TPM.
+SRK_ATTRS = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+             | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)
+# A sealed data object: only the policy authorizes (no USERWITHAUTH), it never leaves this TPM or parent.
+SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
+MAX_SEALED_BYTES = 128  # MAX_SYM_DATA: the largest TPM2B_SENSITIVE_DATA the reference TPM (and swtpm) takes
+_PCR_POLICY_CC = (0x0000017F).to_bytes(4, "big")  # TPM_CC_PolicyPCR
 
 
 class TpmError(ReasonedError):
@@ -64,6 +82,35 @@ def _selection(pcrs: Iterable[int]) -> TPML_PCR_SELECTION:
     sel = TPMS_PCR_SELECTION(hash=TPM2_ALG.SHA256, sizeofSelect=3)
     sel.pcrSelect = bytes(bitmap)
     return TPML_PCR_SELECTION([sel])
+
+
+def pcr_policy_digest(pcr_values: Mapping[int, bytes]) -> bytes:
+    """The policyDigest a sha256 policy session holds after one TPM2_PolicyPCR over these sha256 PCR values
+    (TPM 2.0 Part 3, 23.7): H(0^32 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION || H(values in index order)).
+    Pure computation, so a sealed object's authPolicy can be checked or predicted without a TPM."""
+    pcrs = sorted(pcr_values)
+    selection = bytes(_selection(pcrs).marshal())
+    values = hashlib.sha256(b"".join(pcr_values[i] for i in pcrs)).digest()
+    return hashlib.sha256(bytes(32) + _PCR_POLICY_CC + selection + values).digest()
+
+
+def _srk_template() -> TPM2B_PUBLIC:
+    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=SRK_ATTRS)
+    template.publicArea.unique.ecc.x = bytes(32)
+    template.publicArea.unique.ecc.y = bytes(32)
+    return template
+
+
+def _aes128cfb() -> TPMT_SYM_DEF:
+    return TPMT_SYM_DEF(algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128),
+                        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
+
+
+def _check_pcrs(pcrs: Iterable[int]) -> list[int]:
+    wanted = sorted(set(pcrs))
+    if not wanted or any(not 0 <= i <= 23 for i in wanted):
+        raise TpmError("tpm_config", f"PCR selection {wanted} (one or more of 0..23)")
+    return wanted
 
 
 class TpmDevice:
@@ -174,3 +221,107 @@ class TpmDevice:
         except TSS2_Exception as exc:
             raise TpmError("tpm_command_failed", f"Quote: {exc}") from None
         return Quote(bytes(quoted), bytes(sig.marshal()), self.read_pcrs(wanted))
+
+    # ------------------------------------------------------------ sealing
+    def _srk(self) -> ESYS_TR:
+        try:
+            handle, *_ = self.esapi.create_primary(None, _srk_template(), primary_handle=ESYS_TR.OWNER)
+        except TSS2_Exception as exc:
+            raise TpmError("tpm_command_failed", f"CreatePrimary (SRK): {exc}") from None
+        return handle
+
+    def _flush(self, *handles: ESYS_TR | None) -> None:
+        for h in handles:
+            if h is not None:
+                with contextlib.suppress(TSS2_Exception):
+                    self.esapi.flush_context(h)
+
+    def seal(self, data: bytes | bytearray, pcrs: Iterable[int],
+             pcr_values: Mapping[int, bytes] | None = None) -> tuple[bytes, bytes]:
+        """Seal `data` (at most 128 bytes) under the SRK, unsealable only while the sha256 `pcrs` hold
+        `pcr_values` (default: their values now). Returns the object's marshalled (TPM2B_PUBLIC,
+        TPM2B_PRIVATE): the private part is encrypted by the SRK, so both can be stored anywhere and are
+        usable only on this TPM.
+
+        The policy digest is computed here from the values (`pcr_policy_digest`), not by a trial session,
+        so the caller knows exactly which values the object is bound to. `data` reaches the TPM encrypted
+        (a session salted to the SRK with parameter encryption): on a bus or a TCP TCTI it never shows.
+        """
+        wanted = _check_pcrs(pcrs)
+        if not 0 < len(data) <= MAX_SEALED_BYTES:
+            raise TpmError("tpm_config", f"sealed data is {len(data)} bytes (1..{MAX_SEALED_BYTES})")
+        values = dict(pcr_values) if pcr_values is not None else self.read_pcrs(wanted)
+        if sorted(values) != wanted or any(len(v) != 32 for v in values.values()):
+            raise TpmError("tpm_config", f"PCR values must give 32-byte sha256 digests for exactly {wanted}")
+        template = TPM2B_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS,
+                                      authPolicy=pcr_policy_digest(values))
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(bytes(data))))
+        srk = session = None
+        try:
+            srk = self._srk()
+            session = self.esapi.start_auth_session(srk, ESYS_TR.NONE, TPM2_SE.HMAC, _aes128cfb(), TPM2_ALG.SHA256)
+            self.esapi.trsess_set_attributes(session, TPMA_SESSION.DECRYPT | TPMA_SESSION.CONTINUESESSION)
+            private, public, *_ = self.esapi.create(srk, sensitive, template, session1=session)
+            return bytes(public.marshal()), bytes(private.marshal())
+        except TSS2_Exception as exc:
+            raise TpmError("tpm_command_failed", f"Create (sealed object): {exc}") from None
+        finally:
+            _wipe(sensitive.sensitive.data)
+            self._flush(session, srk)
+
+    def unseal(self, public: bytes, private: bytes, pcrs: Iterable[int]) -> bytearray:
+        """Load a sealed object made by `seal` on this TPM and return its data in a new bytearray (the caller
+        zeroizes it). Authorization is a policy session running TPM2_PolicyPCR over `pcrs` with their
+        current values: reason `tpm_policy_mismatch` when they differ from the sealed ones, `tpm_blob_invalid`
+        when the blob is malformed, not this TPM's, or not a policy-only sealed object. The response comes
+        back encrypted (the policy session is salted to the SRK), so the data never crosses the TCTI in clear.
+        """
+        wanted = _check_pcrs(pcrs)
+        try:
+            pub, used = TPM2B_PUBLIC.unmarshal(public)
+            priv, used_priv = TPM2B_PRIVATE.unmarshal(private)
+        except Exception as exc:  # the TSS unmarshaller raises its own and plain exceptions alike
+            raise TpmError("tpm_blob_invalid", f"sealed object does not parse: {type(exc).__name__}") from None
+        area = pub.publicArea
+        if (used != len(public) or used_priv != len(private) or area.type != TPM2_ALG.KEYEDHASH
+                or area.objectAttributes & TPMA_OBJECT.USERWITHAUTH or area.authPolicy.size != 32):
+            raise TpmError("tpm_blob_invalid", "not a policy-only sealed data object")
+        srk = handle = session = None
+        try:
+            srk = self._srk()
+            try:
+                handle = self.esapi.load(srk, priv, pub)
+            except TSS2_Exception as exc:
+                raise TpmError("tpm_blob_invalid", f"Load: {exc} (sealed by another TPM, or altered)") from None
+            for attempt in range(2):
+                session = self.esapi.start_auth_session(srk, ESYS_TR.NONE, TPM2_SE.POLICY, _aes128cfb(),
+                                                        TPM2_ALG.SHA256)
+                self.esapi.trsess_set_attributes(session, TPMA_SESSION.ENCRYPT | TPMA_SESSION.CONTINUESESSION)
+                self.esapi.policy_pcr(session, None, _selection(wanted))
+                try:
+                    out = self.esapi.unseal(handle, session1=session)
+                except TSS2_Exception as exc:
+                    if exc.error == TPM2_RC.PCR_CHANGED and attempt == 0:
+                        self._flush(session)  # extended between PolicyPCR and Unseal: judge the new values
+                        session = None
+                        continue
+                    if exc.error in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED):
+                        raise TpmError("tpm_policy_mismatch", f"PCRs {wanted} no longer hold the values the "
+                                       "object was sealed to") from None
+                    raise
+                try:
+                    return bytearray(out.buffer)
+                finally:
+                    _wipe(out)
+            raise TpmError("tpm_policy_mismatch", f"PCRs {wanted} kept changing")  # pragma: no cover
+        except TSS2_Exception as exc:
+            raise TpmError("tpm_command_failed", f"Unseal: {exc}") from None
+        finally:
+            self._flush(session, handle, srk)
+
+
+def _wipe(value: TPM2B_SENSITIVE_DATA) -> None:
+    """Best effort: overwrite a TSS-owned buffer that held sealed data (the TSS frees it without clearing)."""
+    with contextlib.suppress(Exception):
+        view = value.buffer
+        view[:] = bytes(len(view))
