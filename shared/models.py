@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +17,7 @@ __all__ = [
     "SecurityLevel",
     "TpmInfo",
     "TrustState",
+    "VolumeErasure",
 ]
 
 
@@ -94,3 +96,25 @@ class ResourceClaim(Frozen):
     cpu_cores: int = Field(ge=0)
     ram_mib: int = Field(ge=0)
     gpu_uuids: tuple[str, ...] = ()
+
+
+class VolumeErasure(Frozen):
+    """Evidence that an instance's encrypted data volume was destroyed at teardown (no key material: sizes,
+    outcomes and a duration only). The host never held the volume's plaintext. The job's DEK is only the LUKS
+    passphrase: the volume key that encrypts the data is random, made by cryptsetup in the guest and stored
+    only in the keyslots, wrapped under the DEK. With the keyslots erased and the header area overwritten
+    (and read back), the ciphertext left in freed blocks cannot be decrypted even by someone holding the DEK."""
+
+    volume_bytes: int = Field(ge=0, description="Size of the volume file before its removal.")
+    luks_header_found: bool = Field(description="A LUKS2 header (primary or secondary magic) was on the file.")
+    luks_erase: Literal["ok", "no_header", "failed", "unavailable"] = Field(
+        description="`cryptsetup erase` (all keyslots destroyed): ok; no_header: nothing to erase; failed: "
+                    "it refused (the overwrite still ran); unavailable: no cryptsetup on the node.")
+    data_offset: int = Field(0, ge=0, description="Where the LUKS2 data segment starts, read from the header "
+                                                  "(0: unknown).")
+    overwritten_bytes: int = Field(ge=0, description="Bytes from the start of the file overwritten with zeros: "
+                                                     "the whole header area (both headers and the keyslots).")
+    verified_zero: bool = Field(description="The overwritten range was read back after fsync and is all zero.")
+    removed: bool = Field(description="The file was unlinked.")
+    duration_ms: float = Field(ge=0)
+    detail: str = Field("", max_length=512, description="Why a step failed, if one did.")

@@ -1,10 +1,24 @@
 """The host side of the guest channel (virtio-serial port `qvm.0`; vsock on Firecracker/Cloud Hypervisor).
 
-A line protocol with qvm's guest init (see shared/image/guest_init.sh):
-    guest -> host  READY | OUT <base64 line> | EXIT <code> | ERROR <text>
-    host -> guest  RUN <base64 of a /bin/sh -c script>
+A line protocol with qvm's guest init (see shared/image/guest_init.sh), one frame per line:
+    guest -> host  READY                     init is up, the disks are mounted
+                   VOLUME_OK <luks uuid>     the data volume is formatted, open and mounted at /data
+                   SECRET_OK <name>          the secret file is in the guest's tmpfs
+                   OUT <base64 line>         workload output
+                   EXIT <code>               the workload ended (0-255); the guest powers off
+                   ERROR <text>              a refused frame (VOLUME, SECRET), or init failed (then it powers off)
+    host -> guest  VOLUME <64 hex digits>    after READY, before RUN, at most once: the 32-byte data-encryption
+                                             key as lowercase hex, used in the guest as the LUKS2 key file
+                   SECRET <name> <base64>    after READY, before RUN: one file for /run/secrets/<name>
+                                             (name [A-Za-z0-9._-]{1,64}, no leading dot; at most 64 KiB)
+                   RUN <base64 of a /bin/sh -c script>
+Each VOLUME and SECRET frame gets exactly one answer (its _OK, or ERROR) before the host sends the next.
+
 The guest is untrusted: frames are parsed strictly, lines are bounded, output is capped in memory and
-hashed in full. Later phases add frames for wrapped keys over the same channel.
+hashed in full. Key and secret frames are built in a bytearray the channel zeroes after writing, with no
+immutable copy of the key made on the way (hex and base64 are encoded digit by digit from a table), and
+written to the socket directly, not through the stream's buffer (which would keep a copy). The key never
+goes to a file, a command line or a log, on either side.
 """
 
 from __future__ import annotations
@@ -13,16 +27,27 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import os
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from shared.crypto.secret import zeroize
 from shared.errors import ReasonedError
 
-__all__ = ["ChannelError", "GuestChannel", "RunOutput"]
+__all__ = ["KEY_BYTES", "MAX_HOST_LINE", "MAX_SECRET_BYTES", "ChannelError", "GuestChannel", "RunOutput", "check_key",
+           "check_secret"]
 
-MAX_LINE = 256 * 1024
+MAX_LINE = 256 * 1024  # the longest line the guest may send
 MAX_KEPT_OUTPUT = 1 << 20
+KEY_BYTES = 32  # the data-encryption key: 256 random bits
+MAX_SECRET_BYTES = 64 * 1024
+MAX_HOST_LINE = 128 * 1024  # the longest key or secret frame the host sends (a 64 KiB secret: ~87.4 KiB)
+SECRET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", re.ASCII)
+_LUKS_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+_HEX = b"0123456789abcdef"
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 class ChannelError(ReasonedError):
@@ -39,6 +64,55 @@ class RunOutput:
     @property
     def truncated(self) -> bool:
         return self.total_bytes > len(self.output)
+
+
+def check_key(key: bytearray) -> None:
+    """A data-encryption key the channel will send (raises `volume_bad_key`)."""
+    if not isinstance(key, bytearray | memoryview | bytes) or len(key) != KEY_BYTES:
+        size = len(key) if isinstance(key, bytearray | memoryview | bytes) else type(key).__name__
+        raise ChannelError("volume_bad_key", f"the volume key must be {KEY_BYTES} bytes, got {size}")
+
+
+def check_secret(name: str, data: bytes | bytearray) -> None:
+    """A secret file the channel will send (raises `secret_bad_name`, `secret_bad_content` or `secret_too_large`)."""
+    if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
+        raise ChannelError("secret_bad_name", f"{str(name)[:70]!r} is not a secret name ([A-Za-z0-9._-]{{1,64}}, "
+                                              "no leading dot)")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ChannelError("secret_bad_content", f"{name}: content is {type(data).__name__}, not bytes")
+    if len(data) > MAX_SECRET_BYTES:
+        raise ChannelError("secret_too_large", f"{name}: {len(data)} bytes (at most {MAX_SECRET_BYTES})")
+
+
+def _hex_into(key: bytearray | memoryview | bytes, out: bytearray, at: int) -> int:
+    for b in key:  # ints below 256 are interned: nothing key-dependent is allocated
+        out[at] = _HEX[b >> 4]
+        out[at + 1] = _HEX[b & 15]
+        at += 2
+    return at
+
+
+def _b64_into(data: bytes | bytearray | memoryview, out: bytearray, at: int) -> int:
+    """Standard base64 (with padding) written into `out` from `at`; every intermediate value is below 256."""
+    n = len(data)
+    i = 0
+    while i + 3 <= n:
+        d0, d1, d2 = data[i], data[i + 1], data[i + 2]
+        out[at] = _B64[d0 >> 2]
+        out[at + 1] = _B64[((d0 & 3) << 4) | (d1 >> 4)]
+        out[at + 2] = _B64[((d1 & 15) << 2) | (d2 >> 6)]
+        out[at + 3] = _B64[d2 & 63]
+        i += 3
+        at += 4
+    if n - i:  # one or two bytes left: two or three digits, then padding
+        d0 = data[i]
+        d1 = data[i + 1] if n - i == 2 else 0
+        out[at] = _B64[d0 >> 2]
+        out[at + 1] = _B64[((d0 & 3) << 4) | (d1 >> 4)]
+        out[at + 2] = _B64[(d1 & 15) << 2] if n - i == 2 else 61  # "="
+        out[at + 3] = 61
+        at += 4
+    return at
 
 
 class GuestChannel:
@@ -104,6 +178,81 @@ class GuestChannel:
                 raise ChannelError("guest_error", rest[:500])
             else:
                 raise ChannelError("bad_frame", f"unexpected frame {kind[:40]!r}")
+
+    async def open_volume(self, key: bytearray) -> str:
+        """Hand the data-encryption key to the guest, which formats /dev/vdc as LUKS2 with it, opens it and
+        mounts it at /data; returns the LUKS UUID the guest reports. The caller keeps (and wipes) `key`."""
+        check_key(key)
+        frame = self._new_buffer(len(b"VOLUME ") + 2 * KEY_BYTES + 1)
+        try:
+            frame[:7] = b"VOLUME "
+            end = _hex_into(key, frame, 7)
+            frame[end] = 0x0A
+            await self._send_private(frame)
+        finally:
+            zeroize(frame)
+        kind, rest = await self._frame()
+        if kind == "VOLUME_OK":
+            if not _LUKS_UUID.fullmatch(rest):
+                raise ChannelError("bad_frame", f"VOLUME_OK with a bad LUKS UUID {rest[:40]!r}")
+            return rest
+        if kind == "ERROR":
+            raise ChannelError("guest_error", rest[:500])
+        raise ChannelError("bad_frame", f"expected VOLUME_OK, got {kind[:40]!r}")
+
+    async def put_secret(self, name: str, data: bytes | bytearray) -> None:
+        """Write one secret file into the guest's secrets tmpfs (/run/secrets/<name> in the workload)."""
+        check_secret(name, data)
+        head = b"SECRET " + name.encode("ascii") + b" "
+        frame = self._new_buffer(len(head) + 4 * ((len(data) + 2) // 3) + 1)
+        if len(frame) > MAX_HOST_LINE:  # cannot happen within MAX_SECRET_BYTES; the guest's line bound
+            raise ChannelError("secret_too_large", f"{name}: a {len(frame)}-byte frame")
+        try:
+            frame[:len(head)] = head
+            end = _b64_into(data, frame, len(head))
+            frame[end] = 0x0A
+            await self._send_private(frame)
+        finally:
+            zeroize(frame)
+        kind, rest = await self._frame()
+        if kind == "SECRET_OK":
+            if rest != name:
+                raise ChannelError("bad_frame", f"SECRET_OK for {rest[:70]!r}, expected {name!r}")
+            return
+        if kind == "ERROR":
+            raise ChannelError("guest_error", rest[:500])
+        raise ChannelError("bad_frame", f"expected SECRET_OK, got {kind[:40]!r}")
+
+    def _new_buffer(self, size: int) -> bytearray:
+        """The buffer a key or secret frame is built in (zeroed after the write; tests look at it)."""
+        return bytearray(size)
+
+    async def _send_private(self, frame: bytearray) -> None:
+        """Write `frame` straight to the socket from the caller's buffer. The stream writer would copy
+        whatever the socket does not take at once into its own buffer (and free it unwiped), so the stream
+        is drained first and the socket written directly; nothing else writes meanwhile (one frame, one
+        answer)."""
+        await self._writer.drain()
+        transport = self._writer.transport
+        if transport.get_write_buffer_size():
+            raise ChannelError("channel_busy", "the channel still has unsent data")
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.is_closing():
+            raise ChannelError("channel_closed", "the channel is closed")
+        fd = sock.fileno()
+        view = memoryview(frame)
+        try:
+            sent = 0
+            while sent < len(view):
+                try:
+                    with view[sent:] as rest:
+                        sent += os.write(fd, rest)
+                except BlockingIOError:
+                    await asyncio.sleep(0.002)  # the guest has not read yet: the socket buffer is full
+                except OSError as exc:
+                    raise ChannelError("channel_closed", f"writing to the guest: {exc.strerror or exc}") from None
+        finally:
+            view.release()
 
     def close(self) -> None:
         self._writer.close()

@@ -3,10 +3,18 @@
     created --verify--> verified --launch--> booting --READY--> running --EXIT--> exited --> destroyed
     any state before exited --(error)--> failed --> destroyed
 
-The instance owns its work directory (scratch disk, QMP socket, console log, VMM pid file; never a
-secret), a fresh X25519 key pair held in memory only (its public key goes into the instance's events;
-attestation and key release bind to it), and the VMM process. `destroy()` is idempotent and reports
-what it removed.
+The instance owns its work directory (scratch disk, QMP socket, console log, VMM pid file, the data
+volume's ciphertext; never a secret), a fresh X25519 key pair held in memory only (its public key goes
+into the instance's events; attestation and key release bind to it), and the VMM process. `destroy()` is
+idempotent and reports what it removed.
+
+Between READY and `run()` (state running) the agent may hand the guest its data-encryption key
+(`unlock_volume`: the guest formats and opens its LUKS2 volume, mounted at /data) and the client's secret
+files (`deliver_secrets`: a tmpfs at /run/secrets), over the channel only. Refused inputs raise
+`InstanceError` and change nothing (volume_bad_key, no_volume, secret_bad_name, secret_too_large,
+secrets_too_many, illegal_state); a guest that fails either step fails the instance (volume_failed,
+secret_rejected). `destroy()` erases the volume (LUKS2 keyslots, then the header area overwritten and read
+back) before the work directory goes, and keeps the evidence in `volume_erasure`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -27,17 +35,23 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from services.node_agent.channel import ChannelError, GuestChannel, RunOutput
+from services.node_agent.channel import ChannelError, GuestChannel, RunOutput, check_key, check_secret
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
 from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
 from services.node_agent.isolation.seccomp import VIOLATION_SIGNAL
 from services.node_agent.isolation.seccomp import prepare as prepare_seccomp
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
+from services.node_agent.volume import MIN_VOLUME_MIB, VOLUME_FILE, erase_volume, make_volume
+from shared.crypto import hpke
 from shared.errors import ReasonedError
 from shared.image.manifest import ImageError, ImageManifest
 from shared.image.verify import verify_open
+from shared.models import VolumeErasure
 
-__all__ = ["Instance", "InstanceError", "InstanceSpec", "VmState"]
+__all__ = ["MAX_SECRETS_BYTES", "MAX_SECRET_FILES", "Instance", "InstanceError", "InstanceSpec", "VmState"]
+
+MAX_SECRET_FILES = 32  # as shared/client/bundle.py allows
+MAX_SECRETS_BYTES = 256 * 1024  # all files together (the guest's tmpfs is 1 MiB)
 
 
 class VmState(StrEnum):
@@ -83,6 +97,8 @@ class InstanceSpec:
     network: bool = True  # a tap in the instance's own netns behind nftables default-deny (False: no NIC)
     egress: tuple[EgressRule, ...] = ()  # TCP destinations the guest may reach, through `uplink`
     uplink: str | None = None  # the node's uplink namespace (QVM_EGRESS_NETNS)
+    volume_mib: int = 0  # an encrypted (LUKS2, opened in the guest) data volume at /data; 0: none, else >= 16
+    volume_timeout_s: float = 300.0  # format, open, mkfs and mount in the guest
 
 
 @dataclass
@@ -103,6 +119,13 @@ class Instance:
     cgroup: VmCgroup | None = None
     net: InstanceNetwork | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    volume_uuid: str | None = None  # the LUKS UUID the guest reported
+    volume_erasure: VolumeErasure | None = None  # set by destroy() for an instance with a volume
+    secrets_delivered: list[str] = field(default_factory=list)  # names only
+    _volume: Path | None = field(default=None, repr=False)
+    _run_started: bool = field(default=False, repr=False)
+    _secret_bytes: int = field(default=0, repr=False)
+    _channel_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     # ------------------------------------------------------------ state machine
     def _to(self, new: VmState) -> None:
@@ -115,6 +138,17 @@ class Instance:
     @property
     def public_key(self) -> bytes:
         return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def open_sealed(self, sealed: bytes, purpose: str) -> bytearray:
+        """Open a release sealed (HPKE) to this instance's key, bound to `purpose` ("dek" or
+        "client-secrets"), the job id and the instance id; a `CryptoError` otherwise. Blocking (run it with
+        `asyncio.to_thread`). The result is the caller's to wipe; the AEAD library's own immutable return
+        value is copied out and dropped at once (it cannot be overwritten)."""
+        plain = hpke.open_sealed(sealed, self._key, hpke.release_info(purpose, self.spec.job_id,
+                                                                          self.spec.instance_id))
+        out = bytearray(plain)
+        del plain
+        return out
 
     def guest_cmdline(self) -> str:
         """The kernel command line the VMM gets (measured before launch)."""
@@ -139,11 +173,17 @@ class Instance:
     async def launch(self) -> None:
         assert self.manifest is not None
         t0 = time.monotonic()
+        if self.spec.volume_mib and self.spec.volume_mib < MIN_VOLUME_MIB:
+            self._to(VmState.FAILED)
+            raise InstanceError("volume_too_small", f"a data volume needs at least {MIN_VOLUME_MIB} MiB "
+                                                    f"(asked: {self.spec.volume_mib})")
         self.workdir.mkdir(parents=True, exist_ok=True)
         scratch = self.workdir / "scratch.ext4"
-        # The scratch disk and the network namespace are independent subprocess work: prepare them together.
+        if self.spec.volume_mib:
+            self._volume = self.workdir / VOLUME_FILE
+        # The disks and the network namespace are independent subprocess work: prepare them together.
         results = await asyncio.gather(
-            asyncio.to_thread(_make_scratch, scratch, self.spec.scratch_mib),
+            asyncio.to_thread(_make_disks, scratch, self.spec.scratch_mib, self._volume, self.spec.volume_mib),
             InstanceNetwork.create(self.spec.instance_id, self.spec.egress, self.spec.uplink) if self.spec.network
             else _none(),
             return_exceptions=True)
@@ -178,7 +218,7 @@ class Instance:
             rootfs_fd=rootfs, scratch=scratch,
             cmdline=self.guest_cmdline(),
             vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine,
-            tap=self.net.tap if self.net else None)
+            tap=self.net.tap if self.net else None, volume=self._volume)
         started = time.monotonic()
         try:
             self.vm = await self.vmm.launch(spec)
@@ -209,12 +249,75 @@ class Instance:
             await asyncio.sleep(0.2)
             await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
 
+    def _before_run(self, what: str) -> None:
+        if self.state is not VmState.RUNNING or self._run_started:
+            raise InstanceError("illegal_state", f"{what} only while the guest waits for its workload "
+                                                 f"(state {self.state}{', run started' if self._run_started else ''})")
+
+    async def unlock_volume(self, dek: bytearray) -> str:
+        """Give the guest its data-encryption key (32 bytes, over the channel only); the guest formats its
+        volume as LUKS2 with it, opens it and mounts it at /data. Returns the LUKS UUID. The caller keeps
+        and wipes `dek`; the channel zeroes the frame it built from it."""
+        self._before_run("unlock_volume")
+        if self._volume is None:
+            raise InstanceError("no_volume", "this instance has no data volume (volume_mib=0)")
+        if self.volume_uuid is not None:
+            raise InstanceError("illegal_state", "the volume is already open")
+        try:
+            check_key(dek)
+        except ChannelError as exc:
+            raise InstanceError(exc.reason, exc.detail) from None
+        started = time.monotonic()
+        async with self._channel_lock:
+            try:
+                uuid = await asyncio.wait_for(self._channel.open_volume(dek), self.spec.volume_timeout_s)
+            except TimeoutError:
+                await self._fail("volume_failed", f"the guest did not open its volume within "
+                                                  f"{self.spec.volume_timeout_s:g}s")
+            except ChannelError as exc:
+                await self._fail("volume_failed", f"{exc.reason}: {exc.detail}")
+        self.timings["volume_ms"] = (time.monotonic() - started) * 1000
+        self.volume_uuid = uuid
+        return uuid
+
+    async def deliver_secrets(self, files: Mapping[str, bytes]) -> None:
+        """Write the client's secret files into the guest's tmpfs (/run/secrets/<name>, never on a disk).
+        Every name and size is checked before the first one is sent."""
+        self._before_run("deliver_secrets")
+        if len(files) + len(self.secrets_delivered) > MAX_SECRET_FILES:
+            raise InstanceError("secrets_too_many", f"{len(files) + len(self.secrets_delivered)} files "
+                                                    f"(at most {MAX_SECRET_FILES})")
+        total = 0
+        try:
+            for name, data in files.items():
+                check_secret(name, data)
+                total += len(data)
+        except ChannelError as exc:
+            raise InstanceError(exc.reason, exc.detail) from None
+        if total + self._secret_bytes > MAX_SECRETS_BYTES:
+            raise InstanceError("secret_too_large", f"{total + self._secret_bytes} bytes of secrets (at most "
+                                                    f"{MAX_SECRETS_BYTES} in all)")
+        started = time.monotonic()
+        async with self._channel_lock:
+            for name, data in files.items():
+                try:
+                    await asyncio.wait_for(self._channel.put_secret(name, data), self.spec.boot_timeout_s)
+                except TimeoutError:
+                    await self._fail("secret_rejected", f"{name}: no answer from the guest")
+                except ChannelError as exc:
+                    await self._fail("secret_rejected", f"{name}: {exc.reason}: {exc.detail}")
+                self.secrets_delivered.append(name)
+                self._secret_bytes += len(data)
+        self.timings["secrets_ms"] = (time.monotonic() - started) * 1000
+
     async def run(self, on_output: Callable[[bytes], Awaitable[None]] | None = None) -> RunOutput:
         """Run the job's command in the guest; returns its exit code and output (streamed to `on_output`)."""
         script = shlex.join(self.spec.command) if self.spec.command else "true"
+        self._run_started = True
         started = time.monotonic()
         try:
-            out = await asyncio.wait_for(self._channel.run(script, on_output), self.spec.run_timeout_s)
+            async with self._channel_lock:
+                out = await asyncio.wait_for(self._channel.run(script, on_output), self.spec.run_timeout_s)
         except TimeoutError:
             await self._fail("run_timeout", f"workload ran past {self.spec.run_timeout_s:g}s")
         except ChannelError as exc:
@@ -256,6 +359,14 @@ class Instance:
         if self.net is not None and await self.net.remove():
             removed.append(f"netns:{self.net.netns}")
             self.net = None
+        if self._volume is not None:  # the VMM has stopped: nothing writes the file any more
+            erasure = await asyncio.to_thread(erase_volume, self._volume)
+            if self.vm is not None and self.vm.volume_erasure is not None:
+                erasure = self.vm.volume_erasure  # the guest wrote the jail's copy: that one's evidence counts
+            self.volume_erasure = erasure
+            if erasure.removed:
+                removed.append("volume")
+            self._volume = None
         if self.cgroup is not None:
             for _ in range(50):  # the kernel lets go of an exited VMM's cgroup a moment after reaping it
                 if self.cgroup.remove():
@@ -298,12 +409,17 @@ async def _none() -> None:
     return None
 
 
-def _make_scratch(path: Path, size_mib: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size_mib << 20)
-    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "qvm-scratch", str(path)], capture_output=True, text=True)
+def _make_disks(scratch: Path, scratch_mib: int, volume: Path | None, volume_mib: int) -> None:
+    with open(scratch, "wb") as f:
+        f.truncate(scratch_mib << 20)
+    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "qvm-scratch", str(scratch)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise InstanceError("scratch_failed", proc.stderr.strip()[:300])
+    if volume is not None:
+        try:
+            make_volume(volume, volume_mib)  # sparse and empty: the guest formats it (LUKS2) itself
+        except OSError as exc:
+            raise InstanceError("volume_failed", f"cannot create the volume file: {exc}") from None
 
 
 def _console_tail(workdir: Path) -> str:

@@ -1,10 +1,18 @@
-"""`qvm image build`: kernel + initramfs (busybox-static, qvm's guest init, the needed modules) + rootfs,
-then a manifest of their digests, signed by the publisher's key.
+"""`qvm image build`: kernel + initramfs (busybox-static, qvm's guest init, the needed modules, and the
+host's `cryptsetup` and `mke2fs` with their shared libraries) + rootfs, then a manifest of their digests,
+signed by the publisher's key.
+
+The encrypted data volume is formatted and opened inside the guest (the host never sees its plaintext),
+so the initramfs carries the build host's own cryptsetup (Debian `cryptsetup-bin`) and mke2fs (`e2fsprogs`,
+busybox's mke2fs makes no ext4): each binary at its path, every library `ldd` lists and the dynamic loader
+at the paths `ldd` names, so the guest resolves them exactly as the host does.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +26,9 @@ from shared.image.rootfs import add_busybox, apply_container_tar, make_ext4
 from shared.image.verify import file_sha256
 from shared.image.vmlinux import extract_vmlinux
 
-__all__ = ["DEFAULT_CMDLINE", "BuildRequest", "build_image", "find_static_busybox"]
+__all__ = ["DEFAULT_CMDLINE", "GUEST_TOOLS", "BuildRequest", "add_host_tools", "build_image", "find_host_tool",
+           "find_static_busybox",
+           "shared_libraries"]
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 reboot=t quiet"
 
@@ -47,6 +57,67 @@ def find_static_busybox() -> Path:
     return path
 
 
+GUEST_TOOLS = (("cryptsetup", "cryptsetup-bin"), ("mke2fs", "e2fsprogs"))
+"""Host binaries the guest init needs (name, Debian package): LUKS2 and ext4 on the data volume."""
+
+_SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def find_host_tool(name: str, package: str) -> Path:
+    """The host's `name` (also looked for in the sbin directories a non-root PATH lacks)."""
+    found = shutil.which(name, path=os.environ.get("PATH", "") + ":" + _SBIN)
+    if not found:
+        raise ImageError("tool_missing", f"{name} not found: install {package} (the guest formats and opens its "
+                                         "encrypted volume with it)")
+    return Path(found)
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """Every shared library `ldd` lists for `binary`, and the dynamic loader, as the paths ldd names them."""
+    try:
+        proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ImageError("tool_missing", "ldd not found: install libc-bin") from None
+    if proc.returncode != 0:
+        if "not a dynamic executable" in proc.stdout + proc.stderr:
+            return []  # static: nothing to carry
+        raise ImageError("tool_missing", f"ldd {binary}: {proc.stderr.strip()[:300]}")
+    libs: list[Path] = []
+    for line in proc.stdout.splitlines():
+        name, arrow, target = line.strip().partition("=>")
+        where = (target if arrow else name).strip()
+        if where.startswith("not found"):
+            raise ImageError("tool_missing", f"{binary}: library {name.strip()} not found on this host")
+        where = where.split(" (", 1)[0].strip()
+        if where.startswith("/"):  # skips linux-vdso.so.1, which the kernel provides
+            libs.append(Path(where))
+    return libs
+
+
+def add_host_tools(root: Path, tools: tuple[tuple[str, str], ...] = GUEST_TOOLS) -> list[str]:
+    """Copy each tool and its libraries into the initramfs tree `root`, at the host's paths; returns those
+    paths. Symlinks (libfoo.so.1 -> libfoo.so.1.2.3) are copied as the file they point to."""
+    carried: list[str] = []
+    for name, package in tools:
+        binary = find_host_tool(name, package)
+        for path in (binary, *shared_libraries(binary)):
+            dest = root / path.relative_to(path.anchor)
+            if dest.exists():
+                continue  # a library two tools share
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path.resolve(), dest)
+            dest.chmod(0o755)
+            carried.append(str(path))
+        if name == "mke2fs":
+            link = root / binary.parent.relative_to(binary.anchor) / "mkfs.ext4"  # mke2fs picks ext4 by name
+            link.symlink_to("mke2fs")
+            conf = Path("/etc/mke2fs.conf")  # the host's ext4 defaults (mke2fs has built-in ones without it)
+            if conf.is_file():
+                (root / "etc").mkdir(exist_ok=True)
+                shutil.copyfile(conf, root / "etc" / "mke2fs.conf")
+    return carried
+
+
 def build_initramfs(kernel: GuestKernel, busybox: Path, dest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="qvm-initrd-") as tmp:
         root = Path(tmp)
@@ -55,6 +126,8 @@ def build_initramfs(kernel: GuestKernel, busybox: Path, dest: Path) -> None:
         init = root / "init"
         init.write_text(resources.files("shared.image").joinpath("guest_init.sh").read_text())
         init.chmod(0o755)
+        add_host_tools(root)
+        (root / "run" / "cryptsetup").mkdir(parents=True)  # cryptsetup's lock directory
         mods = root / "lib" / "modules"
         mods.mkdir(parents=True)
         names = []

@@ -20,9 +20,13 @@ from shared.image.manifest import ImageError
 
 __all__ = ["GUEST_MODULES", "GuestKernel", "fetch_kernel", "module_load_order"]
 
-GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio_net")
+GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio_net",
+                 "dm-mod", "dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher")
 """virtio-mmio transport (microvm, Firecracker, Cloud Hypervisor), disks, the host channel, the RW layer,
-the (isolated) network device."""
+the (isolated) network device; then the encrypted data volume opened inside the guest: device-mapper and
+dm-crypt, the aes-xts-plain64 pieces (the xts and ecb templates, AES-NI with its crypto_simd and cryptd
+dependencies, which TCG's `-cpu max` also implements), and the kernel crypto user API (AF_ALG skcipher),
+through which cryptsetup encrypts its keyslot area without a temporary dm-crypt device."""
 
 _DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
 

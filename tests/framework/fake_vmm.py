@@ -177,18 +177,29 @@ async def serve_api(fake: Fake, sock_path: str) -> None:
 
 
 async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, noise: bool, fake: Fake) -> None:
-    """Answer like qvm's guest init (the real init is exercised under QEMU), then power off."""
+    """Answer like qvm's guest init (the real init is exercised under QEMU): VOLUME and SECRET frames, then
+    RUN; then power off."""
     if noise:
         writer.write(b"[    0.000000] Linux version 6.1 (fake console noise before init)\n")
     writer.write(b"READY\n")
     await writer.drain()
-    line = await reader.readline()
-    if line.startswith(b"RUN "):
-        script = base64.b64decode(line[4:].strip()).decode()
-        out = f"fake guest ran: {script}\n".encode()
-        writer.write(b"OUT " + base64.b64encode(out) + b"\nEXIT 0\n")
-        await writer.drain()
-        fake.done.set()  # the guest powers off after EXIT, and the VMM exits with it
+    while line := await reader.readline():
+        if line.startswith(b"VOLUME "):  # answered, never recorded (it carries the key)
+            key = line[7:].rstrip(b"\n")
+            good = len(key) == 64 and all(c in b"0123456789abcdef" for c in key)
+            writer.write(b"VOLUME_OK 00000000-0000-4000-8000-000000000000\n" if good else b"ERROR volume: bad key\n")
+            await writer.drain()
+        elif line.startswith(b"SECRET "):
+            name = line.split(b" ")[1]
+            writer.write(b"SECRET_OK " + name + b"\n")
+            await writer.drain()
+        elif line.startswith(b"RUN "):
+            script = base64.b64decode(line[4:].strip()).decode()
+            out = f"fake guest ran: {script}\n".encode()
+            writer.write(b"OUT " + base64.b64encode(out) + b"\nEXIT 0\n")
+            await writer.drain()
+            fake.done.set()  # the guest powers off after EXIT, and the VMM exits with it
+            return
 
 
 async def main() -> None:

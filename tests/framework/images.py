@@ -1,20 +1,26 @@
-"""A signed test image, built once per test session with the real builder (distribution kernel,
-busybox-static, qvm's guest init); tests that need QEMU skip with the reason where it is missing."""
+"""A signed test image, built once per test session (per worker) with the real builder (distribution kernel,
+busybox-static, qvm's guest init, the host's cryptsetup and mke2fs) and copied into each test's directory;
+tests that need QEMU skip with the reason where a tool is missing."""
 
 from __future__ import annotations
 
+import atexit
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from services.node_agent.channel import RunOutput
 from services.node_agent.instance import Instance
-from shared.image.build import BuildRequest, build_image
+from shared.image.build import GUEST_TOOLS, BuildRequest, build_image, find_host_tool
 from shared.image.kernel import fetch_kernel
-from shared.image.manifest import generate_publisher_key
+from shared.image.manifest import ImageError, generate_publisher_key
 
 IMAGE = "test-image"
+
+_built: dict[bool, Path] = {}  # with_vmlinux -> a cached images directory (one publisher key for both)
+_cache_root: Path | None = None
 
 
 def require_vm_tools() -> None:
@@ -22,17 +28,42 @@ def require_vm_tools() -> None:
                           ("mkfs.ext4", "e2fsprogs"), ("dpkg-deb", "dpkg")):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (apt package {package}): micro VM tests need it")
+    for tool, package in GUEST_TOOLS:  # carried into every initramfs (the guest opens its LUKS2 volume)
+        try:
+            find_host_tool(tool, package)
+        except ImageError:
+            pytest.skip(f"{tool} not installed (apt package {package}): guest images carry it")
+
+
+def _cached(with_vmlinux: bool) -> Path:
+    global _cache_root
+    if with_vmlinux in _built:
+        return _built[with_vmlinux]
+    if _cache_root is None:
+        _cache_root = Path(tempfile.mkdtemp(prefix="qvm-test-images-"))
+        atexit.register(shutil.rmtree, _cache_root, True)
+        generate_publisher_key(_cache_root)
+    variant = _cache_root / ("vmlinux" if with_vmlinux else "plain")
+    root = variant / "test-root"
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "motd").write_text("hello from the read-only root\n")
+    build_image(BuildRequest(name=IMAGE, out=variant / IMAGE, kernel=fetch_kernel(),
+                             publisher_key=_cache_root / "publisher.key", rootfs_dir=root, with_busybox=True,
+                             with_vmlinux=with_vmlinux))
+    _built[with_vmlinux] = variant / IMAGE
+    return variant / IMAGE
 
 
 def build_test_image(images: Path, with_vmlinux: bool = False) -> Path:
-    """<images>/test-image signed by <images>/publisher.key (trusted via publisher.pub)."""
+    """<images>/test-image signed by <images>/publisher.key (trusted via publisher.pub): a copy of the
+    session's build, so a test may tamper with its own."""
     require_vm_tools()
-    priv, _pub = generate_publisher_key(images)
-    root = images.parent / "test-root"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "motd").write_text("hello from the read-only root\n")
-    build_image(BuildRequest(name=IMAGE, out=images / IMAGE, kernel=fetch_kernel(), publisher_key=priv,
-                             rootfs_dir=root, with_busybox=True, with_vmlinux=with_vmlinux))
+    bundle = _cached(with_vmlinux)
+    images.mkdir(parents=True, exist_ok=True)
+    for name in ("publisher.key", "publisher.pub"):
+        shutil.copy2(bundle.parent.parent / name, images / name)
+    shutil.rmtree(images / IMAGE, ignore_errors=True)
+    shutil.copytree(bundle, images / IMAGE)
     return images / IMAGE
 
 

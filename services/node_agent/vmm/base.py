@@ -1,9 +1,9 @@
 """The one interface every VMM driver implements, and what a launch needs.
 
 A driver gets a `LaunchSpec` (verified image files already opened by the agent, the instance's scratch
-disk, limits, confinement) and returns a `VmProcess` that holds the agent's end of the guest channel
-(however that VMM provides it). The agent talks to the guest only through the channel; the driver
-only starts, watches and stops the VMM.
+disk and optional encrypted data volume, limits, confinement) and returns a `VmProcess` that holds the
+agent's end of the guest channel (however that VMM provides it). The agent talks to the guest only
+through the channel; the driver only starts, watches and stops the VMM.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shared.errors import ReasonedError
+from shared.models import VolumeErasure
 
 __all__ = ["LaunchSpec", "VmProcess", "Vmm", "VmmError"]
 
@@ -41,6 +42,7 @@ class LaunchSpec:
     extra_fds: tuple[int, ...] = field(default=())
     confine: Callable[[], None] | None = None  # runs in the VMM's child before exec (cgroup, netns, seccomp)
     tap: str | None = None  # the instance's tap, inside the namespace the VMM joins (None: no NIC)
+    volume: Path | None = None  # the data volume (sparse file; the guest makes it LUKS2): the third disk, vdc
 
 
 @dataclass
@@ -57,6 +59,8 @@ class VmProcess:
     control: socket.socket | None = None  # the agent's end of the VMM's control channel (QMP)
     api_socket: Path | None = None  # the VMM's REST API socket (Firecracker, Cloud Hypervisor)
     jail: Path | None = None  # the jailer's chroot directory, removed on stop
+    volume: Path | None = None  # the file the VMM writes the data volume to (a copy inside a jail)
+    volume_erasure: VolumeErasure | None = None  # set by a driver that erased a jail's copy on stop
 
     async def wait(self) -> int:
         return await self.proc.wait()

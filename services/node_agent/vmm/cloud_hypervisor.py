@@ -39,12 +39,16 @@ class CloudHypervisor:
 
     def vm_config(self, spec: LaunchSpec, console_sock: str) -> dict[str, object]:
         fd = f"/proc/{os.getpid()}/fd"
+        disks: list[dict[str, object]] = [{"path": f"{fd}/{spec.rootfs_fd}", "readonly": True},
+                                          {"path": str(spec.scratch)}]
+        if spec.volume is not None:  # the third disk, vdc in the guest (LUKS2, opened inside the guest)
+            disks.append({"path": str(spec.volume)})
         config: dict[str, object] = {
             "cpus": {"boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus},
             "memory": {"size": spec.memory_mib << 20},
             "payload": {"kernel": f"{fd}/{spec.kernel_fd}", "initramfs": f"{fd}/{spec.initrd_fd}",
                         "cmdline": spec.cmdline + " qvm.channel=hvc0"},
-            "disks": [{"path": f"{fd}/{spec.rootfs_fd}", "readonly": True}, {"path": str(spec.scratch)}],
+            "disks": disks,
             "serial": {"mode": "File", "file": str(spec.workdir / "console.log")},
             "console": {"mode": "Socket", "socket": console_sock},
         }
@@ -69,7 +73,8 @@ class CloudHypervisor:
         except (OSError, subprocess.SubprocessError) as exc:
             raise VmmError("vmm_start_failed", f"{type(exc).__name__}: {exc}") from None
         (spec.workdir / "vmm.pid").write_text(str(proc.pid))
-        vm = VmProcess(proc.pid, proc, self.name, "kvm", started, spec.workdir / "console.log", api_socket=sock)
+        vm = VmProcess(proc.pid, proc, self.name, "kvm", started, spec.workdir / "console.log", api_socket=sock,
+                       volume=spec.volume)
         api = UdsApi(sock)
         try:
             await api.wait_ready(proc)

@@ -1,6 +1,7 @@
 """Firecracker: configured through its REST API on a unix socket, then started with `InstanceStart`.
 
     PUT /machine-config  PUT /boot-source  PUT /drives/root (read-only)  PUT /drives/scratch
+    PUT /drives/volume (the data volume, when the instance has one: vdc, LUKS2 opened inside the guest)
     PUT /network-interfaces/eth0 (the instance's tap)  PUT /actions {InstanceStart}
     stop: PUT /actions {SendCtrlAltDel}, then SIGKILL after the grace period
 
@@ -10,7 +11,9 @@ console once it runs). Image files are the agent's verified descriptors, named `
 Where the `jailer` binary is present, Firecracker is started through it: chroot under
 `<chroot base>/firecracker/<id>/root`, an unprivileged uid/gid, its own mount namespace; the verified
 bytes are copied from the agent's open descriptors into the chroot (so a file replaced on disk after the
-check still never boots), and API paths are relative to the chroot. The agent's cgroup and network
+check still never boots), and API paths are relative to the chroot. The scratch disk and the data volume
+are copied in sparse (still empty then); the guest writes the jail's copy of the volume, so `stop` erases
+that copy (LUKS2 keyslots and header, `volume.erase_volume`) before the jail is removed. The agent's cgroup and network
 namespace are joined before exec either way. Not yet: guest RAM from an agent-owned memfd.
 It boots the image's ELF `vmlinux` (`qvm image build --with-vmlinux`).
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.rest import UdsApi, api_socket_path, stop_through_api
+from services.node_agent.volume import erase_volume
 
 __all__ = ["Firecracker"]
 
@@ -65,6 +69,8 @@ class Firecracker:
             fd = f"/proc/{os.getpid()}/fd"
             paths = {"kernel": f"{fd}/{spec.kernel_fd}", "initrd": f"{fd}/{spec.initrd_fd}",
                      "rootfs": f"{fd}/{spec.rootfs_fd}", "scratch": str(spec.scratch)}
+            if spec.volume is not None:
+                paths["volume"] = str(spec.volume)
             sock = api_socket_path(spec.instance_id, "fc.sock")
             argv = [self.binary, "--api-sock", str(sock), "--id", spec.instance_id[-60:]]
         sock.unlink(missing_ok=True)
@@ -84,7 +90,9 @@ class Firecracker:
             guest_end.close()
         (spec.workdir / "vmm.pid").write_text(str(proc.pid))
         vm = VmProcess(proc.pid, proc, self.name, "kvm", started, spec.workdir / "console.log", channel=channel,
-                       jail=jail)
+                       jail=jail, volume=spec.volume)
+        if jail is not None and spec.volume is not None:
+            vm.volume = jail / "root" / paths["volume"].lstrip("/")
         api = UdsApi(sock)
         try:
             await api.wait_ready(proc)
@@ -96,6 +104,9 @@ class Firecracker:
                                            "is_root_device": False, "is_read_only": True})
             await api.put("/drives/scratch", {"drive_id": "scratch", "path_on_host": paths["scratch"],
                                               "is_root_device": False, "is_read_only": False})
+            if "volume" in paths:  # configured after scratch: the third disk, vdc in the guest
+                await api.put("/drives/volume", {"drive_id": "volume", "path_on_host": paths["volume"],
+                                                 "is_root_device": False, "is_read_only": False})
             if spec.tap:
                 await api.put("/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": spec.tap})
             await api.put("/actions", {"action_type": "InstanceStart"})
@@ -112,13 +123,15 @@ class Firecracker:
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
         await stop_through_api(vm, [("/actions", {"action_type": "SendCtrlAltDel"})], grace_s)
+        if vm.jail is not None and vm.volume is not None and vm.volume.is_relative_to(vm.jail):
+            vm.volume_erasure = await asyncio.to_thread(erase_volume, vm.volume)  # before the jail goes
         if vm.jail is not None:
             await asyncio.to_thread(shutil.rmtree, vm.jail, True)
             vm.jail = None
 
     def _fill_jail(self, root: Path, spec: LaunchSpec) -> dict[str, str]:
-        """Copy the verified bytes (from the agent's open descriptors) and the scratch disk into the chroot,
-        owned by the jailed uid; returns the paths as Firecracker sees them inside the chroot."""
+        """Copy the verified bytes (from the agent's open descriptors), the scratch disk and the data volume
+        into the chroot, owned by the jailed uid; returns the paths as Firecracker sees them inside it."""
         root.mkdir(parents=True, exist_ok=True)
         out = {}
         for role, fd, name, mode in (("kernel", spec.kernel_fd, "vmlinux", 0o440),
@@ -133,8 +146,12 @@ class Firecracker:
             os.chown(dest, self.uid, self.gid)
             dest.chmod(mode)
             out[role] = f"/{name}"
-        scratch = root / "scratch.ext4"
-        subprocess.run(["cp", "--sparse=always", str(spec.scratch), str(scratch)], check=True)
-        os.chown(scratch, self.uid, self.gid)
-        out["scratch"] = "/scratch.ext4"
+        disks = [("scratch", spec.scratch, "scratch.ext4")]
+        if spec.volume is not None:
+            disks.append(("volume", spec.volume, "volume.luks"))
+        for role, src, name in disks:
+            dest = root / name
+            subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
+            os.chown(dest, self.uid, self.gid)
+            out[role] = f"/{name}"
         return out

@@ -6,7 +6,8 @@
   can scrub it after the VM exits.
 - The image's kernel, initramfs and root filesystem are the files the agent verified, passed as open
   descriptors: a file swapped on disk after verification is never the one booted.
-- The root disk is attached read-only; the scratch disk is the instance's only writable storage.
+- The root disk is attached read-only; the scratch disk and the optional data volume (LUKS2, formatted and
+  opened inside the guest: the host file only ever holds ciphertext) are the instance's writable storage.
 - No network device unless the instance has one (`-nodefaults` gives no NIC); with one, it is a tap in the
   instance's own network namespace behind an nftables default-deny policy (isolation/network.py).
 """
@@ -102,6 +103,10 @@ class QemuMicrovm:
                 "virtconsole,chardev=ch0"
             channel = ["-device", "virtio-serial-device", "-chardev", f"socket,id=ch0,fd={channel_fd}",
                        "-device", port]
+        # The data volume is the third disk (vdc): root, scratch, volume, in this order. Only ciphertext
+        # reaches it; the guest formats and opens it.
+        volume = ["-drive", f"id=volume,file={spec.volume},format=raw,if=none",
+                  "-device", "virtio-blk-device,drive=volume"] if spec.volume is not None else []
         machine = "microvm,x-option-roms=off,rtc=off"
         argv = [self.qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
                 "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
@@ -119,6 +124,7 @@ class QemuMicrovm:
             "-device", "virtio-blk-device,drive=root",
             "-drive", f"id=scratch,file={spec.scratch},format=raw,if=none",
             "-device", "virtio-blk-device,drive=scratch",
+            *volume,
             *channel,
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-pidfile", str(spec.workdir / "vmm.pid"),
@@ -155,7 +161,7 @@ class QemuMicrovm:
             qmp_end.close()
             guest_end.close()
         return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log", channel=channel,
-                         control=control)
+                         control=control, volume=spec.volume)
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
         if vm.proc.returncode is None and vm.control is not None:
