@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -193,6 +194,8 @@ class Bus:
         except RejectedEvent as rej:
             await self.dead_letter(msg, consumer, rej.reason, rej.detail)
             return
+        if msg.metadata and msg.metadata.sequence:
+            event = dataclasses.replace(event, stream_seq=msg.metadata.sequence.stream)
         token = current_job.set(event.job_id)
         parent = extract_context(event.envelope.trace)
         try:

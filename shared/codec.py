@@ -66,6 +66,7 @@ class Event:
     payload: Frozen
     spec: EventSpec
     subject: str
+    stream_seq: int = 0  # set by the consumer that received it (tells a redelivery from a replay)
 
     @property
     def id(self) -> str:

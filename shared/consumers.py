@@ -68,6 +68,16 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
                  "Verdicts on this node's instances (the workload waits for one)."),
     ConsumerSpec("revocations", Role.JANITOR, Domain.ATTESTATION, (E.ATTEST_REVOKED,),
                  "Nodes that lost their trust: fail and tear down their jobs."),
+    ConsumerSpec("jobs", Role.KEY_BROKER, Domain.JOBS,
+                 (E.JOB_SUBMITTED, E.INSTANCE_PROVISIONING, E.INSTANCE_ATTESTED, E.INSTANCE_ATTESTATION_FAILED,
+                  E.INSTANCE_DESTROYED, E.JOB_FAILED, E.JOB_CANCELLED, E.JOB_DONE),
+                 "Key-release work, shared by all key-broker replicas: make a job's key, release it to the "
+                 "attested instance, destroy it when the job or its instance ends.",
+                 ack_wait_s=10.0, backoff_s=(0.2, 0.5, 1.0, 2.0, 5.0)),
+    ConsumerSpec("revocations", Role.KEY_BROKER, Domain.ATTESTATION, (E.ATTEST_REVOKED,),
+                 "Nodes that lost their trust: destroy the keys of their jobs, release nothing to them."),
+    ConsumerSpec("keys", Role.NODE_AGENT, Domain.KEYS, (E.KEY_RELEASED, E.KEY_RELEASE_REFUSED, E.SECRETS_RELEASED),
+                 "Keys and client secrets sealed to this node's instances (the workload waits for them)."),
 )
 
 

@@ -21,7 +21,15 @@ from pydantic import Field
 
 from shared.errors import Reason
 from shared.identity import JobId, NodeId, Role
-from shared.models import Frozen, HardwareProfile, Inventory, ResourceClaim, SecurityLevel, TrustState
+from shared.models import (
+    Frozen,
+    HardwareProfile,
+    Inventory,
+    ResourceClaim,
+    SecurityLevel,
+    TrustState,
+    VolumeErasure,
+)
 
 __all__ = [
     "CATALOGUE",
@@ -57,12 +65,19 @@ __all__ = [
     "JobPlaced",
     "JobRefused",
     "JobSubmitted",
+    "KeyDestruction",
+    "KeyReleasePolicy",
+    "KeyReleaseRefused",
+    "KeyReleased",
+    "KeysDestroyed",
     "NodeHeartbeat",
     "NodeOffline",
     "NodeRegistered",
     "NodeRevoked",
+    "SecretsReleased",
     "StreamSpec",
     "TeardownRequested",
+    "VerifiedClaims",
     "spec_for",
     "subject_for",
 ]
@@ -129,11 +144,28 @@ class EventType(StrEnum):
     ATTEST_VERIFIED = "attest.verified"
     ATTEST_FAILED = "attest.failed"
     ATTEST_REVOKED = "attest.revoked"
+    KEY_RELEASED = "key.released"
+    KEY_RELEASE_REFUSED = "key.release_refused"
+    KEYS_DESTROYED = "key.destroyed"
+    SECRETS_RELEASED = "key.secrets_released"
     TEARDOWN_REQUESTED = "teardown.requested"
     EVENT_REJECTED = "event.rejected"
 
 
 # ---------------------------------------------------------------- payloads
+
+
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class KeyReleasePolicy(Frozen):
+    """What an attested instance must show before the key-broker releases the job's volume key to it."""
+
+    allowed_images: tuple[str, ...] = Field(
+        (), max_length=64, description="Image manifest digests (hex SHA-256) the key may go to; empty: any image "
+                                       "the verifier's policy approved.")
+    min_trust: TrustState = Field(TrustState.TRUSTED, description="Lowest trust the attestation result may carry.")
+    max_result_age_s: int = Field(120, ge=1, le=3600, description="How old a verified result may be at release.")
 
 
 class JobSubmitted(Frozen):
@@ -147,6 +179,11 @@ class JobSubmitted(Frozen):
     max_runtime_s: int = Field(3600, ge=1, le=30 * 86400, description="Hard limit on the workload's run time.")
     egress: tuple[str, ...] = Field((), max_length=64, description="Destinations the guest may reach (host:port); "
                                     "empty: none. Nodes that cannot enforce an allowlist refuse such jobs.")
+    volume_mib: int = Field(0, ge=0, le=1 << 20, description="An encrypted (LUKS2) data volume of this size at "
+                            "/data, its key released by the key-broker after attestation; 0: none.")
+    client_secrets: bool = Field(False, description="The workload waits for the client's own secret bundle "
+                                 "(verified and released by the client, mounted at /run/secrets).")
+    key_release: KeyReleasePolicy = KeyReleasePolicy()
 
 
 class JobPending(Frozen):
@@ -198,7 +235,6 @@ class JobDone(Frozen):
 
 
 _INSTANCE_ID = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_HEX64 = r"^[0-9a-f]{64}$"
 
 
 class InstanceProvisioning(Frozen):
@@ -247,6 +283,7 @@ class InstanceFailed(Frozen):
 class InstanceDestroyed(Frozen):
     instance_id: str = _INSTANCE_ID
     removed: tuple[str, ...] = Field((), max_length=64, description="What the agent removed (no secrets).")
+    volume: VolumeErasure | None = Field(None, description="The encrypted data volume's erasure, with evidence.")
 
 
 class NodeRegistered(Frozen):
@@ -387,6 +424,70 @@ class NodeRevoked(Frozen):
     last_verified_ns: int = Field(0, ge=0)
 
 
+# ---------------------------------------------------------------- keys
+
+_SEALED = r"^[0-9a-f]{66,512}$"
+
+
+class KeyReleased(Frozen):
+    """The job's volume key, sealed with HPKE to the attested instance's ephemeral key (never in the clear)."""
+
+    instance_id: str = _INSTANCE_ID
+    result_id: str = Field(max_length=64, description="Event id of the attestation result the release rests on.")
+    suite: str = Field(max_length=64, description="HPKE suite (RFC 9180 base mode).")
+    sealed: str = Field(pattern=_SEALED, description="HPKE enc || ciphertext of the key (hex); the info binds "
+                                                     "the purpose, job id and instance id.")
+    kek_version: int = Field(ge=1, description="The key-encryption key version the stored copy is wrapped under.")
+    released_ns: int = Field(ge=0)
+    lease_expires_ns: int = Field(ge=0, description="The attestation result's expiry.")
+
+
+class KeyReleaseRefused(Frozen):
+    instance_id: str = _INSTANCE_ID
+    result_id: str = Field("", max_length=64)
+    reason: str = Field(max_length=64, examples=["result_expired", "wrong_instance_key", "image_not_allowed",
+                                                 "replayed_release", "node_revoked", "second_instance"])
+    detail: str = Field("", max_length=1024)
+
+
+class KeyDestruction(Frozen):
+    """Evidence of one key's destruction (no key material: digests and counts only)."""
+
+    kek_version: int = Field(0, ge=0)
+    wrapped_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="Digest of the deleted wrapped copy.")
+    wrapped_deleted: bool = Field(description="The wrapped copy was purged from the key store.")
+    store_revision: int = Field(0, ge=0, description="Key-store revision of the purge.")
+    plaintext_buffers_zeroed: int = Field(0, ge=0, description="Plaintext key buffers overwritten in the broker.")
+    released_to: str = Field("", max_length=64, description="The instance that held the key, if any.")
+
+
+class KeysDestroyed(Frozen):
+    reason: str = Field(max_length=64, examples=["instance_destroyed", "job_failed", "node_revoked"])
+    volume: KeyDestruction | None = None
+    destroyed_ns: int = Field(ge=0)
+
+
+class VerifiedClaims(Frozen):
+    """What a client checked itself before releasing its secrets (kept on the bus for audit)."""
+
+    result_id: str = Field(max_length=64)
+    evidence_id: str = Field(max_length=64)
+    node_id: NodeId
+    image_manifest_sha256: str = Field(pattern=_HEX64)
+    pcr_sha256: str = Field(pattern=_HEX64)
+    ak_name: str = Field(pattern=_HEX, max_length=140)
+
+
+class SecretsReleased(Frozen):
+    """A client's secret bundle, sealed with HPKE to the instance key it verified; the broker never sees it."""
+
+    instance_id: str = _INSTANCE_ID
+    suite: str = Field(max_length=64)
+    sealed: str = Field(pattern=_HEX, min_length=66, max_length=600_000, description="HPKE enc || ciphertext "
+                        "(hex) of the msgpack bundle {name: bytes}; the info binds job and instance ids.")
+    verified: VerifiedClaims
+
+
 class EventRejected(Frozen):
     """A consumer refused a message before any handler saw it; the raw message is in the dead letters."""
 
@@ -501,6 +602,17 @@ _SPECS = [
     _spec(EventType.ATTEST_REVOKED, NodeRevoked, "qvm.attestation.{node_id}.revoked",
           {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.JANITOR, _R.KEY_BROKER},
           "A node lost its trust (failed or missed re-attestation): stop its instances, revoke its keys."),
+    _spec(EventType.KEY_RELEASED, KeyReleased, "qvm.keys.{job_id}.released.{node_id}",
+          {_R.KEY_BROKER}, {_R.NODE_AGENT},
+          "The job's volume key, sealed to the attested instance's key (released to one instance at a time)."),
+    _spec(EventType.KEY_RELEASE_REFUSED, KeyReleaseRefused, "qvm.keys.{job_id}.refused.{node_id}",
+          {_R.KEY_BROKER}, {_R.NODE_AGENT},
+          "No key for this instance (reason code); the instance never runs."),
+    _spec(EventType.KEYS_DESTROYED, KeysDestroyed, "qvm.keys.{job_id}.destroyed",
+          {_R.KEY_BROKER}, {_R.JANITOR}, "The job's keys are gone from the broker's memory and store, with evidence."),
+    _spec(EventType.SECRETS_RELEASED, SecretsReleased, "qvm.keys.{job_id}.secrets.{node_id}",
+          {_R.MARKETPLACE}, {_R.NODE_AGENT},
+          "A client verified the instance's evidence itself and sealed its secrets to the instance key."),
     _spec(EventType.TEARDOWN_REQUESTED, TeardownRequested, "qvm.teardown.{job_id}.requested.{node_id}",
           {_R.JANITOR}, {_R.NODE_AGENT, _R.SCHEDULER}, "Tear a job down on its node and free its claim."),
     _spec(EventType.EVENT_REJECTED, EventRejected, "qvm.dead.rejected.{producer}",

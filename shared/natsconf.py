@@ -27,6 +27,7 @@ KV_BUCKETS: dict[str, tuple[Role, float]] = {
     "qvm_attest_challenges": (Role.ATTESTATION_VERIFIER, 3600.0),  # single-use challenges (expire on their own)
     "qvm_attest_nodes": (Role.ATTESTATION_VERIFIER, 0.0),  # enrolled AKs, boot counters, revocations
     "qvm_attest_eks": (Role.ATTESTATION_VERIFIER, 0.0),  # EK fingerprint -> node (one EK, one node)
+    "qvm_keys": (Role.KEY_BROKER, 0.0),  # wrapped (never plaintext) job keys, their holder; revoked nodes
 }
 """JetStream KV buckets: owner role (the only identity that may read or write them) and max age (0: none)."""
 
@@ -61,11 +62,12 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
         ]
     if ident.role in (Role.SCHEDULER, Role.JANITOR):
         # Folding job history at start: ordered (ephemeral) consumers on the jobs stream.
-        jobs = STREAMS[Domain.JOBS].name
-        # Only unnamed (server-named, ephemeral) consumers: no way to create, re-point or delete a named
-        # durable such as a node-agent's assignment queue.
-        pub += [f"$JS.API.CONSUMER.CREATE.{jobs}", f"$JS.FC.{jobs}.>", f"$JS.API.STREAM.INFO.{jobs}",
-                f"$JS.API.CONSUMER.INFO.{jobs}.*"]
+        pub += _ordered_reader(Domain.JOBS)
+    if ident.role is Role.MARKETPLACE:
+        # A client checks an instance's evidence itself (quote, log, AK enrollment) before it releases its
+        # secrets: it reads the job's events and the node's attestation history.
+        for domain in (Domain.JOBS, Domain.ATTESTATION, Domain.KEYS):
+            pub += _ordered_reader(domain)
     if ident.role is Role.SCHEDULER:
         # Reading a job's submission back when a node refuses it.
         pub += [f"$JS.API.STREAM.MSG.GET.{STREAMS[Domain.JOBS].name}",
@@ -76,6 +78,14 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
                     f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
                     f"$JS.FC.KV_{bucket}.>", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*"]
     return {"publish": {"allow": sorted(set(pub))}, "subscribe": {"allow": sub}}
+
+
+def _ordered_reader(domain: Domain) -> list[str]:
+    """Ordered (ephemeral) consumers on one stream. Only unnamed (server-named) consumers: no way to
+    create, re-point or delete a named durable such as a node-agent's assignment queue."""
+    stream = STREAMS[domain].name
+    return [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>", f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.CONSUMER.INFO.{stream}.*"]
 
 
 def _q(s: str) -> str:

@@ -1,11 +1,11 @@
-"""`python -m services.key_broker` — not built yet.
+"""`python -m services.key_broker`: run one key-broker replica (its state is in KV; run as many as you like).
 
-Key release (envelope encryption, HPKE to the instance key, LUKS2 volumes) is issue #5. Until then this
-entry point refuses to start instead of pretending to hold keys; `qvm up` does not start it.
+Every replica loads the same KEK ring from the configured source (`QVM_KEK_SOURCE`) at start.
 """
 
-import sys
+from services.key_broker.service import KeyBroker
+from shared.identity import Identity, Role
+from shared.runtime import serve
 
 if __name__ == "__main__":
-    sys.stderr.write("key-broker is not implemented yet (issue #5); refusing to start\n")
-    sys.exit(3)
+    serve("key-broker", lambda s: Identity(Role.KEY_BROKER), KeyBroker.create)

@@ -36,10 +36,15 @@ from services.node_agent.isolation.network import (
     leftover_namespaces,
     parse_egress,
 )
+from services.node_agent.keys import KeyError_, KeyInbox
 from services.node_agent.vmm.base import Vmm
+from services.node_agent.volume import VOLUME_FILE, erase_volume
 from shared.bus import Bus
+from shared.client.bundle import BundleError, unpack_bundle
 from shared.codec import Event
 from shared.config import Settings
+from shared.crypto.errors import CryptoError
+from shared.crypto.secret import zeroize
 from shared.events import (
     InstanceBooted,
     InstanceDestroyed,
@@ -115,6 +120,7 @@ class InstanceRuntime:
         self.node_id = bus.identity.node_id or ""
         self.work = settings.instances_path
         self.jobs: dict[str, _Running] = {}
+        self.keys = KeyInbox()
 
     # ------------------------------------------------------------ start
     def start(self, job_id: str, spec: JobSubmitted, cause: Event) -> str:
@@ -142,7 +148,8 @@ class InstanceRuntime:
                              run_timeout_s=float(spec.max_runtime_s), cgroups=self.settings.vm_cgroups,
                              seccomp=self.settings.vm_seccomp,
                              network=self.settings.vm_network == "netns",
-                             egress=tuple(parse_egress(spec.egress)), uplink=self.settings.egress_netns),
+                             egress=tuple(parse_egress(spec.egress)), uplink=self.settings.egress_netns,
+                             volume_mib=spec.volume_mib),
                 workdir, self.vmm, dict(trusted))
             self.jobs[job_id].instance = instance
             await instance.verify()
@@ -150,6 +157,9 @@ class InstanceRuntime:
             (workdir / "instance.json").write_text(json.dumps(
                 {"job_id": job_id, "instance_id": instance_id, "node_id": self.node_id, "cause": cause.id}))
             digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+            if (spec.volume_mib or spec.client_secrets) and self.gate is None:
+                raise InstanceError("attestation_required", "keys and client secrets go only to attested "
+                                                            "instances; this node has no TPM")
             if self.gate is not None:
                 await self.gate.measure(job_id, instance, digest)  # measured launch: extend before the VMM starts
             await self._emit(job_id, InstanceProvisioning(
@@ -163,6 +173,8 @@ class InstanceRuntime:
                 verdict = await self.gate.attest(job_id, instance_id, instance.public_key, cause)
                 log.info("instance attested", extra={"instance_id": instance_id,
                                                      "pcr": verdict.pcr_sha256[:16]})
+            if spec.volume_mib or spec.client_secrets:
+                await self._receive_keys(job_id, instance, spec)
             await self._emit(job_id, InstanceRunning(instance_id=instance_id), cause)
             async def emit_chunk(seq: int, chunk: bytes) -> None:
                 await self._emit(job_id, InstanceOutput(instance_id=instance_id, seq=seq,
@@ -191,11 +203,39 @@ class InstanceRuntime:
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir, True)
             with contextlib.suppress(Exception):
-                await self._emit(job_id, InstanceDestroyed(instance_id=instance_id, removed=tuple(removed)), cause)
+                await self._emit(job_id, InstanceDestroyed(
+                    instance_id=instance_id, removed=tuple(removed),
+                    volume=instance.volume_erasure if instance is not None else None), cause)
             self.jobs.pop(job_id, None)
+            self.keys.forget(instance_id)
             if self.on_destroyed:
                 self.on_destroyed(job_id)
             current_job.reset(token)
+
+    async def _receive_keys(self, job_id: str, instance: Instance, spec: JobSubmitted) -> None:
+        """After the verdict: the volume key from the key-broker, then the client's own secrets, each opened
+        with the instance's private key in RAM and handed to the guest over its channel only."""
+        instance_id = instance.spec.instance_id
+        try:
+            if spec.volume_mib:
+                release = await self.keys.wait_key(instance_id, self.settings.key_release_timeout_s)
+                dek = await asyncio.to_thread(instance.open_sealed, bytes.fromhex(release.sealed), "dek")
+                try:
+                    uuid = await instance.unlock_volume(dek)
+                finally:
+                    zeroize(dek)
+                log.info("volume opened in the guest", extra={"instance_id": instance_id, "luks_uuid": uuid})
+            if spec.client_secrets:
+                sealed = await self.keys.wait_secrets(instance_id, self.settings.client_secrets_timeout_s)
+                raw = await asyncio.to_thread(instance.open_sealed, bytes.fromhex(sealed.sealed), "client-secrets")
+                try:
+                    files = unpack_bundle(raw)
+                finally:
+                    zeroize(raw)
+                await instance.deliver_secrets(files)
+                log.info("client secrets delivered", extra={"instance_id": instance_id, "files": len(files)})
+        except (KeyError_, CryptoError, BundleError) as exc:
+            raise InstanceError(exc.reason, exc.detail) from None
 
     def _bundle(self, image: str) -> Path:
         if not _IMAGE_NAME.match(image):
@@ -237,12 +277,16 @@ class InstanceRuntime:
                         cg.rmdir()
                         removed.append("cgroup")
             meta = _read_meta(workdir)
+            erasure = None
+            if (workdir / VOLUME_FILE).exists():  # its VMM is dead: erase the LUKS header before the file goes
+                erasure = await asyncio.to_thread(erase_volume, workdir / VOLUME_FILE)
+                removed.append("volume")
             await asyncio.to_thread(shutil.rmtree, workdir, True)
             removed.append(f"workdir:{workdir.name}")
             reclaimed.append(workdir.name)
             if meta is not None:
                 job_id, instance_id, cause = meta
-                report = InstanceDestroyed(instance_id=instance_id, removed=(*removed, "agent_restart"))
+                report = InstanceDestroyed(instance_id=instance_id, removed=(*removed, "agent_restart"), volume=erasure)
                 with contextlib.suppress(Exception):
                     await self.bus.publish(report, job_id=job_id, node_id=self.node_id,
                                            event_id=derive_event_id(cause, "InstanceDestroyed"))

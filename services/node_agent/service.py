@@ -1,7 +1,8 @@
 """The node-agent: register, heartbeat, check assignments, accept or refuse, run accepted jobs.
 
 consume  job.placed for this node only, teardown.requested for this node only,
-         attest.challenge and node verdicts, instance verdicts (this node only)
+         attest.challenge and node verdicts, instance verdicts (this node only), sealed keys and client
+         secrets for this node's instances
 decide   `check_assignment` against the live host and the jobs this agent already holds; the job's
          network policy (egress needs an uplink namespace)
 act      hold the job's resources; run it in a micro VM (`runtime.InstanceRuntime`), measured before launch
@@ -120,6 +121,7 @@ class NodeAgent:
             attesting = [
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "attestation"), self.on_attestation, stop),
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "verdicts"), self.on_verdict, stop),
+                self.bus.consume(consumer_spec(Role.NODE_AGENT, "keys"), self.on_keys, stop),
                 self._reattest(stop),
             ]
         try:
@@ -235,6 +237,11 @@ class NodeAgent:
     async def on_verdict(self, event: Event) -> None:
         if self.gate is not None:
             self.gate.resolve(event)
+
+    async def on_keys(self, event: Event) -> None:
+        """Sealed keys and client secrets for this node's instances (only ciphertext passes here)."""
+        if self.runtime is not None:
+            self.runtime.keys.resolve(event)
 
     async def _reattest(self, stop: asyncio.Event) -> None:
         """Every interval (with jitter, so a fleet does not challenge in step): a node quote, or a new

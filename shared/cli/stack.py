@@ -28,8 +28,9 @@ from shared.tpm.swtpm import Swtpm, SwtpmState
 __all__ = ["SERVICE_MODULES", "LocalStack"]
 
 SERVICE_MODULES = {"scheduler": "services.scheduler", "janitor": "services.janitor",
-                   "attestation-verifier": "services.attestation_verifier", "node-agent": "services.node_agent"}
-"""What `qvm up` runs today; the key-broker joins when its issue lands."""
+                   "attestation-verifier": "services.attestation_verifier", "key-broker": "services.key_broker",
+                   "node-agent": "services.node_agent"}
+"""What `qvm up` runs: every service, one process each."""
 
 
 @dataclass

@@ -1,0 +1,330 @@
+"""The key-broker: envelope encryption of job volume keys, released only to attested instances.
+
+consume  job.submitted, instance.provisioning, instance.attested, and every event that ends a job or its
+         instance (instance.destroyed / instance.attestation_failed, job.failed / cancelled / done)
+         through one work queue shared by all replicas; attest.revoked
+decide   `release_policy.decide_release` on the job's stored record, the verified result and the clock
+act      make a job's data-encryption key (DEK) and store it only wrapped under the current KEK; unwrap it
+         in RAM, seal it with HPKE to the attested instance's ephemeral key, overwrite the plaintext; mark
+         the key destroyed (compare-and-set to a tombstone: the bucket keeps no earlier revision)
+emit     key.released (sealed, one instance at a time), key.release_refused (reason code),
+         key.destroyed (evidence: digests and counts, never key material)
+
+KEKs live only in this process's memory (`KekRing`, loaded at start from the configured source); a DEK is
+in the clear only for the moment it is generated or sealed, in a buffer that is then overwritten. Nothing
+secret is logged. Event ids derive from their cause, so a redelivery or a second replica publishes once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import defaultdict
+
+import msgpack
+import nats.errors
+
+from services.key_broker.release_policy import Decision, decide_release
+from services.key_broker.store import BUCKET, MAX_SPENT, JobKeys, NodeRevocation, job_key, node_key
+from shared.bus import Bus, map_nats_errors
+from shared.codec import Event
+from shared.config import Settings
+from shared.consumers import consumer_spec
+from shared.crypto import hpke
+from shared.crypto.kek import KekRing, WrappedKey, load_ring
+from shared.crypto.secret import random_secret, zeroize
+from shared.events import (
+    InstanceAttestationFailed,
+    InstanceAttested,
+    InstanceDestroyed,
+    InstanceProvisioning,
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    JobSubmitted,
+    KeyDestruction,
+    KeyReleased,
+    KeyReleaseRefused,
+    KeysDestroyed,
+    NodeRevoked,
+)
+from shared.identity import Role
+from shared.ids import derive_event_id
+from shared.kv import Kv, Stale
+from shared.runtime import run_together
+from shared.telemetry import get_logger
+
+__all__ = ["DEK_BYTES", "KeyBroker", "dek_aad"]
+
+log = get_logger("qvm.key_broker")
+DEK_BYTES = 32
+CAS_TRIES = 8
+ANNOUNCE_WAIT_S = 2.0  # an attestation result may overtake its instance's announcement between replicas
+
+
+def dek_aad(job_id: str) -> bytes:
+    """What a wrapped DEK is bound to: a copy moved to another job's record does not unwrap."""
+    return b"qvm-volume-dek\x00" + job_id.encode()
+
+
+class KeyBroker:
+    def __init__(self, bus: Bus, settings: Settings, ring: KekRing, kv: Kv) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.ring = ring
+        self.kv = kv
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.released = 0
+        self.refused = 0
+        self.revocations: dict[str, NodeRevocation] = {}
+        self.revocations_loaded = asyncio.Event()
+
+    @classmethod
+    async def create(cls, bus: Bus, settings: Settings) -> KeyBroker:
+        ring = await asyncio.to_thread(load_ring, settings)
+        with map_nats_errors("open the key store"):
+            kv = Kv(await bus.js.key_value(BUCKET))
+        log.info("key-broker ready", extra={"kek_versions": len(ring.versions), "kek_current": ring.current})
+        return cls(bus, settings, ring, kv)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        follower = asyncio.create_task(self._follow_revocations(stop))
+        try:
+            await asyncio.wait_for(self.revocations_loaded.wait(), 30)  # no release decided without them
+            await run_together(
+                self.bus.consume(consumer_spec(Role.KEY_BROKER, "jobs"), self.on_job_event, stop,
+                                 max_inflight=self.settings.max_inflight),
+                self.bus.consume(consumer_spec(Role.KEY_BROKER, "revocations"), self.on_revoked, stop),
+            )
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await follower
+            self.ring.close()  # KEKs overwritten when the broker stops
+
+    # ================================================================ consume
+    async def on_job_event(self, event: Event) -> None:
+        job_id = event.job_id or ""
+        seen: tuple[JobKeys | None, int] = (None, 0)
+        if isinstance(event.payload, InstanceAttested):
+            seen = await self._announced(job_id, event.payload.instance_id or "")
+        async with self._locks[job_id]:  # one decision per job at a time in this replica (CAS across replicas)
+            match event.payload:
+                case JobSubmitted() as spec:
+                    await self.on_submitted(job_id, spec, event)
+                case InstanceProvisioning() as p:
+                    await self.on_announced(job_id, p, event)
+                case InstanceAttested() as result:
+                    await self.on_attested(job_id, result, event, seen)
+                case InstanceDestroyed():
+                    await self.destroy(job_id, "instance_destroyed")
+                case InstanceAttestationFailed():
+                    await self.destroy(job_id, "attestation_failed")
+                case JobFailed():
+                    await self.destroy(job_id, "job_failed")
+                case JobCancelled():
+                    await self.destroy(job_id, "job_cancelled")
+                case JobDone():
+                    await self.destroy(job_id, "job_done")
+        lock = self._locks.get(job_id)
+        if lock is not None and not lock.locked():
+            # Only to bound memory: the compare-and-set on the record is what keeps decisions apart.
+            self._locks.pop(job_id, None)
+
+    async def on_revoked(self, event: Event) -> None:
+        """A node that lost its trust gets nothing more, and the keys of its jobs are destroyed."""
+        p = event.payload
+        assert isinstance(p, NodeRevoked)
+        node = event.node_id or ""
+        revoked = NodeRevocation(node_id=node, revoked_ns=event.envelope.time_ns, reason=p.reason)
+
+        def later(cur: NodeRevocation | None) -> NodeRevocation | None:
+            return revoked if cur is None or cur.revoked_ns < revoked.revoked_ns else None
+
+        self._remember(revoked)  # at once here; the other replicas see it through their watch
+        await self._cas(node_key(node), NodeRevocation, later)
+        for key in await self.kv.keys():
+            if not key.startswith("job."):
+                continue
+            record, _, _ = await self.kv.get(key, JobKeys)
+            if isinstance(record, JobKeys) and record.node_id == node and not record.destroyed:
+                async with self._locks[record.job_id]:
+                    await self.destroy(record.job_id, "node_revoked")
+
+    # ================================================================ act: make
+    async def on_submitted(self, job_id: str, spec: JobSubmitted, event: Event) -> None:
+        if spec.volume_mib == 0:
+            return  # nothing of this job's passes through the broker
+        existing, _, _ = await self.kv.get(job_key(job_id), JobKeys)
+        if existing is not None:
+            return  # a redelivery: the key exists already
+        dek = random_secret(DEK_BYTES)
+        try:
+            wrapped = await asyncio.to_thread(self.ring.wrap, dek, dek_aad(job_id))
+        finally:
+            zeroize(dek)
+        blob = wrapped.to_bytes()
+        record = JobKeys(job_id=job_id, submitted_id=event.id, policy=spec.key_release, security=spec.security,
+                         wrapped=blob.hex(), kek_version=wrapped.kek_version,
+                         wrapped_sha256=hashlib.sha256(blob).hexdigest(), plaintext_buffers_zeroed=1)
+        if await self.kv.create(job_key(job_id), record):
+            log.info("volume key made", extra={"kek_version": wrapped.kek_version})
+
+    async def on_announced(self, job_id: str, p: InstanceProvisioning, event: Event) -> None:
+        node = event.node_id or ""
+
+        def add(cur: JobKeys | None) -> JobKeys | None:
+            if cur is None or cur.instance_keys.get(p.instance_id) == p.public_key:
+                return None
+            if p.instance_id in cur.instance_keys:
+                return None  # an instance's key is fixed by its first announcement
+            return cur.model_copy(update={"node_id": cur.node_id or node,
+                                          "instance_keys": {**cur.instance_keys, p.instance_id: p.public_key}})
+
+        await self._cas(job_key(job_id), JobKeys, add)
+
+    # ================================================================ decide + act: release
+    async def on_attested(self, job_id: str, result: InstanceAttested, event: Event,
+                          seen: tuple[JobKeys | None, int] = (None, 0)) -> None:
+        """`seen`: the record as last read (a compare-and-set on a stale copy fails and reads again)."""
+        node = event.node_id or ""
+        instance = result.instance_id or ""
+        for _ in range(CAS_TRIES):
+            record, revision = seen
+            seen = (None, 0)
+            if record is None:
+                got, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
+                record = got if isinstance(got, JobKeys) else None
+            if record is None:
+                return  # a job without a volume key (or one the broker never saw): nothing to release
+            decision = decide_release(record, result, job_id=job_id, node_id=node, result_id=event.id,
+                                      stream_seq=event.stream_seq, now_ns=time.time_ns(),
+                                      revocation=self.revocations.get(node))
+            if not decision.release:
+                await self._refuse(job_id, node, instance, decision, event)
+                return
+            if not decision.redelivery:
+                spent = {**record.spent_results, event.id: event.stream_seq}
+                updated = record.model_copy(update={
+                    "holder": instance,
+                    "spent_results": dict(list(spent.items())[-MAX_SPENT:]),
+                    "spent_challenges": (*record.spent_challenges, result.challenge_id)[-MAX_SPENT:],
+                    "plaintext_buffers_zeroed": record.plaintext_buffers_zeroed + 1,
+                })
+                try:
+                    await self.kv.update(job_key(job_id), updated, revision)
+                except Stale:
+                    continue  # another replica decided first: decide again on what it wrote
+                record = updated
+            await self._release(job_id, node, record, result, event)
+            return
+        raise Stale(job_key(job_id))  # still contended: the message is redelivered and decided again
+
+    async def _release(self, job_id: str, node: str, record: JobKeys, result: InstanceAttested, event: Event) -> None:
+        instance = result.instance_id or ""
+        wrapped = WrappedKey.from_bytes(bytes.fromhex(record.wrapped))
+        info = hpke.release_info("dek", job_id, instance)
+        recipient = bytes.fromhex(result.public_key)
+
+        def seal() -> bytes:
+            dek = self.ring.unwrap(wrapped, dek_aad(job_id))
+            try:
+                return hpke.seal(dek, recipient, info)
+            finally:
+                zeroize(dek)
+
+        sealed = await asyncio.to_thread(seal)
+        await self.bus.publish(KeyReleased(
+            instance_id=instance, result_id=event.id, suite=hpke.SUITE_NAME, sealed=sealed.hex(),
+            kek_version=record.kek_version, released_ns=time.time_ns(), lease_expires_ns=result.expires_ns),
+            job_id=job_id, node_id=node, event_id=derive_event_id(event.id, "KeyReleased"))
+        self.released += 1
+        log.debug("volume key released", extra={"instance_id": instance, "result_id": event.id})
+
+    async def _refuse(self, job_id: str, node: str, instance: str, decision: Decision, event: Event) -> None:
+        self.refused += 1
+        log.warning("key release refused", extra={"instance_id": instance, "reason": decision.reason})
+        await self.bus.publish(
+            KeyReleaseRefused(instance_id=instance, result_id=event.id, reason=decision.reason,
+                              detail=decision.detail[:1024]),
+            job_id=job_id, node_id=node,
+            event_id=derive_event_id(event.id, "KeyReleaseRefused", decision.reason, str(event.stream_seq)))
+
+    # ================================================================ act: destroy
+    async def destroy(self, job_id: str, reason: str) -> None:
+        """Drop the job's key: a tombstone replaces the wrapped copy (the bucket keeps one revision)."""
+        for _ in range(CAS_TRIES):
+            record, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
+            if not isinstance(record, JobKeys) or record.destroyed:
+                return
+            tomb = record.model_copy(update={"wrapped": "", "destroyed": True, "destroyed_reason": reason})
+            try:
+                await self.kv.update(job_key(job_id), tomb, revision)
+            except Stale:
+                continue
+            _, new_revision, _ = await self.kv.get(job_key(job_id), JobKeys)
+            evidence = KeyDestruction(kek_version=record.kek_version, wrapped_sha256=record.wrapped_sha256,
+                                      wrapped_deleted=True, store_revision=new_revision,
+                                      plaintext_buffers_zeroed=record.plaintext_buffers_zeroed,
+                                      released_to=record.holder)
+            await self.bus.publish(KeysDestroyed(reason=reason, volume=evidence, destroyed_ns=time.time_ns()),
+                                   job_id=job_id, event_id=derive_event_id(record.submitted_id, "KeysDestroyed"))
+            log.info("volume key destroyed", extra={"reason": reason})
+            return
+        raise Stale(job_key(job_id))
+
+    # ================================================================ helpers
+    async def _announced(self, job_id: str, instance: str) -> tuple[JobKeys | None, int]:
+        """Wait (briefly, outside the job's lock) until the instance's announcement is stored: another
+        replica may still be writing it when the result arrives here. Returns the record as read."""
+        deadline = time.monotonic() + ANNOUNCE_WAIT_S
+        while True:
+            record, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
+            if not isinstance(record, JobKeys):
+                return None, 0
+            if instance in record.instance_keys or time.monotonic() >= deadline:
+                return record, revision
+            await asyncio.sleep(0.05)
+
+    async def _follow_revocations(self, stop: asyncio.Event) -> None:
+        """Every replica keeps every node revocation in memory, from the store (a KV watch: the stored
+        ones first, then each new one as it is written), so a release decision reads none."""
+        with map_nats_errors("watch revocations"):
+            watcher = await self.kv.kv.watch("node.*")
+        try:
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                if entry is None:
+                    self.revocations_loaded.set()  # the stored ones are in
+                    continue
+                try:
+                    self._remember(NodeRevocation.model_validate(msgpack.unpackb(entry.value or b"", raw=False)))
+                except (ValueError, TypeError, msgpack.UnpackException):
+                    log.warning("unreadable revocation record in the key store", extra={"key": entry.key[:80]})
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _remember(self, rec: NodeRevocation) -> None:
+        cur = self.revocations.get(rec.node_id)
+        if cur is None or cur.revoked_ns < rec.revoked_ns:
+            self.revocations[rec.node_id] = rec
+
+    async def _cas(self, key: str, model: type[JobKeys] | type[NodeRevocation], change: object) -> None:
+        """Read, apply `change` (None: nothing to write), compare-and-set; again on a lost race."""
+        for _ in range(CAS_TRIES):
+            cur, revision, _ = await self.kv.get(key, model)
+            new = change(cur if isinstance(cur, model) else None)  # type: ignore[operator]
+            if new is None:
+                return
+            try:
+                await self.kv.update(key, new, revision)
+                return
+            except Stale:
+                continue
+        raise Stale(key)
