@@ -2,14 +2,17 @@
 
 1. PKI and nats-server with mutual TLS; streams provisioned.
 2. A TPM for this host (swtpm with a local-CA EK certificate; /dev/tpmrm0 via QVM_TPM on real hosts);
-   scheduler, janitor, attestation-verifier and this host's node-agent as supervised processes.
+   scheduler, janitor, attestation-verifier, key-broker and this host's node-agent as supervised processes.
 3. The node registers with its real inventory and enrolls its TPM: EK certificate checked, AK bound to
    the EK by credential activation, first quote verified; only then is it `trusted` (the scheduler's
    default minimum).
-4. A job is submitted as the marketplace, placed on this node and accepted by its node-agent, which
-   verifies the signed image, measures the launch into the TPM, boots a QEMU microvm (KVM where it works,
-   TCG otherwise), and runs the workload only after the verifier checked a quote bound to the
-   instance's key; the output comes back on the bus.
+4. A confidential job is submitted as the marketplace, placed on this node and accepted by its
+   node-agent, which verifies the signed image, measures the launch into the TPM and boots a QEMU microvm
+   (KVM where it works, TCG otherwise). After the verifier checked a quote bound to the instance's key,
+   the key-broker releases the job's volume key sealed to that key, and the guest formats and opens its
+   LUKS2 volume; the client gathers the evidence itself, checks it with the verifier's code, shows what
+   it verified and only then seals its secret to the instance. The workload reads both and prints their
+   digest; the keys are destroyed and the volume erased at the end, with evidence.
 5. `qvm audit replay`: every signature and transition checked; then the stack stops.
 """
 
@@ -29,8 +32,11 @@ from rich.table import Table
 
 from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
+from shared.cli.client import image_digest, show_verified
 from shared.cli.render import summarize
 from shared.cli.stack import LocalStack
+from shared.client.sdk import ConfidentialClient
+from shared.codec import Event
 from shared.config import Settings
 from shared.errors import QvmError
 from shared.events import (
@@ -41,7 +47,12 @@ from shared.events import (
     Domain,
     EventType,
     InstanceAttested,
+    InstanceDestroyed,
     InstanceOutput,
+    KeyReleased,
+    KeyReleaseRefused,
+    KeysDestroyed,
+    SecretsReleased,
     subject_for,
 )
 from shared.identity import Identity, Role
@@ -86,9 +97,21 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
             console.print("   node trust: [green]trusted[/green] (scheduler places only on trusted nodes)")
             job_id, job = load_job(job_file)
             job_id = f"{job_id}-{int(time.time())}"
-            await market.publish(job, job_id=job_id)
-            console.print(f"4. submitted job [bold]{job_id}[/bold] as the marketplace ({job_file})")
+            client = ConfidentialClient(market, settings.measurement_pcr)
+            await client.submit(job, job_id)
+            console.print(f"4. submitted job [bold]{job_id}[/bold] as the marketplace ({job_file})"
+                          + (f"; encrypted volume {job.volume_mib} MiB" if job.volume_mib else "")
+                          + ("; the client holds a secret" if job.client_secrets else ""))
+            if job.client_secrets:
+                verified = await client.verify(job_id, expected_images=[image_digest(bundle)], timeout_s=240)
+                console.print("   the client gathered the instance's evidence from the bus and checked it itself:")
+                show_verified(verified, console)
+                await client.release_secrets(verified, DEMO_SECRETS)
+                console.print(f"   client secret released: HPKE-sealed to instance key "
+                              f"{verified.public_key.hex()[:16]}… (the key-broker cannot open it)")
             state = await _wait_job(admin, job_id, console, 240)
+            if job.volume_mib or job.client_secrets:
+                _show_keys(await _key_events(admin, job_id), console)
             attested = await _instance_verdict(admin, job_id)
             if attested is not None:
                 console.print(f"   instance quote verified before the workload ran: image "
@@ -114,6 +137,41 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
         console.print("6. stack stopped")
     console.rule("[green]demo ok")
     return 0
+
+
+DEMO_SECRETS = {"api-token": b"demo-token: only the attested instance can read this\n"}
+
+
+async def _key_events(admin: Bus, job_id: str) -> list[Event]:
+    events: list[Event] = []
+    async for batch in read_stream(admin.js, STREAMS[Domain.KEYS].name, f"qvm.keys.{job_id}.>"):
+        events += [admin.codec.decode(m.subject, m.data) for m in batch]
+    events += [e for e in (await fold_jobs(admin.js, admin.codec, f"qvm.jobs.{job_id}.instance.destroyed.*"))[1]]
+    return events
+
+
+def _show_keys(events: list[Event], console: Console) -> None:
+    """Key release and destruction, and the volume's erasure: the evidence, never key material."""
+    for ev in events:
+        p = ev.payload
+        if isinstance(p, KeyReleased):
+            console.print(f"   key.released: volume key (KEK v{p.kek_version}) sealed with {p.suite} to instance "
+                          f"{p.instance_id}, on attestation result {p.result_id[:13]}…")
+        elif isinstance(p, KeyReleaseRefused):
+            console.print(f"   [red]key.release_refused[/red]: {p.reason}: {p.detail}")
+        elif isinstance(p, SecretsReleased):
+            console.print(f"   key.secrets_released: by the client after checking result "
+                          f"{p.verified.result_id[:13]}… (image {p.verified.image_manifest_sha256[:16]}…)")
+        elif isinstance(p, KeysDestroyed) and p.volume is not None:
+            v = p.volume
+            console.print(f"   key.destroyed ({p.reason}): wrapped copy {v.wrapped_sha256[:16]}… purged "
+                          f"(store revision {v.store_revision}), {v.plaintext_buffers_zeroed} plaintext buffers "
+                          f"overwritten, held by {v.released_to or 'nobody'}")
+        elif isinstance(p, InstanceDestroyed) and p.volume is not None:
+            v2 = p.volume
+            console.print(f"   volume erased on the node: LUKS header found {v2.luks_header_found}, "
+                          f"cryptsetup erase {v2.luks_erase}, {v2.overwritten_bytes} header bytes overwritten, "
+                          f"verified zero {v2.verified_zero}, file removed {v2.removed}")
 
 
 async def _wait_node(admin: Bus, node_id: str, seconds: float) -> dict[str, Any]:

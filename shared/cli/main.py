@@ -22,6 +22,7 @@ from rich.table import Table
 
 from shared.bus import Bus
 from shared.cli.attest import attest_app
+from shared.cli.client import client_app
 from shared.cli.keys import keys_app
 from shared.cli.render import summarize
 from shared.config import Settings
@@ -53,6 +54,7 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
 app.add_typer(image_app, name="image")
 app.add_typer(attest_app, name="attest")
+app.add_typer(client_app, name="client")
 app.add_typer(keys_app, name="keys")
 console = Console()
 err = Console(stderr=True)
@@ -427,7 +429,7 @@ def audit_replay(workers: Annotated[int | None, typer.Option(help="Verifier proc
 
 @app.command()
 def demo(state_dir: Annotated[Path, typer.Option(help="Where the demo stack keeps its state")] = Path(".qvm/demo"),
-         job_file: Path = Path("deploy/examples/job.yaml")) -> None:
+         job_file: Path = Path("deploy/examples/confidential-job.yaml")) -> None:
     """Bring the embedded stack up, register this host, place and accept a job, audit, stop."""
     from shared.cli.demo import run_demo
 

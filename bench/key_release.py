@@ -1,0 +1,192 @@
+"""6. Key release: verified result -> sealed key at the node, latency and throughput.
+
+The key-broker runs as deployed (`python -m services.key_broker`, its KEK ring from a passphrase file);
+the bench process plays the marketplace (job.submitted with a volume), the node-agent (instance
+announcements; it receives the releases through a push consumer) and the verifier (signed
+instance.attested results). Every release is a real one: read the job's record, decide, compare-and-set,
+unwrap the DEK under the KEK, seal it with HPKE to the instance key, publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from bench.common import Figure, say, section, windowed
+from bench.stack import BenchStack, bench_stack
+from services.key_broker.store import BUCKET
+from shared.bus import Bus
+from shared.crypto import hpke
+from shared.crypto.kek import create_kek_file
+from shared.events import (
+    AttestPurpose,
+    InstanceAttested,
+    InstanceProvisioning,
+    JobSubmitted,
+    KeyReleased,
+)
+from shared.identity import Identity, Role
+from shared.models import TrustState
+from shared.pki import Pki
+
+__all__ = ["run"]
+
+P50_TARGET_MS = 5.0
+RATE_TARGET = 2000.0
+LATENCY_SAMPLES = 300
+BURST = 3000
+NODE = "bench-node"
+PASSPHRASE = "bench passphrase"
+
+
+def _pub(key: x25519.X25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def _result(job_id: str, instance: str, public_key: str, n: int) -> InstanceAttested:
+    now = time.time_ns()
+    return InstanceAttested(
+        purpose=AttestPurpose.INSTANCE, challenge_id=f"{n:032x}", evidence_id=f"e-{n}", instance_id=instance,
+        job_id=job_id, trust=TrustState.TRUSTED, ak_name="00", ek_sha256="cd" * 32, image_manifest_sha256="ab" * 32,
+        public_key=public_key, pcr_sha256="ef" * 32, reset_count=0, restart_count=0, firmware_version="0",
+        verified_ns=now, expires_ns=now + 600 * 10**9)
+
+
+async def run(tmp: Path) -> list[Figure]:
+    section(
+        "6. Key release (key-broker)",
+        f"`python -m services.key_broker` in its own process (KEK ring from a scrypt passphrase file); "
+        f"{LATENCY_SAMPLES + BURST:,} jobs with a volume submitted and their instances announced first (keys made "
+        f"and stored wrapped); latency: {LATENCY_SAMPLES} instance.attested published one at a time (signed as "
+        "the verifier), timed to the key.released arrival at a push consumer (the node's side), whose sealed key "
+        f"is opened with the instance key; throughput: {BURST:,} results pre-signed as the verifier, published "
+        "with 256 in flight, arrivals stamped by subject; releases/s = releases / (first publish -> last arrival)",
+    )
+    pki = Pki(tmp / "pki")
+    pki.init(nodes=[NODE])
+    async with bench_stack(pki, tmp / "nats") as stack, _broker(stack, tmp):
+        market = await stack.bus(Role.MARKETPLACE)
+        verifier = await stack.bus(Role.ATTESTATION_VERIFIER)
+        node = await Bus.connect(stack.server.url, pki, Identity(Role.NODE_AGENT, NODE))
+        stack.buses.append(node)
+        admin = await stack.bus(Role.ADMIN)
+        total = LATENCY_SAMPLES + BURST
+        keys = [x25519.X25519PrivateKey.generate() for _ in range(total)]
+        jobs = [f"kr-{i}" for i in range(total)]
+        await windowed(list(range(total)), lambda i: market.publish(
+            JobSubmitted(owner="b", image="img", volume_mib=32), job_id=jobs[i]), window=128)
+        await windowed(list(range(total)), lambda i: node.publish(InstanceProvisioning(
+            instance_id=f"i-{i}", image="img", image_manifest_sha256="ab" * 32, vmm="qemu-microvm",
+            public_key=_pub(keys[i])), job_id=jobs[i], node_id=NODE), window=128)
+        await _until_announced(admin, total)
+
+        arrived: dict[str, float] = {}
+        sealed: dict[str, str] = {}
+        waiters: dict[str, asyncio.Future[float]] = {}
+        all_in = asyncio.Event()
+
+        async def on_msg(msg: Any) -> None:
+            """Latency samples are decoded and checked; burst arrivals are only stamped (the node's signature
+            checks are not the broker's cost, and this process shares the two cores with it)."""
+            t = time.perf_counter()
+            job = msg.subject.split(".")[2]
+            arrived[job] = t
+            if len(arrived) == total:
+                all_in.set()
+            w = waiters.pop(job, None)
+            if w is not None and not w.done():
+                event = admin.codec.decode(msg.subject, msg.data)
+                assert isinstance(event.payload, KeyReleased)
+                sealed[job] = event.payload.sealed
+                w.set_result(t)
+
+        sub = await admin.js.subscribe("qvm.keys.*.released.*", stream="QVM_KEYS", ordered_consumer=True, cb=on_msg)
+        try:
+            lat = []
+            for i in range(LATENCY_SAMPLES):
+                fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                waiters[jobs[i]] = fut
+                t0 = time.perf_counter()
+                await verifier.publish(_result(jobs[i], f"i-{i}", _pub(keys[i]), i), job_id=jobs[i], node_id=NODE)
+                lat.append((await asyncio.wait_for(fut, 30) - t0) * 1000)
+            opened = hpke.open_sealed(bytes.fromhex(sealed[jobs[0]]), keys[0], hpke.release_info("dek", jobs[0], "i-0"))
+            assert len(opened) == 32
+
+            burst = list(range(LATENCY_SAMPLES, total))
+            signed = {i: verifier.codec.encode(_result(jobs[i], f"i-{i}", _pub(keys[i]), i), job_id=jobs[i],
+                                               node_id=NODE) for i in burst}  # the verifier's cost: not timed
+
+            async def publish(i: int) -> None:
+                out = signed[i]
+                ack = await verifier.js.publish_async(out.subject, out.data, headers={"Nats-Msg-Id": out.event_id})
+                await ack
+
+            t0 = time.perf_counter()
+            await windowed(burst, publish, window=256)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_in.wait(), 120)
+            done = [arrived[jobs[i]] for i in burst if jobs[i] in arrived]
+            rate = len(done) / (max(done) - t0) if done else 0.0
+        finally:
+            await sub.unsubscribe()
+    lat.sort()
+    p50, p99 = statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
+    figs = [
+        Figure("verified -> released latency p50", p50, "ms", P50_TARGET_MS),
+        Figure("verified -> released latency p99", p99, "ms", note=f"max {lat[-1]:.1f} ms"),
+        Figure("key releases/s (burst)", rate, "/s", RATE_TARGET, higher_is_better=True,
+               note=f"{len(done):,} of {len(burst):,} released"),
+    ]
+    for f in figs:
+        say(f.line())
+    return figs
+
+
+async def _until_announced(admin: Bus, total: int) -> None:
+    """Until the broker stored every job's key with its announced instance (the KV stream's last sequence
+    counts writes: one create plus one update per job)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        info = await admin.stream_info(f"KV_{BUCKET}")
+        if info is not None and info.state.last_seq >= 2 * total:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the key-broker did not store every job's key in time")
+
+
+@contextlib.asynccontextmanager
+async def _broker(stack: BenchStack, tmp: Path) -> AsyncIterator[None]:
+    kek = tmp / "kek.json"
+    create_kek_file(kek, bytearray(PASSPHRASE.encode()))
+    log = stack.root / "key-broker.log"
+    env = dict(os.environ)
+    env.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
+                "QVM_STATE_DIR": str(stack.root), "QVM_LOG_LEVEL": "INFO", "QVM_KEK_SOURCE": f"file:{kek}",
+                "QVM_KEK_PASSPHRASE": PASSPHRASE})
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.key_broker"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while b"key-broker ready" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"key-broker did not start: {log.read_text()[-500:]}")
+            await asyncio.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

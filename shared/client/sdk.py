@@ -1,0 +1,62 @@
+"""The client's face of qvm: submit a confidential job, verify its instance, release secrets to it.
+
+    job_id = await client.submit(job)                      # job.client_secrets=True: the workload waits
+    verified = await client.verify(job_id, expected_images=[digest])
+    await client.release_secrets(verified, {"api-token": b"..."})
+
+`verify` gathers the evidence from the bus and checks it with the verifier's own code (see `verify`);
+`release_secrets` seals the bundle with HPKE to the key the client just verified, bound to the job and
+instance ids, so only that instance's holder can open it. Neither the key-broker nor anyone on the bus
+can read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Collection, Mapping
+
+from shared.bus import Bus
+from shared.client.bundle import pack_bundle
+from shared.client.evidence import collect_evidence
+from shared.client.verify import VerifiedInstance, verify_instance
+from shared.crypto import hpke
+from shared.crypto.secret import zeroize
+from shared.events import JobSubmitted, SecretsReleased
+from shared.ids import derive_event_id
+
+__all__ = ["ConfidentialClient"]
+
+
+class ConfidentialClient:
+    def __init__(self, bus: Bus, measurement_pcr: int = 15) -> None:
+        """`bus` is connected as the marketplace identity (which publishes jobs on the clients' behalf)."""
+        self.bus = bus
+        self.measurement_pcr = measurement_pcr
+
+    async def submit(self, job: JobSubmitted, job_id: str | None = None) -> str:
+        job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
+        await self.bus.publish(job, job_id=job_id)
+        return job_id
+
+    async def verify(self, job_id: str, *, expected_images: Collection[str] = (), timeout_s: float = 180.0
+                     ) -> VerifiedInstance:
+        """Wait for the instance's attestation, then check all of its evidence here."""
+        evidence = await collect_evidence(self.bus, job_id, timeout_s)
+        return await asyncio.to_thread(verify_instance, evidence, expected_images=expected_images,
+                                       measurement_pcr=self.measurement_pcr, now_ns=time.time_ns())
+
+    async def release_secrets(self, verified: VerifiedInstance, files: Mapping[str, bytes | bytearray]) -> str:
+        """Seal `files` to the verified instance and publish them; returns the event id."""
+        bundle = pack_bundle(files)
+        info = hpke.release_info("client-secrets", verified.job_id, verified.instance_id)
+        try:
+            sealed = await asyncio.to_thread(hpke.seal, bundle, verified.public_key, info)
+        finally:
+            zeroize(bundle)
+        event = SecretsReleased(instance_id=verified.instance_id, suite=hpke.SUITE_NAME, sealed=sealed.hex(),
+                                verified=verified.claims)
+        event_id = derive_event_id(verified.claims.result_id, "SecretsReleased")
+        await self.bus.publish(event, job_id=verified.job_id, node_id=verified.node_id, event_id=event_id)
+        return event_id
