@@ -207,12 +207,15 @@ class KeyBroker:
                 return
             if not decision.redelivery:
                 spent = {**record.spent_results, event.id: event.stream_seq}
-                updated = record.model_copy(update={
+                changes: dict[str, object] = {
                     "holder": instance,
                     "spent_results": dict(list(spent.items())[-MAX_SPENT:]),
                     "spent_challenges": (*record.spent_challenges, result.challenge_id)[-MAX_SPENT:],
                     "plaintext_buffers_zeroed": record.plaintext_buffers_zeroed + 1,
-                })
+                }
+                if record.kek_version != self.ring.current:  # KEK rotated since: store it under the current one
+                    changes.update(await self._rewrapped(job_id, record))
+                updated = record.model_copy(update=changes)
                 try:
                     await self.kv.update(job_key(job_id), updated, revision)
                 except Stale:
@@ -221,6 +224,15 @@ class KeyBroker:
             await self._release(job_id, node, record, result, event)
             return
         raise Stale(job_key(job_id))  # still contended: the message is redelivered and decided again
+
+    async def _rewrapped(self, job_id: str, record: JobKeys) -> dict[str, object]:
+        old = WrappedKey.from_bytes(bytes.fromhex(record.wrapped))
+        new = await asyncio.to_thread(self.ring.rewrap, old, dek_aad(job_id))
+        blob = new.to_bytes()
+        log.info("volume key rewrapped", extra={"kek_from": old.kek_version, "kek_to": new.kek_version})
+        return {"wrapped": blob.hex(), "kek_version": new.kek_version,
+                "wrapped_sha256": hashlib.sha256(blob).hexdigest(),
+                "plaintext_buffers_zeroed": record.plaintext_buffers_zeroed + 2}
 
     async def _release(self, job_id: str, node: str, record: JobKeys, result: InstanceAttested, event: Event) -> None:
         instance = result.instance_id or ""

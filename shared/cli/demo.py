@@ -144,9 +144,10 @@ DEMO_SECRETS = {"api-token": b"demo-token: only the attested instance can read t
 
 async def _key_events(admin: Bus, job_id: str) -> list[Event]:
     events: list[Event] = []
-    async for batch in read_stream(admin.js, STREAMS[Domain.KEYS].name, f"qvm.keys.{job_id}.>"):
-        events += [admin.codec.decode(m.subject, m.data) for m in batch]
-    events += [e for e in (await fold_jobs(admin.js, admin.codec, f"qvm.jobs.{job_id}.instance.destroyed.*"))[1]]
+    for domain, subject in ((Domain.KEYS, f"qvm.keys.{job_id}.>"),
+                            (Domain.JOBS, f"qvm.jobs.{job_id}.instance.destroyed.*")):
+        async for batch in read_stream(admin.js, STREAMS[domain].name, subject):
+            events += [admin.codec.decode(m.subject, m.data) for m in batch]
     return events
 
 

@@ -24,7 +24,7 @@ from services.key_broker.store import BUCKET, JobKeys, NodeRevocation, job_key, 
 from shared.bus import Bus
 from shared.codec import Event
 from shared.crypto import CryptoError, hpke
-from shared.crypto.kek import PassphraseFileSource, WrappedKey, create_kek_file
+from shared.crypto.kek import PassphraseFileSource, WrappedKey, create_kek_file, rotate_kek_file
 from shared.events import (
     AttestPurpose,
     EventRejected,
@@ -129,8 +129,10 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def broker_env(stack: Stack, tmp_path: Path) -> AsyncIterator[Env]:
-    create_kek_file(tmp_path / "kek.json", bytearray(b"test passphrase"))
+async def broker_env(stack: Stack, tmp_path: Path, create: bool = True,
+                     keys: dict[str, x25519.X25519PrivateKey] | None = None) -> AsyncIterator[Env]:
+    if create:
+        create_kek_file(tmp_path / "kek.json", bytearray(b"test passphrase"))
     ring = PassphraseFileSource(tmp_path / "kek.json", bytearray(b"test passphrase")).load()
     kb = await stack.bus(Role.KEY_BROKER)
     kv = Kv(await kb.js.key_value(BUCKET))
@@ -139,6 +141,8 @@ async def broker_env(stack: Stack, tmp_path: Path) -> AsyncIterator[Env]:
     task = asyncio.create_task(broker.run(stop))
     env = Env(stack, await stack.bus(Role.MARKETPLACE), await stack.bus(Role.NODE_AGENT, NODE),
               await stack.bus(Role.ATTESTATION_VERIFIER), await stack.bus(Role.ADMIN), broker, kv)
+    if keys is not None:
+        env.keys = keys
     try:
         yield env
     finally:
@@ -295,3 +299,26 @@ async def test_confidential_job_needs_confidential_evidence(stack: Stack, tmp_pa
         await env.announce(job_id, "i-1")
         answer = await env.attest(job_id, env.result(job_id, "i-1"))
         assert answer.payload.reason == "security_level_not_met"  # type: ignore[union-attr]
+
+
+async def test_a_rotated_kek_rewraps_the_key_at_its_release(stack: Stack, tmp_path: Path) -> None:
+    """Keys made under KEK v1; the broker restarts with v1 and v2 (rotation): the release stores the key
+    under v2 and says so, and the key is the same."""
+    async with broker_env(stack, tmp_path) as env:
+        job = await env.job()
+        await env.announce(job, "i-1")
+        before = await env.record(job)
+        assert before is not None and before.kek_version == 1
+        dek = _dek_in_store(env, before, job)
+        keys = env.keys
+    assert rotate_kek_file(tmp_path / "kek.json", bytearray(b"test passphrase")) == 2
+    async with broker_env(stack, tmp_path, create=False, keys=keys) as env:
+        assert env.broker.ring.versions == (1, 2)
+        answer = await env.attest(job, env.result(job, "i-1"))
+        assert isinstance(answer.payload, KeyReleased) and answer.payload.kek_version == 2
+        after = await env.record(job)
+        assert after is not None and after.kek_version == 2 and after.wrapped != before.wrapped
+        assert _dek_in_store(env, after, job) == dek
+        opened = hpke.open_sealed(bytes.fromhex(answer.payload.sealed), env.key("i-1"),
+                                  hpke.release_info("dek", job, "i-1"))
+        assert bytes(opened) == dek
