@@ -75,7 +75,7 @@ async def run(tmp: Path) -> list[Figure]:
     )
     pki = Pki(tmp / "pki")
     pki.init(nodes=[NODE])
-    async with bench_stack(pki, tmp / "nats") as stack, _broker(stack, tmp):
+    async with bench_stack(pki, tmp / "nats") as stack, _broker(stack, tmp, int(os.environ.get('KR_REPLICAS', '1'))):
         market = await stack.bus(Role.MARKETPLACE)
         verifier = await stack.bus(Role.ATTESTATION_VERIFIER)
         node = await Bus.connect(stack.server.url, pki, Identity(Role.NODE_AGENT, NODE))
@@ -166,27 +166,33 @@ async def _until_announced(admin: Bus, total: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _broker(stack: BenchStack, tmp: Path) -> AsyncIterator[None]:
+async def _broker(stack: BenchStack, tmp: Path, replicas: int = 1) -> AsyncIterator[None]:
     kek = tmp / "kek.json"
-    create_kek_file(kek, bytearray(PASSPHRASE.encode()))
-    log = stack.root / "key-broker.log"
+    if not kek.exists():
+        create_kek_file(kek, bytearray(PASSPHRASE.encode()))
     env = dict(os.environ)
     env.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
                 "QVM_STATE_DIR": str(stack.root), "QVM_LOG_LEVEL": "INFO", "QVM_KEK_SOURCE": f"file:{kek}",
                 "QVM_KEK_PASSPHRASE": PASSPHRASE})
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.key_broker"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
+        for n in range(replicas):
+            log = stack.root / f"key-broker-{n}.log"
+            with open(log, "wb") as out:
+                procs.append((subprocess.Popen([sys.executable, "-m", "services.key_broker"], env=env, stdout=out,
+                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log))
         deadline = time.monotonic() + 60
-        while b"key-broker ready" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"key-broker did not start: {log.read_text()[-500:]}")
-            await asyncio.sleep(0.05)
+        for proc, log in procs:
+            while b"key-broker ready" not in log.read_bytes():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"key-broker did not start: {log.read_text()[-500:]}")
+                await asyncio.sleep(0.05)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
