@@ -16,8 +16,9 @@ import builtins
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, StringConstraints, field_validator
 
 from shared.errors import Reason
 from shared.identity import JobId, NodeId, Role
@@ -158,10 +159,13 @@ class EventType(StrEnum):
 _HEX64 = r"^[0-9a-f]{64}$"
 
 
+MIN_VOLUME_MIB = 16
+
+
 class KeyReleasePolicy(Frozen):
     """What an attested instance must show before the key-broker releases the job's volume key to it."""
 
-    allowed_images: tuple[str, ...] = Field(
+    allowed_images: tuple[Annotated[str, StringConstraints(pattern=_HEX64)], ...] = Field(
         (), max_length=64, description="Image manifest digests (hex SHA-256) the key may go to; empty: any image "
                                        "the verifier's policy approved.")
     min_trust: TrustState = Field(TrustState.TRUSTED, description="Lowest trust the attestation result may carry.")
@@ -184,6 +188,13 @@ class JobSubmitted(Frozen):
     client_secrets: bool = Field(False, description="The workload waits for the client's own secret bundle "
                                  "(verified and released by the client, mounted at /run/secrets).")
     key_release: KeyReleasePolicy = KeyReleasePolicy()
+
+    @field_validator("volume_mib")
+    @classmethod
+    def _volume_size(cls, v: int) -> int:
+        if 0 < v < MIN_VOLUME_MIB:
+            raise ValueError(f"a data volume needs at least {MIN_VOLUME_MIB} MiB (LUKS2 header and a file system)")
+        return v
 
 
 class JobPending(Frozen):

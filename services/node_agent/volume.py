@@ -23,13 +23,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from shared.events import MIN_VOLUME_MIB  # the LUKS2 header area alone is 2 MiB; a file system needs room
 from shared.models import VolumeErasure
 
 __all__ = ["LUKS2_MAGIC", "MIN_VOLUME_MIB", "MIN_WIPE_BYTES", "VOLUME_FILE", "erase_volume", "luks2_layout",
            "make_volume"]
 
 VOLUME_FILE = "volume.luks"
-MIN_VOLUME_MIB = 16  # the LUKS2 header area alone is 2 MiB (16 KiB metadata x2, 1 MiB keyslots, aligned)
 LUKS2_MAGIC = b"LUKS\xba\xbe"
 LUKS2_MAGIC_SECONDARY = b"SKUL\xba\xbe"
 MIN_WIPE_BYTES = 2 << 20  # the data offset the guest init's format options give
