@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shared.crypto.kek import PassphraseFileSource, WrappedKey, create_kek_file
 
 from services.attestation_verifier.policy_gen import local_policy
 from services.attestation_verifier.service import Verifier
@@ -27,6 +26,7 @@ from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
 from shared.client.sdk import ConfidentialClient
 from shared.codec import Event
+from shared.crypto.kek import PassphraseFileSource, WrappedKey, create_kek_file
 from shared.events import (
     STREAMS,
     EventType,
