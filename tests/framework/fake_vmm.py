@@ -34,6 +34,33 @@ FC_SCHEMAS: dict[str, tuple[dict[str, type], dict[str, type]]] = {  # required, 
 CH_CONFIG_KEYS = {"cpus", "memory", "payload", "disks", "net", "rng", "serial", "console", "devices", "vsock",
                   "iommu", "platform", "balloon", "fs", "pmem", "numa", "watchdog", "pvpanic", "tpm", "landlock_enable"}
 CONSOLE_MODES = {"Off", "Pty", "Tty", "File", "Socket", "Null"}
+# VmConfig.devices[] (DeviceConfig in cloud-hypervisor's vm_config.rs and openapi): VFIO devices by sysfs path
+CH_DEVICE_REQUIRED: dict[str, type] = {"path": str}
+CH_DEVICE_OPTIONAL: dict[str, type] = {"iommu": bool, "id": str, "pci_segment": int, "x_nv_gpudirect_clique": int}
+
+
+def check_ch_devices(devices: Any, num_pci_segments: int = 1) -> str | None:
+    """What cloud-hypervisor refuses in `devices`: not a list, a DeviceConfig without `path` or with a wrong
+    type (an unknown field too: this stand-in is stricter than serde there), an out-of-range integer
+    (pci_segment is u16 and below the platform's segment count, the clique is u8), or an id used twice."""
+    if not isinstance(devices, list):
+        return "devices must be an array of DeviceConfig"
+    ids: set[str] = set()
+    for dev in devices:
+        if isinstance(dev, dict):  # Option<...> fields: null is their default
+            dev = {k: v for k, v in dev.items() if not (v is None and k in ("id", "x_nv_gpudirect_clique"))}
+        err = check(dev, CH_DEVICE_REQUIRED, CH_DEVICE_OPTIONAL)
+        if err:
+            return f"invalid DeviceConfig: {err}"
+        if not 0 <= dev.get("pci_segment", 0) < num_pci_segments:
+            return "invalid DeviceConfig: pci_segment out of range"
+        if not 0 <= dev.get("x_nv_gpudirect_clique", 0) <= 255:
+            return "invalid DeviceConfig: x_nv_gpudirect_clique out of range"
+        if "id" in dev:
+            if dev["id"] in ids:
+                return f"identifier {dev['id']} is not unique"
+            ids.add(dev["id"])
+    return None
 
 
 def check(body: Any, required: dict[str, type], optional: dict[str, type]) -> str | None:
@@ -134,6 +161,11 @@ class Fake:
             for disk in body.get("disks", []):
                 if "path" not in disk:
                     return 400, "disk path is required"
+            if "devices" in body:
+                segments = body.get("platform", {}).get("num_pci_segments", 1)
+                err = check_ch_devices(body["devices"], segments if isinstance(segments, int) else 1)
+                if err:
+                    return 400, err
             for dev in ("serial", "console"):
                 mode = body.get(dev, {}).get("mode", "Off")
                 if mode not in CONSOLE_MODES or (mode == "Socket" and not body[dev].get("socket")):

@@ -43,6 +43,9 @@ class LaunchSpec:
     confine: Callable[[], None] | None = None  # runs in the VMM's child before exec (cgroup, netns, seccomp)
     tap: str | None = None  # the instance's tap, inside the namespace the VMM joins (None: no NIC)
     volume: Path | None = None  # the data volume (sparse file; the guest makes it LUKS2): the third disk, vdc
+    # PCI devices passed through (BDFs or /sys/bus/pci/devices/... paths), already on vfio-pci with their whole
+    # IOMMU group (isolation/vfio.py `bind_vfio`); empty: no passthrough, and no PCI bus where a VMM can omit it
+    vfio_devices: tuple[str, ...] = ()
 
 
 @dataclass

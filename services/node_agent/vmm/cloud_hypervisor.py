@@ -4,7 +4,9 @@
 The guest channel is a virtio console (`console: {mode: Socket}`, hvc0 in the guest,
 `qvm.channel=hvc0`), dedicated to the channel; the kernel console goes to the serial port, logged to
 the instance's console.log. Image files are the agent's verified descriptors (`/proc/<agent>/fd/N`).
-It boots the image's ELF `vmlinux` (PVH; `qvm image build --with-vmlinux`). GPU attachment comes with VFIO.
+It boots the image's ELF `vmlinux` (PVH; `qvm image build --with-vmlinux`). GPUs (`LaunchSpec.vfio_devices`,
+already on vfio-pci with their IOMMU group) are cold-plugged: VmConfig `devices`, one
+`{"path": "/sys/bus/pci/devices/BDF/", "id": "vfioN"}` each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import time
 
+from services.node_agent.isolation.vfio import VfioError, host_sysfs_path
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.rest import UdsApi, api_socket_path, stop_through_api
 
@@ -54,6 +57,12 @@ class CloudHypervisor:
         }
         if spec.tap:
             config["net"] = [{"tap": spec.tap}]
+        if spec.vfio_devices:
+            try:
+                config["devices"] = [{"path": host_sysfs_path(dev), "id": f"vfio{i}"}
+                                     for i, dev in enumerate(spec.vfio_devices)]
+            except VfioError as exc:
+                raise VmmError(exc.reason, exc.detail) from None
         return config
 
     async def launch(self, spec: LaunchSpec) -> VmProcess:

@@ -14,7 +14,8 @@ bytes are copied from the agent's open descriptors into the chroot (so a file re
 check still never boots), and API paths are relative to the chroot. The scratch disk and the data volume
 are copied in sparse (still empty then); the guest writes the jail's copy of the volume, so `stop` erases
 that copy (LUKS2 keyslots and header, `volume.erase_volume`) before the jail is removed. The agent's cgroup and network
-namespace are joined before exec either way. Not yet: guest RAM from an agent-owned memfd.
+namespace are joined before exec either way. Not yet: guest RAM from an agent-owned memfd. GPU passthrough
+is refused (`vfio_unsupported`): Firecracker has not released VFIO.
 It boots the image's ELF `vmlinux` (`qvm image build --with-vmlinux`).
 """
 
@@ -54,6 +55,9 @@ class Firecracker:
         return shutil.which(self.binary) is not None
 
     async def launch(self, spec: LaunchSpec) -> VmProcess:
+        if spec.vfio_devices:  # refused before anything starts: a job that needs a GPU never runs without it
+            raise VmmError("vfio_unsupported", "Firecracker has no released VFIO passthrough (only a feature "
+                                               "branch); GPU jobs need QEMU microvm or Cloud Hypervisor")
         if not self.available():
             raise VmmError("vmm_missing", f"{self.binary} not found")
         jail: Path | None = None

@@ -10,6 +10,9 @@
   opened inside the guest: the host file only ever holds ciphertext) are the instance's writable storage.
 - No network device unless the instance has one (`-nodefaults` gives no NIC); with one, it is a tap in the
   instance's own network namespace behind an nftables default-deny policy (isolation/network.py).
+- GPUs (`LaunchSpec.vfio_devices`, already on vfio-pci) are `-device vfio-pci,host=BDF`. microvm has no PCI
+  bus by default: only then is `pcie=on` given, which adds a PCIe host bridge (GPEX) that microvm creates only
+  with ACPI, so `acpi=on` is made explicit with it. The virtio devices stay on virtio-mmio either way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 from services.node_agent.isolation.seccomp import QEMU_ALLOW
+from services.node_agent.isolation.vfio import VfioError, pci_address
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.qmp import Qmp
 
@@ -71,6 +75,13 @@ async def detect_accel(kernel: Path, qemu: str = QEMU) -> tuple[str, str]:
     return result
 
 
+def _bdf(dev: str) -> str:
+    try:
+        return pci_address(dev)
+    except VfioError as exc:
+        raise VmmError(exc.reason, exc.detail) from None
+
+
 class QemuMicrovm:
     name = "qemu-microvm"
 
@@ -108,6 +119,8 @@ class QemuMicrovm:
         volume = ["-drive", f"id=volume,file={spec.volume},format=raw,if=none",
                   "-device", "virtio-blk-device,drive=volume"] if spec.volume is not None else []
         machine = "microvm,x-option-roms=off,rtc=off"
+        if spec.vfio_devices:
+            machine += ",acpi=on,pcie=on"
         argv = [self.qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
                 "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M"]
         if spec.memory_fd is not None:
@@ -132,6 +145,8 @@ class QemuMicrovm:
         if spec.tap:
             argv += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
                      "-device", "virtio-net-device,netdev=n0"]
+        for i, dev in enumerate(spec.vfio_devices):
+            argv += ["-device", f"vfio-pci,host={_bdf(dev)},id=vfio{i}"]
         return argv
 
     async def launch(self, spec: LaunchSpec) -> VmProcess:
