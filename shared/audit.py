@@ -1,10 +1,11 @@
 """`qvm audit replay`: replay every stream from its first message; verify every signature and every
-job transition; report dead letters. Any violation makes the audit fail.
+job transition; check that every finished job has a complete teardown record and that no key outlived
+its job; report dead letters. Any violation makes the audit fail.
 
 Ed25519 verification dominates the cost, so the work is sharded over worker processes: job events are
 partitioned by job id (each job's events stay in stream order inside one shard, where its transitions
-are folded), other events are spread evenly. The parent only fetches and routes raw bytes; shards send
-back counts and violations, never decoded events.
+are folded; its key and teardown events are routed the same way), other events are spread evenly. The
+parent only fetches and routes raw bytes; shards send back counts and violations, never decoded events.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from nats.js import JetStreamContext
 
 from shared.codec import Codec
 from shared.errors import RejectedEvent, TransitionNotAllowed
-from shared.events import STREAMS, Domain
+from shared.events import STREAMS, Domain, KeyReleased, KeysDestroyed, TeardownRecord
 from shared.lifecycle import JobBook
 from shared.pki import TrustBundle
 from shared.replay import RawMessage, read_stream
@@ -65,6 +66,9 @@ class AuditShard:
         self.codec = codec
         self.book = JobBook()
         self.report = AuditReport()
+        self.records: dict[str, TeardownRecord] = {}
+        self.keys_released: set[str] = set()
+        self.keys_destroyed: set[str] = set()
 
     def add(self, stream: str, items: list[Item], fold: bool) -> None:
         r = self.report
@@ -82,9 +86,30 @@ class AuditShard:
                     self.book.apply(event)
                 except TransitionNotAllowed as exc:
                     r.violations.append(f"{stream} #{seq}: illegal transition: {exc}")
+            job = event.job_id or ""
+            match event.payload:
+                case TeardownRecord() as rec:
+                    self.records[job] = rec
+                case KeyReleased():
+                    self.keys_released.add(job)
+                case KeysDestroyed():
+                    self.keys_destroyed.add(job)
 
     def finish(self) -> AuditReport:
         self.report.job_states.update(str(v.state) for v in self.book.jobs.values())
+        for view in self.book.jobs.values():
+            if not view.terminal:
+                continue
+            rec = self.records.get(view.job_id)
+            if rec is None:
+                self.report.violations.append(f"job {view.job_id} ended ({view.state}) without a teardown record")
+            elif not rec.complete:
+                bad = [f"{st.name}: {st.status}" for st in rec.steps if st.status in ("missing", "failed")]
+                self.report.violations.append(f"job {view.job_id}: teardown incomplete ({'; '.join(bad)[:300]})")
+            had_volume = bool(view.spec and view.spec.volume_mib and view.instance_id)
+            had_keys = view.job_id in self.keys_released or had_volume
+            if had_keys and view.job_id not in self.keys_destroyed:
+                self.report.violations.append(f"job {view.job_id}: its key outlived it (no key.destroyed)")
         return self.report
 
 
@@ -119,13 +144,14 @@ class AuditWorkers:
             self._conns.append(parent)
             self._procs.append(proc)
 
-    def send(self, stream: str, msgs: list[RawMessage], fold: bool) -> None:
+    def send(self, stream: str, msgs: list[RawMessage], fold: bool, by_job: bool = False) -> None:
+        """`fold`: job events (transitions folded); `by_job`: routed by the job id in the subject."""
         if not self._conns:
             self._local.add(stream, [(m.seq, m.subject, m.data) for m in msgs], fold)
             return
         n = len(self._conns)
         parts: list[list[Item]] = [[] for _ in range(n)]
-        if fold:  # job events: one job -> one shard, in stream order
+        if fold or by_job:  # one job -> one shard, in stream order
             for m in msgs:
                 key = m.subject.split(".", 3)[2] if m.subject.count(".") >= 3 else m.subject
                 parts[zlib.crc32(key.encode()) % n].append((m.seq, m.subject, m.data))
@@ -170,7 +196,8 @@ async def audit_replay(js: JetStreamContext, workers: AuditWorkers) -> AuditRepo
             if domain is Domain.DEAD:
                 dead += _dead_letters(batch)
                 batch = [m for m in batch if m.subject.startswith("qvm.dead.rejected.")]
-            workers.send(spec.name, batch, fold=domain is Domain.JOBS)
+            workers.send(spec.name, batch, fold=domain is Domain.JOBS,
+                         by_job=domain in (Domain.JOBS, Domain.KEYS, Domain.TEARDOWN))
     report = workers.collect()
     report.dead_letters = dead
     report.seconds = time.perf_counter() - start

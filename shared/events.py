@@ -16,7 +16,7 @@ import builtins
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
@@ -26,10 +26,12 @@ from shared.models import (
     Frozen,
     HardwareProfile,
     Inventory,
+    MemoryScrub,
     ResourceClaim,
     SecurityLevel,
     TrustState,
     VolumeErasure,
+    VramScrub,
 )
 
 __all__ = [
@@ -77,7 +79,9 @@ __all__ = [
     "NodeRevoked",
     "SecretsReleased",
     "StreamSpec",
+    "TeardownRecord",
     "TeardownRequested",
+    "TeardownStep",
     "VerifiedClaims",
     "spec_for",
     "subject_for",
@@ -150,6 +154,7 @@ class EventType(StrEnum):
     KEYS_DESTROYED = "key.destroyed"
     SECRETS_RELEASED = "key.secrets_released"
     TEARDOWN_REQUESTED = "teardown.requested"
+    TEARDOWN_RECORD = "teardown.record"
     EVENT_REJECTED = "event.rejected"
 
 
@@ -295,6 +300,8 @@ class InstanceDestroyed(Frozen):
     instance_id: str = _INSTANCE_ID
     removed: tuple[str, ...] = Field((), max_length=64, description="What the agent removed (no secrets).")
     volume: VolumeErasure | None = Field(None, description="The encrypted data volume's erasure, with evidence.")
+    ram: MemoryScrub | None = Field(None, description="The guest RAM's scrub, with evidence.")
+    gpus: tuple[VramScrub, ...] = Field((), max_length=16, description="Each GPU's VRAM scrub, with evidence.")
 
 
 class NodeRegistered(Frozen):
@@ -499,6 +506,39 @@ class SecretsReleased(Frozen):
     verified: VerifiedClaims
 
 
+# ---------------------------------------------------------------- teardown
+
+
+class TeardownStep(Frozen):
+    name: str = Field(max_length=128, examples=["guest_ram", "vram:GPU-…", "volume", "keys", "instance"])
+    status: Literal["ok", "failed", "missing", "not_needed"]
+    detail: str = Field("", max_length=512)
+
+
+class TeardownRecord(Frozen):
+    """The end of a job: one signed record of what was wiped, how many bytes, by which method, whether it
+    verified, and how long it took. `complete` is true only when every wipe the job needed verified."""
+
+    node: str = Field("", max_length=64, description="The node the job ran on (not in the subject: a record "
+                                                      "is the janitor's, one per job).")
+    instance_id: str = Field("", max_length=64)
+    outcome: str = Field(max_length=16, examples=["done", "failed", "cancelled"])
+    reason: str = Field("", max_length=64)
+    complete: bool
+    steps: tuple[TeardownStep, ...] = Field(max_length=64)
+    ram: MemoryScrub | None = None
+    gpus: tuple[VramScrub, ...] = Field((), max_length=16)
+    volume: VolumeErasure | None = None
+    keys: KeyDestruction | None = None
+    removed: tuple[str, ...] = Field((), max_length=64)
+    gpus_clean: tuple[str, ...] = Field((), max_length=16, description="GPU UUIDs the node may list again: "
+                                        "scrubbed and verified, or never handed to the job's VM.")
+    gpus_quarantined: tuple[str, ...] = Field((), max_length=16, description="GPUs held back: no verified scrub.")
+    ended_ns: int = Field(ge=0, description="When the job reached its end state.")
+    recorded_ns: int = Field(ge=0)
+    duration_ms: float = Field(ge=0, description="Job end (or instance exit) to instance destroyed.")
+
+
 class EventRejected(Frozen):
     """A consumer refused a message before any handler saw it; the raw message is in the dead letters."""
 
@@ -626,6 +666,9 @@ _SPECS = [
           "A client verified the instance's evidence itself and sealed its secrets to the instance key."),
     _spec(EventType.TEARDOWN_REQUESTED, TeardownRequested, "qvm.teardown.{job_id}.requested.{node_id}",
           {_R.JANITOR}, {_R.NODE_AGENT, _R.SCHEDULER}, "Tear a job down on its node and free its claim."),
+    _spec(EventType.TEARDOWN_RECORD, TeardownRecord, "qvm.teardown.{job_id}.record",
+          {_R.JANITOR}, {_R.SCHEDULER},
+          "One per finished job: what was wiped and how, verified or not; GPUs return to the pool only here."),
     _spec(EventType.EVENT_REJECTED, EventRejected, "qvm.dead.rejected.{producer}",
           set(_ALL_SERVICES), {_R.ADMIN}, "A consumer dead-lettered a message, with the reason."),
 ]

@@ -98,6 +98,7 @@ class JobView:
     exit_code: int | None = None
     destroyed: bool = False
     attested: bool = False
+    gpu_uuids: tuple[str, ...] = ()  # the GPUs of the placement the node accepted (scrubbed before re-listing)
     seen: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -129,7 +130,8 @@ def apply(view: JobView | None, event: Event) -> JobView:
             if p.attempt != view.attempt:  # a placement from an earlier attempt, arriving late
                 state = f"{view.state} (attempt {view.attempt}, not {p.attempt})"
                 raise TransitionNotAllowed(job_id, state, etype.value)
-            return replace(view, state=_S.PLACED, since_ns=t, node_id=p.node_id, attempt=p.attempt, seen=seen)
+            return replace(view, state=_S.PLACED, since_ns=t, node_id=p.node_id, attempt=p.attempt, seen=seen,
+                           gpu_uuids=tuple(p.claim.gpu_uuids))
         case EventType.JOB_ACCEPTED | EventType.JOB_REFUSED:
             if event.node_id != view.node_id or getattr(p, "attempt", -1) != view.attempt:
                 raise TransitionNotAllowed(job_id, f"{view.state} on {view.node_id}#{view.attempt}", etype.value)

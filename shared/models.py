@@ -64,11 +64,32 @@ class HardwareProfile(Frozen):
 
 
 class GpuInfo(Frozen):
+    """One GPU as NVML reports it. The health and mode fields default to "unknown" (None / "unsupported") so
+    that an older agent's inventory still validates, and because NVML does not report them on every GPU and
+    driver: a field the GPU cannot report is None, never a guess."""
+
     index: int = Field(ge=0, le=255)
     uuid: str = Field(max_length=96)
     name: str = Field(max_length=96)
     memory_mib: int = Field(ge=0)
     pci_bus_id: str = Field(max_length=32)
+    driver_version: str = Field("", max_length=32, description="NVIDIA driver version ('' if unknown).")
+    vbios_version: str = Field("", max_length=32, description="VBIOS version ('' if unknown).")
+    compute_capability: str = Field("", max_length=8, description="CUDA compute capability, e.g. '9.0'.")
+    ecc_enabled: bool | None = Field(None, description="ECC currently on; None: not supported or unknown.")
+    retired_pages: int | None = Field(
+        None, ge=0, description="Pages retired for single-bit and double-bit ECC errors (pre-Ampere page "
+                                "retirement); None: the GPU does not report it (Ampere and later remap rows).")
+    retired_pages_pending: bool | None = Field(None, description="A page retirement waits for the next reset.")
+    remapped_rows: int | None = Field(
+        None, ge=0, description="Rows remapped for correctable + uncorrectable errors; None: not supported.")
+    remapped_rows_pending: bool | None = Field(None, description="A row remap waits for the next GPU reset.")
+    remapped_rows_failure: bool | None = Field(
+        None, description="A row remap failed: the GPU has memory it cannot repair and should not take jobs.")
+    mig_enabled: bool | None = Field(None, description="MIG mode currently on; None: not supported.")
+    cc_mode: Literal["on", "off", "devtools", "unsupported"] = Field(
+        "unsupported", description="Confidential-computing mode of the GPUs (system-wide in NVML): devtools "
+                                   "lifts the CC debug protections and must not be trusted as CC.")
 
 
 class TpmInfo(Frozen):
@@ -118,3 +139,32 @@ class VolumeErasure(Frozen):
     removed: bool = Field(description="The file was unlinked.")
     duration_ms: float = Field(ge=0)
     detail: str = Field("", max_length=512, description="Why a step failed, if one did.")
+
+
+class MemoryScrub(Frozen):
+    """Evidence that an instance's guest RAM (the memfd the agent owns and handed to the VMM) was wiped
+    after the VMM exited: every byte overwritten and read back, or the pages handed back to the kernel
+    (which zeroes them before any reuse) and the range read back as zero. Sizes, method, outcome, time."""
+
+    bytes_total: int = Field(ge=0, description="Size of the guest RAM backing.")
+    bytes_scrubbed: int = Field(ge=0, description="Bytes overwritten (or released) and read back.")
+    method: Literal["overwrite-verify", "punch-hole-verify"]
+    verified: bool = Field(description="Every byte of the range read back as zero.")
+    duration_ms: float = Field(ge=0)
+    rate_gbps: float = Field(ge=0, description="bytes_scrubbed / duration, in GB/s.")
+    detail: str = Field("", max_length=512)
+
+
+class VramScrub(Frozen):
+    """Evidence that one GPU's memory was wiped after a job: all free VRAM claimed in chunks through the
+    CUDA driver API, filled with zeros, verified zero on the GPU itself, released."""
+
+    gpu_uuid: str = Field(max_length=96)
+    pci_bus_id: str = Field("", max_length=32)
+    method: str = Field(max_length=64, examples=["cuda-memset-verify"])
+    bytes_total: int = Field(ge=0, description="The GPU's memory size.")
+    bytes_scrubbed: int = Field(ge=0, description="Bytes claimed, zeroed and verified.")
+    verified: bool
+    duration_ms: float = Field(ge=0)
+    rate_gbps: float = Field(ge=0)
+    detail: str = Field("", max_length=512)

@@ -63,6 +63,9 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
     if ident.role in (Role.SCHEDULER, Role.JANITOR):
         # Folding job history at start: ordered (ephemeral) consumers on the jobs stream.
         pub += _ordered_reader(Domain.JOBS)
+    if ident.role is Role.JANITOR:
+        # Teardown records need the key-broker's destruction reports and the janitor's own earlier records.
+        pub += _ordered_reader(Domain.KEYS) + _ordered_reader(Domain.TEARDOWN)
     if ident.role is Role.MARKETPLACE:
         # A client checks an instance's evidence itself (quote, log, AK enrollment) before it releases its
         # secrets: it reads the job's events and the node's attestation history.

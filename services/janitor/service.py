@@ -1,42 +1,55 @@
-"""The janitor, first part: deadline and lost-node sweeps, cancellations, teardown requests.
+"""The janitor: deadline and lost-node sweeps, cancellations, teardown requests, teardown records.
 
-consume  the whole job stream through an ordered consumer (replayed from the start at every start, so
-         the book survives restarts without its own storage), node.offline and attest.revoked (durable)
-decide   `deadlines.due_actions` on the folded book; jobs on a lost or revoked node
-act/emit job.failed / job.cancelled and teardown.requested for the job's node, with ids derived from
-         the job's state, so replicas and restarts report each failure once
-
-Scrubbing and wipe evidence come with the teardown issue.
+consume  the whole job stream, the key-destruction reports and its own teardown records through ordered
+         consumers (replayed from the start at every start, so the books survive restarts without storage
+         of their own), node.offline and attest.revoked (durable)
+decide   `deadlines.due_actions` on the folded book; jobs on a lost or revoked node; `records.build_record`
+         for each ended job once its node and the key-broker reported their wipes (or the deadline passed)
+act/emit job.failed / job.cancelled and teardown.requested for the job's node; teardown.record (what was
+         wiped, how, verified or not) before job.done; ids derived from the job's state, so replicas and
+         restarts report each once
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from services.janitor.deadlines import Action, due_actions, jobs_on_node
+from services.janitor.records import TeardownFacts, build_record
 from shared.bus import Bus, map_nats_errors
 from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent, TransitionNotAllowed
 from shared.events import (
+    CATALOGUE,
     STREAMS,
     Domain,
+    EventType,
+    InstanceDestroyed,
+    InstanceExited,
     JobCancelled,
     JobDone,
     JobFailed,
+    KeysDestroyed,
     NodeOffline,
     NodeRevoked,
+    TeardownRecord,
     TeardownRequested,
+    subject_filter,
 )
 from shared.identity import Role
 from shared.ids import derive_event_id
-from shared.lifecycle import JobBook, JobView
+from shared.lifecycle import JobBook, JobState, JobView
 from shared.runtime import run_together
 from shared.telemetry import current_job, get_logger
 
@@ -50,47 +63,92 @@ class Janitor:
         self.bus = bus
         self.settings = settings
         self.book = JobBook()
+        self.facts: defaultdict[str, TeardownFacts] = defaultdict(TeardownFacts)
+        self.unrecorded: set[str] = set()  # ended jobs still without a teardown record
         self.caught_up = asyncio.Event()
+        self._followed: dict[str, asyncio.Event] = {}
 
     @classmethod
     async def create(cls, bus: Bus, settings: Settings) -> Janitor:
         return cls(bus, settings)
 
     async def run(self, stop: asyncio.Event) -> None:
-        stream = STREAMS[Domain.JOBS]
-        info = await self.bus.stream_info(stream.name)
-        self._target_seq = info.state.last_seq if info else 0
-        if self._target_seq == 0:
-            self.caught_up.set()
-        with map_nats_errors("follow job stream"):
-            sub = await self.bus.js.subscribe(stream.subjects[0], stream=stream.name, ordered_consumer=True,
-                                              deliver_policy=DeliverPolicy.ALL, cb=self._on_job_msg)
+        subs = [
+            await self._follow(Domain.JOBS, STREAMS[Domain.JOBS].subjects[0], self._on_job_event),
+            await self._follow(Domain.KEYS, subject_filter(CATALOGUE[EventType.KEYS_DESTROYED]), self._on_fact),
+            await self._follow(Domain.TEARDOWN, subject_filter(CATALOGUE[EventType.TEARDOWN_RECORD]), self._on_fact),
+        ]
         try:
             await run_together(
+                self._all_caught_up(),
                 self.bus.consume(consumer_spec(Role.JANITOR, "offline"), self.on_offline, stop),
                 self.bus.consume(consumer_spec(Role.JANITOR, "revocations"), self.on_revoked, stop),
                 self._sweeper(stop),
             )
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     # ------------------------------------------------------------ consume
-    async def _on_job_msg(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream if msg.metadata else 0
-        try:
-            event = self.bus.codec.decode(msg.subject, msg.data)
-        except RejectedEvent as exc:
-            # The consumers that own these events dead-letter them; `qvm audit replay` reports them.
-            log.warning("job event not folded", extra={"stream_seq": seq, "error": str(exc)[:300]})
-        else:
+    async def _follow(self, domain: Domain, subject: str, handle: Callable[[Event], Awaitable[None]]) -> Any:
+        """Fold one stream's `subject` from its first message, then live; caught up at its last sequence now."""
+        stream = STREAMS[domain].name
+        info = await self.bus.stream_info(stream)
+        target = info.state.last_seq if info else 0
+        done = self._followed.setdefault(subject, asyncio.Event())
+        if target == 0:
+            done.set()
+
+        async def on_msg(msg: Msg) -> None:
+            seq = msg.metadata.sequence.stream if msg.metadata else 0
+            pending = msg.metadata.num_pending if msg.metadata else 0
             try:
-                self.book.apply(event)
-            except TransitionNotAllowed as exc:
-                log.warning("job event not folded", extra={"stream_seq": seq, "error": str(exc)[:300]})
-                await self._late_event(event)
-        if seq >= self._target_seq:
-            self.caught_up.set()
+                event = self.bus.codec.decode(msg.subject, msg.data)
+            except RejectedEvent as exc:
+                # The consumers that own these events dead-letter them; `qvm audit replay` reports them.
+                log.warning("event not folded", extra={"stream_seq": seq, "error": str(exc)[:300]})
+            else:
+                await handle(event)
+            if seq >= target or pending == 0:
+                done.set()
+
+        with map_nats_errors(f"follow {stream}"):
+            sub = await self.bus.js.subscribe(subject, stream=stream, ordered_consumer=True,
+                                              deliver_policy=DeliverPolicy.ALL, cb=on_msg)
+            if (await sub.consumer_info()).num_pending == 0 and sub.pending_msgs == 0:
+                done.set()  # nothing stored matches this subject (or all of it is already here)
+        return sub
+
+    async def _all_caught_up(self) -> None:
+        await asyncio.gather(*(e.wait() for e in self._followed.values()))
+        self.caught_up.set()
+
+    async def _on_job_event(self, event: Event) -> None:
+        try:
+            view = self.book.apply(event)
+        except TransitionNotAllowed as exc:
+            log.warning("job event not folded", extra={"error": str(exc)[:300]})
+            await self._late_event(event)
+            return
+        await self._on_fact(event)
+        if (view.terminal or view.state is JobState.CLEANING) and not self.facts[view.job_id].recorded:
+            self.unrecorded.add(view.job_id)
+
+    async def _on_fact(self, event: Event) -> None:
+        """What the node, the key-broker and earlier janitor runs reported about a job's teardown."""
+        job_id = event.job_id or ""
+        match event.payload:
+            case InstanceDestroyed() as d:
+                self.facts[job_id].destroyed = d
+                self.facts[job_id].destroyed_ns = event.envelope.time_ns
+            case InstanceExited():
+                self.facts[job_id].exited_ns = event.envelope.time_ns
+            case KeysDestroyed() as k:
+                self.facts[job_id].keys_destroyed = k
+            case TeardownRecord():
+                self.facts[job_id].recorded = True
+                self.unrecorded.discard(job_id)
 
     async def _late_event(self, event: Event) -> None:
         """A node took a job that had already ended (a placement racing a cancellation or a failure):
@@ -128,10 +186,37 @@ class Janitor:
             try:
                 for action in due_actions(self.book, time.time_ns(), self.settings):
                     await self.act(action)
+                for job_id in list(self.unrecorded):
+                    await self.record(job_id)
             except Exception as exc:  # one failed sweep must not stop the janitor; the next one retries
                 log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.sweep_interval_s)
+
+    async def record(self, job_id: str) -> bool:
+        """Publish the job's teardown record once it is ready; True when it exists."""
+        view = self.book.get(job_id)
+        facts = self.facts[job_id]
+        if facts.recorded:
+            return True
+        if view is None:
+            self.unrecorded.discard(job_id)
+            return False
+        now = time.time_ns()
+        rec = build_record(view, facts, now, now - view.since_ns > self.settings.deadline_teardown_s * 1e9)
+        if rec is None:
+            return False
+        token = current_job.set(job_id)
+        try:
+            await self.bus.publish(rec, job_id=job_id, event_id=derive_event_id(view.submitted_id, "TeardownRecord"))
+            log.log(logging.INFO if rec.complete else logging.WARNING, "teardown recorded",
+                    extra={"complete": rec.complete, "outcome": rec.outcome,
+                           "missing": [st.name for st in rec.steps if st.status in ("missing", "failed")]})
+        finally:
+            current_job.reset(token)
+        facts.recorded = True
+        self.unrecorded.discard(job_id)
+        return True
 
     async def act(self, action: Action) -> None:
         job: JobView = action.job
@@ -139,6 +224,8 @@ class Janitor:
         try:
             parts = (action.kind, action.reason, str(job.state), str(job.since_ns))
             if action.kind == "done":
+                if not await self.record(job.job_id):
+                    return  # job.done only after its teardown record (the next sweep tries again)
                 await self.bus.publish(JobDone(exit_code=job.exit_code), job_id=job.job_id,
                                        event_id=derive_event_id(job.submitted_id, "JobDone"))
                 log.info("job done", extra={"exit_code": job.exit_code})

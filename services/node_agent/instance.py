@@ -13,8 +13,9 @@ Between READY and `run()` (state running) the agent may hand the guest its data-
 files (`deliver_secrets`: a tmpfs at /run/secrets), over the channel only. Refused inputs raise
 `InstanceError` and change nothing (volume_bad_key, no_volume, secret_bad_name, secret_too_large,
 secrets_too_many, illegal_state); a guest that fails either step fails the instance (volume_failed,
-secret_rejected). `destroy()` erases the volume (LUKS2 keyslots, then the header area overwritten and read
-back) before the work directory goes, and keeps the evidence in `volume_erasure`.
+secret_rejected). `destroy()` scrubs the guest RAM once the VMM is gone (every page overwritten and read
+back: `ram_scrub`), erases the volume (LUKS2 keyslots, then the header area overwritten and read back:
+`volume_erasure`) before the work directory goes.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
 from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
 from services.node_agent.isolation.seccomp import VIOLATION_SIGNAL
 from services.node_agent.isolation.seccomp import prepare as prepare_seccomp
+from services.node_agent.teardown.ram import scrub_memfd
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
 from services.node_agent.volume import MIN_VOLUME_MIB, VOLUME_FILE, erase_volume, make_volume
 from shared.crypto import hpke
 from shared.errors import ReasonedError
 from shared.image.manifest import ImageError, ImageManifest
 from shared.image.verify import verify_open
-from shared.models import VolumeErasure
+from shared.models import MemoryScrub, VolumeErasure
 
 __all__ = ["MAX_SECRETS_BYTES", "MAX_SECRET_FILES", "Instance", "InstanceError", "InstanceSpec", "VmState"]
 
@@ -121,6 +123,7 @@ class Instance:
     timings: dict[str, float] = field(default_factory=dict)
     volume_uuid: str | None = None  # the LUKS UUID the guest reported
     volume_erasure: VolumeErasure | None = None  # set by destroy() for an instance with a volume
+    ram_scrub: MemoryScrub | None = None  # set by destroy(): the guest RAM's wipe
     secrets_delivered: list[str] = field(default_factory=list)  # names only
     _volume: Path | None = field(default=None, repr=False)
     _run_started: bool = field(default=False, repr=False)
@@ -352,8 +355,9 @@ class Instance:
         for f in self._files:
             f.close()
         self._files = []
-        if self._memfd is not None:
-            os.close(self._memfd)  # guest RAM pages go back to the kernel (scrub evidence: teardown phase)
+        if self._memfd is not None:  # the VMM has stopped: wipe the guest's RAM, prove it, then let it go
+            self.ram_scrub = await asyncio.to_thread(scrub_memfd, self._memfd)
+            os.close(self._memfd)
             self._memfd = None
             removed.append("guest-ram")
         if self.net is not None and await self.net.remove():

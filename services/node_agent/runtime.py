@@ -205,7 +205,8 @@ class InstanceRuntime:
             with contextlib.suppress(Exception):
                 await self._emit(job_id, InstanceDestroyed(
                     instance_id=instance_id, removed=tuple(removed),
-                    volume=instance.volume_erasure if instance is not None else None), cause)
+                    volume=instance.volume_erasure if instance is not None else None,
+                    ram=instance.ram_scrub if instance is not None else None), cause)
             self.jobs.pop(job_id, None)
             self.keys.forget(instance_id)
             if self.on_destroyed:

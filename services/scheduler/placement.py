@@ -59,13 +59,15 @@ class NodeRecord(Frozen):
     last_seen_ns: int = 0
     last_event_id: str = ""
     claims: dict[str, Claim] = Field(default_factory=dict)
+    scrubbing: dict[str, str] = Field(default_factory=dict, description="GPU UUID -> the job that used it: not "
+                                      "listed again until that job's teardown record shows it scrubbed.")
 
     # Records are immutable, so what is free is computed once per record.
     @cached_property
     def _free(self) -> tuple[int, int, tuple[GpuInfo, ...]]:
         cpu = self.inventory.cpu_cores - sum(c.claim.cpu_cores for c in self.claims.values())
         ram = self.inventory.ram_mib - sum(c.claim.ram_mib for c in self.claims.values())
-        used = {u for c in self.claims.values() for u in c.claim.gpu_uuids}
+        used = {u for c in self.claims.values() for u in c.claim.gpu_uuids} | set(self.scrubbing)
         return cpu, ram, tuple(g for g in self.inventory.gpus if g.uuid not in used)
 
     def trust_at(self, now_ns: int) -> TrustState:

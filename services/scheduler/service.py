@@ -50,6 +50,7 @@ from shared.events import (
     NodeOffline,
     NodeRegistered,
     NodeRevoked,
+    TeardownRecord,
     subject_for,
 )
 from shared.identity import Role
@@ -140,7 +141,7 @@ class Scheduler:
             case _ if event.spec.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED, EventType.JOB_DONE):
                 await self.release_job(job_id)
             case _ if event.spec.type is EventType.INSTANCE_DESTROYED and event.node_id:
-                await self._unreserve(event.node_id, job_id)  # the node says its VM is gone
+                await self._unreserve(event.node_id, job_id, used=True)  # the node says its VM is gone
 
     def _mark_ended(self, job_id: str) -> None:
         self.ended[job_id] = None
@@ -198,6 +199,9 @@ class Scheduler:
             self.registry.capacity_changed.set()  # parked jobs may fit now
 
     async def on_teardown(self, event: Event) -> None:
+        if isinstance(event.payload, TeardownRecord):
+            await self.on_teardown_record(event.job_id or "", event.payload.node, event.payload)
+            return
         await self.release_job(event.job_id or "")
 
     # ================================================================ decide + act
@@ -259,15 +263,35 @@ class Scheduler:
         finally:
             self.registry.unhold(node_id, job_id)
 
-    async def _unreserve(self, node_id: str, job_id: str, only_attempt: int | None = None) -> None:
+    async def _unreserve(self, node_id: str, job_id: str, only_attempt: int | None = None, used: bool = False) -> None:
+        """Drop the job's claim. `used`: the job may have run there, so its GPUs wait for their scrub."""
         def drop(rec: NodeRecord | None) -> NodeRecord | None:
             if rec is None or job_id not in rec.claims:
                 return rec
             if only_attempt is not None and rec.claims[job_id].attempt != only_attempt:
                 return rec
-            return with_claims(rec, {j: c for j, c in rec.claims.items() if j != job_id})
+            scrubbing = dict(rec.scrubbing)
+            if used:
+                scrubbing.update({u: job_id for u in rec.claims[job_id].claim.gpu_uuids})
+            return with_claims(rec, {j: c for j, c in rec.claims.items() if j != job_id}, scrubbing=scrubbing)
 
         await self.registry.update(node_id, drop)
+
+    async def on_teardown_record(self, job_id: str, node_id: str, record: TeardownRecord) -> None:
+        """The job's teardown record lists the GPUs that are clean again; the others stay out of the pool."""
+        clean = set(record.gpus_clean)
+
+        def relist(rec: NodeRecord | None) -> NodeRecord | None:
+            if rec is None:
+                return rec
+            keep = {u: j for u, j in rec.scrubbing.items() if not (j == job_id and u in clean)}
+            return rec if keep == rec.scrubbing else with_claims(rec, dict(rec.claims), scrubbing=keep)
+
+        if node_id:
+            await self.registry.update(node_id, relist)
+        if record.gpus_quarantined:
+            log.warning("GPUs held back: no verified scrub", extra={"node_id": node_id,
+                                                                    "gpus": list(record.gpus_quarantined)})
 
     async def on_refused(self, job_id: str, refused: JobRefused) -> None:
         rec = self.registry.get(refused.node_id)
@@ -305,7 +329,7 @@ class Scheduler:
 
     async def release_job(self, job_id: str) -> None:
         for node_id in self.registry.node_of_job(job_id):
-            await self._unreserve(node_id, job_id)
+            await self._unreserve(node_id, job_id, used=True)
         await self._unpark(job_id)
 
     # ================================================================ pending jobs

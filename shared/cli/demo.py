@@ -13,7 +13,9 @@
    LUKS2 volume; the client gathers the evidence itself, checks it with the verifier's code, shows what
    it verified and only then seals its secret to the instance. The workload reads both and prints their
    digest; the keys are destroyed and the volume erased at the end, with evidence.
-5. `qvm audit replay`: every signature and transition checked; then the stack stops.
+5. The janitor's teardown record (guest RAM scrubbed and verified, volume erased, keys destroyed), then
+   `qvm audit replay`: every signature and transition, a complete record per finished job, no key that
+   outlived its job; then the stack stops.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from shared.events import (
     KeyReleaseRefused,
     KeysDestroyed,
     SecretsReleased,
+    TeardownRecord,
     subject_for,
 )
 from shared.identity import Identity, Role
@@ -112,6 +115,8 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
             state = await _wait_job(admin, job_id, console, 240)
             if job.volume_mib or job.client_secrets:
                 _show_keys(await _key_events(admin, job_id), console)
+            record = await _teardown_record(admin, job_id, 60)
+            _show_record(record, console)
             attested = await _instance_verdict(admin, job_id)
             if attested is not None:
                 console.print(f"   instance quote verified before the workload ran: image "
@@ -173,6 +178,30 @@ def _show_keys(events: list[Event], console: Console) -> None:
             console.print(f"   volume erased on the node: LUKS header found {v2.luks_header_found}, "
                           f"cryptsetup erase {v2.luks_erase}, {v2.overwritten_bytes} header bytes overwritten, "
                           f"verified zero {v2.verified_zero}, file removed {v2.removed}")
+
+
+async def _teardown_record(admin: Bus, job_id: str, seconds: float) -> TeardownRecord:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        async for batch in read_stream(admin.js, STREAMS[Domain.TEARDOWN].name, f"qvm.teardown.{job_id}.record"):
+            for m in batch:
+                ev = admin.codec.decode(m.subject, m.data)
+                if isinstance(ev.payload, TeardownRecord):
+                    return ev.payload
+        await asyncio.sleep(0.3)
+    raise QvmError(f"no teardown record for {job_id} within {seconds:g}s (see the janitor log)")
+
+
+def _show_record(rec: TeardownRecord, console: Console) -> None:
+    """The signed end of the job: every wipe, its method, bytes and verification."""
+    table = Table(title=f"teardown record (janitor): {rec.outcome}, "
+                        + ("[green]complete[/green]" if rec.complete else "[red]INCOMPLETE[/red]")
+                        + f", instance destroyed {rec.duration_ms:g} ms after the job ended")
+    for col in ("step", "status", "evidence"):
+        table.add_column(col)
+    for st in rec.steps:
+        table.add_row(st.name, st.status, st.detail)
+    console.print(table)
 
 
 async def _wait_node(admin: Bus, node_id: str, seconds: float) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from shared.events import (
     KeyReleased,
     KeysDestroyed,
     SecretsReleased,
+    TeardownRecord,
 )
 from shared.kv import Kv
 from shared.lifecycle import JobState
@@ -145,6 +146,7 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
             return view is not None and view.terminal
         await eventually(done, timeout=120, what="the job to end")
         await eventually(lambda: _has(admin, EventType.KEYS_DESTROYED), timeout=30, what="the key destruction")
+        await eventually(lambda: _has(admin, EventType.TEARDOWN_RECORD), timeout=30, what="the teardown record")
 
     view = (await job_book(admin)).get(JOB)
     events = await _job_events(admin)
@@ -167,6 +169,12 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
     erased = next(e.payload for e in events if isinstance(e.payload, InstanceDestroyed))
     assert erased.volume is not None and erased.volume.luks_header_found and erased.volume.verified_zero
     assert erased.volume.removed
+    assert erased.ram is not None and erased.ram.verified and erased.ram.bytes_scrubbed > 0
+    record = next(e.payload for e in events if isinstance(e.payload, TeardownRecord))
+    assert record.complete, record.steps
+    assert {st.name: st.status for st in record.steps} == {"instance": "ok", "guest_ram": "ok", "volume": "ok",
+                                                           "keys": "ok"}
+    assert at["teardown.record"] <= at["job.done"]
     tomb, _, _ = await broker.kv.get(job_key(JOB), JobKeys)
     assert isinstance(tomb, JobKeys) and tomb.destroyed and not tomb.wrapped
 
@@ -190,7 +198,8 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
 
 async def _job_events(admin: Any) -> list[Event]:
     out: list[Event] = []
-    for stream, subject in (("QVM_JOBS", f"qvm.jobs.{JOB}.>"), ("QVM_KEYS", f"qvm.keys.{JOB}.>")):
+    for stream, subject in (("QVM_JOBS", f"qvm.jobs.{JOB}.>"), ("QVM_KEYS", f"qvm.keys.{JOB}.>"),
+                            ("QVM_TEARDOWN", f"qvm.teardown.{JOB}.>")):
         async for batch in read_stream(admin.js, stream, subject):
             out += [admin.codec.decode(m.subject, m.data) for m in batch]
     return sorted(out, key=lambda e: e.envelope.time_ns)

@@ -18,6 +18,8 @@ from shared.events import (
     JobPlaced,
     JobSubmitted,
     NodeRegistered,
+    TeardownRecord,
+    TeardownRequested,
 )
 from shared.lifecycle import JobState
 from shared.models import GpuRequest, ResourceClaim, TrustState
@@ -130,10 +132,17 @@ async def test_janitor_fails_a_job_past_its_deadline_and_requests_teardown(stack
         await market.publish(GPU_JOB, job_id="slow-1")
         await eventually(lambda: _is(admin, "slow-1", JobState.FAILED), what="deadline failure")
         await eventually(lambda: _claims_empty(admin, "node-a"), what="claim released")
+        await eventually(lambda: _gpus_listed(admin, "node-a"), what="the GPUs listed again after the record")
     failed = [e for e in await events_of(admin) if e.spec.type is EventType.JOB_FAILED]
     assert (failed[0].payload.reason, failed[0].payload.phase) == ("deadline_exceeded", "placed")
     teardown = await events_of(admin, Domain.TEARDOWN)
-    assert [(e.job_id, e.payload.node_id) for e in teardown] == [("slow-1", "node-a")]
+    requests = [e for e in teardown if isinstance(e.payload, TeardownRequested)]
+    assert [(e.job_id, e.payload.node_id) for e in requests] == [("slow-1", "node-a")]
+    records = [e.payload for e in teardown if isinstance(e.payload, TeardownRecord)]
+    placed = next(e.payload for e in await events_of(admin) if e.spec.type is EventType.JOB_PLACED)
+    assert len(records) == 1 and records[0].complete and records[0].outcome == "failed"
+    assert records[0].gpus_clean == placed.claim.gpu_uuids != ()  # never handed to a VM: clean
+    assert [st.status for st in records[0].steps if st.name == "instance"] == ["not_needed"]
 
 
 async def test_jobs_on_a_silent_node_fail_as_node_lost(stack):
@@ -175,6 +184,10 @@ async def _registered(admin, node) -> bool:
 
 async def _claims_empty(admin, node) -> bool:
     return not (await _records(admin))[node].claims
+
+
+async def _gpus_listed(admin, node) -> bool:
+    return not (await _records(admin))[node].scrubbing
 
 
 async def _is(admin, job_id, state) -> bool:
@@ -221,7 +234,7 @@ async def test_a_placement_racing_a_cancellation_is_torn_down(stack):
         async def released() -> bool:
             return "job-1" not in node_a.held
         await eventually(released, what="node released the job")
-    teardowns = await events_of(admin, Domain.TEARDOWN)
+    teardowns = [e for e in await events_of(admin, Domain.TEARDOWN) if isinstance(e.payload, TeardownRequested)]
     assert {(e.payload.node_id, e.payload.reason) for e in teardowns} <= {
         ("node-a", "late_job.placed"), ("node-a", "late_job.accepted")}
     assert (await job_book(admin, strict=False)).get("job-1").state is JobState.CANCELLED
