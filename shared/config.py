@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0)
     offline_after_s: float = Field(20.0, gt=0, description="A node silent this long is offline.")
     sweep_interval_s: float = Field(2.0, gt=0)
+    agent_sweep_interval_s: float = Field(60.0, gt=0, description="How often a node-agent reclaims what no live "
+                                                                  "job owns (instance leftovers, GPUs on vfio-pci).")
     max_inflight: int = Field(128, ge=1, le=4096, description="Messages one consumer handles at once.")
 
     deadline_pending_s: float = Field(3600, gt=0, description="Longest a job may wait for capacity.")

@@ -77,6 +77,7 @@ __all__ = [
     "NodeOffline",
     "NodeRegistered",
     "NodeRevoked",
+    "NodeSwept",
     "SecretsReleased",
     "StreamSpec",
     "TeardownRecord",
@@ -142,6 +143,7 @@ class EventType(StrEnum):
     NODE_REGISTERED = "node.registered"
     NODE_HEARTBEAT = "node.heartbeat"
     NODE_OFFLINE = "node.offline"
+    NODE_SWEPT = "node.swept"
     ATTEST_ENROLL_REQUESTED = "attest.enroll_requested"
     ATTEST_REQUESTED = "attest.requested"
     ATTEST_CHALLENGE = "attest.challenge"
@@ -318,6 +320,14 @@ class NodeHeartbeat(Frozen):
 class NodeOffline(Frozen):
     last_seen_ns: int = Field(ge=0)
     reason: str = Field("heartbeat_timeout", max_length=64)
+
+
+class NodeSwept(Frozen):
+    """A node's sweep found what no live job owns (after an agent crash): GPUs left on vfio-pci, given back
+    and scrubbed. A verified scrub here lists a quarantined GPU again."""
+
+    reason: str = Field(max_length=32, examples=["agent_restart", "sweep"])
+    gpus: tuple[VramScrub, ...] = Field((), max_length=16)
 
 
 class TeardownRequested(Frozen):
@@ -634,6 +644,8 @@ _SPECS = [
           {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent announces itself with its measured inventory."),
     _spec(EventType.NODE_HEARTBEAT, NodeHeartbeat, "qvm.nodes.{node_id}.heartbeat",
           {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent is alive."),
+    _spec(EventType.NODE_SWEPT, NodeSwept, "qvm.nodes.{node_id}.swept",
+          {_R.NODE_AGENT}, {_R.SCHEDULER}, "Leftovers no live job owns were reclaimed; GPUs scrubbed, with evidence."),
     _spec(EventType.NODE_OFFLINE, NodeOffline, "qvm.nodes.{node_id}.offline",
           {_R.SCHEDULER}, {_R.JANITOR}, "A node's heartbeats stopped."),
     _spec(EventType.ATTEST_ENROLL_REQUESTED, EnrollRequested, "qvm.attestation.{node_id}.enroll",

@@ -101,6 +101,7 @@ class InstanceSpec:
     uplink: str | None = None  # the node's uplink namespace (QVM_EGRESS_NETNS)
     volume_mib: int = 0  # an encrypted (LUKS2, opened in the guest) data volume at /data; 0: none, else >= 16
     volume_timeout_s: float = 300.0  # format, open, mkfs and mount in the guest
+    vfio_devices: tuple[str, ...] = ()  # the job's GPUs, already bound to vfio-pci (isolation.gpus)
 
 
 @dataclass
@@ -221,7 +222,7 @@ class Instance:
             rootfs_fd=rootfs, scratch=scratch,
             cmdline=self.guest_cmdline(),
             vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib, memory_fd=self._memfd, confine=confine,
-            tap=self.net.tap if self.net else None, volume=self._volume)
+            tap=self.net.tap if self.net else None, volume=self._volume, vfio_devices=self.spec.vfio_devices)
         started = time.monotonic()
         try:
             self.vm = await self.vmm.launch(spec)

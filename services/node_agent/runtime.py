@@ -16,19 +16,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.instance import Instance, InstanceError, InstanceSpec
 from services.node_agent.isolation.cgroups import leftover_cgroups
+from services.node_agent.isolation.gpus import GpuPassthrough
 from services.node_agent.isolation.network import (
     PREFIX,
     InstanceNetwork,
@@ -36,7 +39,9 @@ from services.node_agent.isolation.network import (
     leftover_namespaces,
     parse_egress,
 )
+from services.node_agent.isolation.vfio import Binding, VfioError
 from services.node_agent.keys import KeyError_, KeyInbox
+from services.node_agent.teardown.ram import scrub_memfd
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.volume import VOLUME_FILE, erase_volume
 from shared.bus import Bus
@@ -53,11 +58,13 @@ from shared.events import (
     InstanceOutput,
     InstanceProvisioning,
     InstanceRunning,
+    JobPlaced,
     JobSubmitted,
+    NodeSwept,
 )
 from shared.ids import derive_event_id
 from shared.image.manifest import ImageError, load_public_keys
-from shared.models import Frozen
+from shared.models import Frozen, MemoryScrub, VramScrub
 from shared.telemetry import current_job, get_logger
 
 __all__ = ["InstanceRuntime"]
@@ -104,14 +111,19 @@ class OutputStreamer:
 @dataclass
 class _Running:
     task: asyncio.Task[None]
+    instance_id: str
     instance: Instance | None = None
+    bindings: list[Binding] = field(default_factory=list)  # the job's GPUs on vfio-pci while it runs
 
 
 class InstanceRuntime:
     def __init__(self, bus: Bus, settings: Settings, vmm: Vmm,
-                 on_destroyed: Callable[[str], None] | None = None, gate: InstanceGate | None = None) -> None:
+                 on_destroyed: Callable[[str], None] | None = None, gate: InstanceGate | None = None,
+                 gpus: GpuPassthrough | None = None) -> None:
         """With `gate` (a node with a TPM) every instance is measured before launch and its workload waits
-        for a verified quote; without one, instances run unattested (only on unverified nodes)."""
+        for a verified quote; without one, instances run unattested (only on unverified nodes). `gpus`
+        hands a job's claimed GPUs to its VM (VFIO) and scrubs them afterwards."""
+        self.gpus = gpus
         self.on_destroyed = on_destroyed
         self.gate = gate
         self.bus = bus
@@ -128,7 +140,7 @@ class InstanceRuntime:
         instance_id = "i-" + hashlib.sha256(cause.id.encode()).hexdigest()[:16]
         if job_id not in self.jobs:
             task = asyncio.create_task(self._run(job_id, instance_id, spec, cause))
-            self.jobs[job_id] = _Running(task)
+            self.jobs[job_id] = _Running(task, instance_id)
         return instance_id
 
     async def _emit(self, job_id: str, payload: Frozen, cause: Event, *parts: str) -> None:
@@ -139,6 +151,8 @@ class InstanceRuntime:
         token = current_job.set(job_id)
         workdir = self.work / instance_id
         instance: Instance | None = None
+        claimed = tuple(cause.payload.claim.gpu_uuids) if isinstance(cause.payload, JobPlaced) else ()
+        bindings: list[Binding] = []
         try:
             bundle = self._bundle(spec.image)
             trusted = await asyncio.to_thread(load_public_keys, self.settings.publisher_key_files())
@@ -165,6 +179,12 @@ class InstanceRuntime:
             await self._emit(job_id, InstanceProvisioning(
                 instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=self.vmm.name,
                 public_key=instance.public_key.hex()), cause)
+            if claimed:
+                if self.gpus is None:
+                    raise InstanceError("gpu_passthrough_unavailable", "this node cannot hand GPUs to a VM")
+                bindings = await asyncio.to_thread(self.gpus.attach, claimed)
+                self.jobs[job_id].bindings = bindings
+                instance.spec = dataclasses.replace(instance.spec, vfio_devices=tuple(b.gpu for b in bindings))
             await instance.launch()
             assert instance.vm is not None
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),
@@ -192,7 +212,7 @@ class InstanceRuntime:
                 output_sha256=out.sha256, output_bytes=out.total_bytes, output_truncated=out.truncated), cause)
             log.info("instance exited", extra={"instance_id": instance_id, "exit_code": out.exit_code,
                                                "boot_ms": round(instance.boot_ms), "output_bytes": out.total_bytes})
-        except (InstanceError, ImageError, NetworkError) as exc:
+        except (InstanceError, ImageError, NetworkError, VfioError) as exc:
             log.warning("instance failed", extra={"instance_id": instance_id, "reason": exc.reason})
             await self._emit(job_id, InstanceFailed(instance_id=instance_id, reason=exc.reason[:64],
                                                     detail=exc.detail[:1024]), cause)
@@ -202,11 +222,15 @@ class InstanceRuntime:
             removed = await instance.destroy() if instance is not None else []
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir, True)
+            scrubs: tuple[VramScrub, ...] = ()
+            if claimed and self.gpus is not None:  # the VM is gone: GPUs back to the host driver, then scrubbed
+                scrubs = await asyncio.to_thread(self.gpus.detach, bindings, claimed)
+                removed.append(f"gpus:{len(bindings)} released")
             with contextlib.suppress(Exception):
                 await self._emit(job_id, InstanceDestroyed(
                     instance_id=instance_id, removed=tuple(removed),
                     volume=instance.volume_erasure if instance is not None else None,
-                    ram=instance.ram_scrub if instance is not None else None), cause)
+                    ram=instance.ram_scrub if instance is not None else None, gpus=scrubs), cause)
             self.jobs.pop(job_id, None)
             self.keys.forget(instance_id)
             if self.on_destroyed:
@@ -263,36 +287,59 @@ class InstanceRuntime:
 
     # ------------------------------------------------------------ crash recovery
     async def reclaim(self) -> list[str]:
-        """Remove what an earlier agent process left behind; report each instance destroyed."""
+        """At start: remove everything an earlier agent process left behind; report each instance destroyed."""
+        return await self._reclaim(set(), "agent_restart")
+
+    async def sweep(self) -> list[str]:
+        """Periodically: remove any instance directory (with its VMM, namespace, cgroup, volume, RAM) that
+        no live job of this agent owns, and give back GPUs left on vfio-pci by no live instance, scrubbed."""
+        live = {r.instance_id for r in self.jobs.values()}
+        return await self._reclaim(live, "sweep")
+
+    async def _reclaim(self, live: set[str], why: str) -> list[str]:
         reclaimed: list[str] = []
-        if not self.work.is_dir():
-            return reclaimed
-        for workdir in sorted(p for p in self.work.iterdir() if p.is_dir()):
-            removed = await asyncio.to_thread(_kill_leftover_vmm, workdir)
-            net = InstanceNetwork(PREFIX + workdir.name[-40:])
-            if net.netns in leftover_namespaces() and await net.remove():
-                removed.append(f"netns:{net.netns}")
-            for cg in leftover_cgroups():
-                if cg.name == workdir.name:
-                    with contextlib.suppress(OSError):
-                        cg.rmdir()
-                        removed.append("cgroup")
-            meta = _read_meta(workdir)
-            erasure = None
-            if (workdir / VOLUME_FILE).exists():  # its VMM is dead: erase the LUKS header before the file goes
-                erasure = await asyncio.to_thread(erase_volume, workdir / VOLUME_FILE)
-                removed.append("volume")
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
-            removed.append(f"workdir:{workdir.name}")
-            reclaimed.append(workdir.name)
-            if meta is not None:
-                job_id, instance_id, cause = meta
-                report = InstanceDestroyed(instance_id=instance_id, removed=(*removed, "agent_restart"), volume=erasure)
+        if self.work.is_dir():
+            for workdir in sorted(p for p in self.work.iterdir() if p.is_dir() and p.name not in live):
+                await self._reclaim_instance(workdir, why)
+                reclaimed.append(workdir.name)
+        if self.gpus is not None:
+            scrubs = await asyncio.to_thread(self.gpus.reclaim_orphans, self.live_gpus())
+            if scrubs:
+                reclaimed += [f"gpu:{g.gpu_uuid}" for g in scrubs]
                 with contextlib.suppress(Exception):
-                    await self.bus.publish(report, job_id=job_id, node_id=self.node_id,
-                                           event_id=derive_event_id(cause, "InstanceDestroyed"))
-            log.warning("reclaimed a leftover instance", extra={"instance_id": workdir.name, "removed": len(removed)})
+                    await self.bus.publish(NodeSwept(reason=why, gpus=scrubs), node_id=self.node_id)
+                log.warning("GPUs left on vfio-pci given back and scrubbed",
+                            extra={"gpus": [g.gpu_uuid for g in scrubs], "verified": [g.verified for g in scrubs]})
         return reclaimed
+
+    def live_gpus(self) -> set[str]:
+        return {b.gpu for r in self.jobs.values() for b in r.bindings}
+
+    async def _reclaim_instance(self, workdir: Path, why: str) -> None:
+        removed, ram = await asyncio.to_thread(_kill_leftover_vmm, workdir)
+        net = InstanceNetwork(PREFIX + workdir.name[-40:])
+        if net.netns in leftover_namespaces() and await net.remove():
+            removed.append(f"netns:{net.netns}")
+        for cg in leftover_cgroups():
+            if cg.name == workdir.name:
+                with contextlib.suppress(OSError):
+                    cg.rmdir()
+                    removed.append("cgroup")
+        meta = _read_meta(workdir)
+        erasure = None
+        if (workdir / VOLUME_FILE).exists():  # its VMM is dead: erase the LUKS header before the file goes
+            erasure = await asyncio.to_thread(erase_volume, workdir / VOLUME_FILE)
+            removed.append("volume")
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        removed.append(f"workdir:{workdir.name}")
+        if meta is not None:
+            job_id, instance_id, cause = meta
+            report = InstanceDestroyed(instance_id=instance_id, removed=(*removed, why), volume=erasure, ram=ram)
+            with contextlib.suppress(Exception):
+                await self.bus.publish(report, job_id=job_id, node_id=self.node_id,
+                                       event_id=derive_event_id(cause, "InstanceDestroyed"))
+        log.warning("reclaimed a leftover instance", extra={"instance_id": workdir.name, "removed": len(removed),
+                                                            "why": why})
 
 
 def _read_meta(workdir: Path) -> tuple[str, str, str] | None:
@@ -303,15 +350,48 @@ def _read_meta(workdir: Path) -> tuple[str, str, str] | None:
         return None
 
 
-def _kill_leftover_vmm(workdir: Path) -> list[str]:
-    """Kill the VMM whose pid file is in `workdir`, only if its command line names that directory."""
+def _kill_leftover_vmm(workdir: Path) -> tuple[list[str], MemoryScrub | None]:
+    """Kill the VMM whose pid file is in `workdir`, only if its command line names that directory, and
+    scrub its guest RAM: the memfd the dead agent created lives on in the VMM, so it is opened through
+    /proc/<pid>/fd before the kill, scrubbed after it, then closed."""
     try:
         pid = int((workdir / "vmm.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
-        return []
+        return [], None
     if str(workdir).encode() not in cmdline:
-        return []  # the pid was reused by an unrelated process
+        return [], None  # the pid was reused by an unrelated process
+    ram_fd = _open_guest_ram(pid, workdir.name)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    return [f"vmm:{pid}"]
+    scrub = None
+    if ram_fd is not None:
+        for _ in range(100):  # until the kernel has reaped it (a live writer would spoil the verification)
+            if not Path(f"/proc/{pid}").exists() or "Z" in _proc_state(pid):
+                break
+            time.sleep(0.02)
+        try:
+            scrub = scrub_memfd(ram_fd)
+        finally:
+            os.close(ram_fd)
+    return [f"vmm:{pid}"] + (["guest-ram"] if scrub else []), scrub
+
+
+def _open_guest_ram(pid: int, instance_id: str) -> int | None:
+    """The VMM's descriptor of the guest RAM memfd the agent named `qvm-ram-<instance>`, opened anew."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        for link in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(link).startswith(f"/memfd:qvm-ram-{instance_id}"):
+                    return os.open(link, os.O_RDWR)
+    except OSError:
+        return None
+    return None
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"

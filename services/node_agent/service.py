@@ -25,6 +25,7 @@ from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.attest.measure import agent_config, code_digest
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
+from services.node_agent.isolation.gpus import GpuPassthrough
 from services.node_agent.isolation.network import NetworkError, parse_egress
 from services.node_agent.runtime import InstanceRuntime
 from services.node_agent.vmm.base import Vmm
@@ -77,9 +78,11 @@ class NodeAgent:
     def __init__(self, bus: Bus, settings: Settings, host: HostReader | None = None,
                  inventory: Inventory | None = None,
                  read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus,
-                 vmm: Vmm | None = None, attester: Attester | None = None) -> None:
+                 vmm: Vmm | None = None, attester: Attester | None = None, gpus: GpuPassthrough | None = None
+                 ) -> None:
         """`inventory`/`read_gpus` are injectable for tests on machines without GPUs (the NVML boundary).
-        Without `vmm` the agent only places (tests of the bus side); `create()` always gives it one."""
+        Without `vmm` the agent only places (tests of the bus side); `create()` always gives it one. `gpus`
+        (VFIO and VRAM scrub) defaults to the host's real sysfs and libcuda."""
         assert bus.identity.node_id, "a node-agent bus identity carries its node id"
         self.bus = bus
         self.node_id = bus.identity.node_id
@@ -92,8 +95,8 @@ class NodeAgent:
         self.attester = attester
         self.enrolled = False
         self.gate = InstanceGate(bus, attester, settings.attest_timeout_s) if attester else None
-        self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release, gate=self.gate) \
-            if vmm else None
+        self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release, gate=self.gate,
+                                       gpus=gpus or GpuPassthrough(self.inventory.gpus)) if vmm else None
 
     @classmethod
     async def create(cls, bus: Bus, settings: Settings) -> NodeAgent:
@@ -129,6 +132,7 @@ class NodeAgent:
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "teardown"), self.on_teardown, stop),
                 self._heartbeats(stop),
+                self._sweeps(stop),
                 *attesting,
             )
         finally:
@@ -263,6 +267,17 @@ class NodeAgent:
                 log.warning("re-attestation request failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
 
     # ------------------------------------------------------------ heartbeats
+    async def _sweeps(self, stop: asyncio.Event) -> None:
+        """Now and then: reclaim what no live job owns (a failed teardown, a crash mid-job), with evidence."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.agent_sweep_interval_s)
+            if self.runtime is not None and not stop.is_set():
+                try:
+                    await self.runtime.sweep()
+                except Exception as exc:  # one failed sweep must not stop the agent; the next one retries
+                    log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -50,6 +50,7 @@ from shared.events import (
     NodeOffline,
     NodeRegistered,
     NodeRevoked,
+    NodeSwept,
     TeardownRecord,
     subject_for,
 )
@@ -152,6 +153,17 @@ class Scheduler:
         node_id = event.node_id or ""
         now = time.time_ns()
         match event.payload:
+            case NodeSwept() as swept:
+                clean = {g.gpu_uuid for g in swept.gpus if g.verified}
+
+                def relist(rec: NodeRecord | None) -> NodeRecord | None:
+                    if rec is None or not clean & set(rec.scrubbing):
+                        return rec
+                    return with_claims(rec, dict(rec.claims),
+                                       scrubbing={u: j for u, j in rec.scrubbing.items() if u not in clean})
+
+                await self.registry.update(node_id, relist)
+                return
             case NodeRegistered() as reg:
                 def register(rec: NodeRecord | None) -> NodeRecord:
                     if rec is None:

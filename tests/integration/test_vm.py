@@ -165,6 +165,11 @@ async def test_killed_agent_leaves_nothing_behind_after_restart(stack, tmp_path:
                 return any(e.spec.type is EventType.INSTANCE_DESTROYED
                            for e in await events_of(admin, subject="qvm.jobs.long-job.>"))
             await eventually(reclaimed, timeout=60, what="the restarted agent to reclaim the instance")
+            report = next(e.payload for e in await events_of(admin, subject="qvm.jobs.long-job.>")
+                          if e.spec.type is EventType.INSTANCE_DESTROYED)
+            # The dead agent's guest RAM memfd lived on in the VMM: opened through /proc, scrubbed after the kill.
+            assert report.ram is not None and report.ram.verified and report.ram.bytes_scrubbed > 0, report
+            assert "agent_restart" in report.removed and "guest-ram" in report.removed
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(20)

@@ -52,7 +52,7 @@ __all__ = [
 NVIDIA = 0x10DE
 VFIO_DRIVER = "vfio-pci"
 UNSAFE_DRIVERS = frozenset({"nouveau"})  # hot-unbinding these hangs or crashes hosts: refuse, never try
-_BDF = re.compile(r"^(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
+_BDF = re.compile(r"^(?:(?:0000)?([0-9a-f]{4}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")  # NVML: 8-digit domain
 
 
 class VfioError(ReasonedError):
@@ -62,8 +62,9 @@ class VfioError(ReasonedError):
 
 
 def pci_address(value: str) -> str:
-    """The canonical BDF (`0000:3b:00.0`) of a BDF, a short BDF (`3b:00.0`) or a sysfs device path
-    (`/sys/bus/pci/devices/0000:3b:00.0/`): what VMM configs and sysfs names use."""
+    """The canonical BDF (`0000:3b:00.0`) of a BDF, a short BDF (`3b:00.0`), NVML's bus id
+    (`00000000:3B:00.0`) or a sysfs device path (`/sys/bus/pci/devices/0000:3b:00.0/`): what VMM configs
+    and sysfs names use."""
     name = value.rstrip("/").rsplit("/", 1)[-1].lower()
     m = _BDF.match(name)
     if not m or ("/" in value and not value.startswith("/sys/bus/pci/devices/")):
