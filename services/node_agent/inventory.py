@@ -1,7 +1,8 @@
 """Read the host's real inventory: CPU, RAM, GPUs (NVML), VMMs, KVM, TPM, confidential-computing support.
 
 Everything comes from the machine (procfs, sysfs, /dev, NVML), never from the hoster's word. NVML is
-optional: on a host without the NVIDIA driver the GPU list is empty, and the reason is logged.
+optional: on a host without the NVIDIA driver the GPU list is empty, and the reason is logged. The NVML
+reading itself lives in `services.node_agent.gpu.nvml` (re-exported here as `nvml_gpus`).
 `root` lets tests read a fixture tree; hosts use `/`.
 """
 
@@ -12,8 +13,8 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from services.node_agent.gpu.nvml import nvml_gpus
 from shared.models import GpuInfo, Inventory, TpmInfo
 from shared.telemetry import get_logger
 
@@ -23,34 +24,6 @@ log = get_logger("qvm.node_agent.inventory")
 
 VMM_BINARIES = {"qemu-microvm": "qemu-system-x86_64", "firecracker": "firecracker",
                 "cloud-hypervisor": "cloud-hypervisor"}
-
-
-def nvml_gpus() -> tuple[GpuInfo, ...]:
-    """GPUs as NVML reports them; empty when there is no NVIDIA driver on this host."""
-    try:
-        import pynvml
-    except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency
-        return ()
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        log.info("no NVML on this host; no GPUs reported", extra={"error": str(exc)[:200]})
-        return ()
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append(GpuInfo(index=i, uuid=_s(pynvml.nvmlDeviceGetUUID(h)), name=_s(pynvml.nvmlDeviceGetName(h)),
-                               memory_mib=int(mem.total) // (1 << 20),
-                               pci_bus_id=_s(pynvml.nvmlDeviceGetPciInfo(h).busId)))
-        return tuple(out)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 @dataclass(frozen=True)

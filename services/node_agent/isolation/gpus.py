@@ -37,9 +37,11 @@ Scrubber = Callable[[str], VramScrub]
 
 
 def _default_scrub(uuid: str) -> VramScrub:
-    from services.node_agent.gpu.vram import scrub_vram  # loads libcuda only on a node that scrubs
+    """In a fresh process: CUDA enumerates GPUs once per process (a GPU that was on vfio-pci at the agent's
+    first cuInit would stay invisible), and a hung GPU or a fatal CUDA error must not take the agent down."""
+    from services.node_agent.gpu.vram import scrub_vram_isolated
 
-    return scrub_vram(uuid)
+    return scrub_vram_isolated(uuid)
 
 
 class GpuPassthrough:
