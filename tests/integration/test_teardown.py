@@ -3,6 +3,7 @@ guest RAM overwritten and read back, the instance's namespace, cgroup and work d
 
     exited        the workload finished            -> done
     cancelled     the client cancelled it running  -> cancelled
+    revoked       its node lost its trust mid-run  -> failed
     run deadline  it ran past max_runtime_s        -> failed
     attestation   its quote did not verify (swtpm) -> failed, the workload never ran
     node lost     the agent was killed mid-run; the janitor failed the job; the restarted agent scrubbed
@@ -33,6 +34,7 @@ from shared.events import (
     InstanceRunning,
     JobCancelRequested,
     JobSubmitted,
+    NodeRevoked,
     TeardownRecord,
 )
 from shared.models import HardwareProfile, TrustState
@@ -77,22 +79,29 @@ async def _running(admin: Any, job_id: str) -> bool:
     return any(isinstance(e.payload, InstanceRunning) for e in await events_of(admin, subject=f"qvm.jobs.{job_id}.>"))
 
 
-@pytest.mark.parametrize("way", ["exited", "cancelled", "run_deadline"])
+@pytest.mark.parametrize("way", ["exited", "cancelled", "run_deadline", "revoked"])
 async def test_each_end_of_a_job_has_a_complete_record(stack: Stack, tmp_path: Path, way: str) -> None:
     build_test_image(tmp_path / "images")
     settings = _settings(stack, tmp_path)
     admin, market = await stack.bus("admin"), await stack.bus("marketplace")
     agent = NodeAgent(await stack.bus("node-agent", "node-a"), settings, vmm=QemuMicrovm(accel=settings.vm_accel))
     sched = await Scheduler.create(await stack.bus("scheduler"), settings)
-    job = {"exited": _job("true"), "cancelled": _job("sleep", "300"), "run_deadline": _job("sleep", "300",
-                                                                                              runtime_s=2)}[way]
+    job = {"exited": _job("true"), "cancelled": _job("sleep", "300"), "revoked": _job("sleep", "300"),
+           "run_deadline": _job("sleep", "300", runtime_s=2)}[way]
     async with running(sched, agent, Janitor(await stack.bus("janitor"), settings)):
         await market.publish(job, job_id=f"td-{way}")
         if way == "cancelled":
             await eventually(lambda: _running(admin, "td-cancelled"), timeout=120, what="the VM to run")
             await market.publish(JobCancelRequested(reason="client_request"), job_id="td-cancelled")
+        if way == "revoked":  # the node failed a re-attestation: the verifier withdraws its trust
+            await eventually(lambda: _running(admin, "td-revoked"), timeout=120, what="the VM to run")
+            verifier = await stack.bus("attestation-verifier")
+            await verifier.publish(NodeRevoked(reason="attestation_failed", detail="pcr mismatch"), node_id="node-a")
         rec = await _recorded(admin, f"td-{way}")
-    _assert_complete(rec, {"exited": "done", "cancelled": "cancelled", "run_deadline": "failed"}[way])
+    _assert_complete(rec, {"exited": "done", "cancelled": "cancelled", "run_deadline": "failed",
+                           "revoked": "failed"}[way])
+    if way == "revoked":
+        assert rec.reason == "node_revoked"
     view = (await job_book(admin)).get(f"td-{way}")
     assert view is not None and view.terminal
     assert not any((tmp_path / "instances").iterdir())
