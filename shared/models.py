@@ -91,6 +91,12 @@ class GpuInfo(Frozen):
         "unsupported", description="Confidential-computing mode of the GPUs (system-wide in NVML): devtools "
                                    "lifts the CC debug protections and must not be trusted as CC.")
 
+    @property
+    def healthy(self) -> bool:
+        """NVML says the memory is sound: no failed row remap, no remap or page retirement waiting for a reset.
+        The scheduler lists only healthy GPUs and the node-agent refuses a claim on another."""
+        return not (self.remapped_rows_failure or self.remapped_rows_pending or self.retired_pages_pending)
+
 
 class TpmInfo(Frozen):
     present: bool

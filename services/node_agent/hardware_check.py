@@ -2,7 +2,8 @@
 
 The scheduler decides from registered inventory; the agent re-checks against the live machine (RAM
 available now, GPUs present now) minus what its accepted jobs already hold, so a stale registry or a
-lying peer cannot overcommit the host.
+lying peer cannot overcommit the host. A claimed GPU must also be healthy now (NVML) and isolable for
+passthrough (its IOMMU group, checked by the agent through `isolation.gpus`), else the job goes elsewhere.
 """
 
 from __future__ import annotations
@@ -40,4 +41,8 @@ def check_assignment(
     busy = {u for c in held for u in c.gpu_uuids} & set(claim.gpu_uuids)
     if busy:
         return Refusal("gpu_busy", f"{len(busy)} claimed GPU(s) already held by another job")
+    sick = [g.uuid for g in live.gpus if g.uuid in claim.gpu_uuids and not g.healthy]
+    if sick:
+        return Refusal("gpu_unhealthy", f"{len(sick)} claimed GPU(s) have failed or pending memory row remaps or "
+                                        "page retirements (NVML): they need a reset or repair first")
     return None

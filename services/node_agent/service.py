@@ -27,6 +27,7 @@ from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
 from services.node_agent.isolation.gpus import GpuPassthrough
 from services.node_agent.isolation.network import NetworkError, parse_egress
+from services.node_agent.isolation.vfio import VfioError
 from services.node_agent.runtime import InstanceRuntime
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
@@ -167,7 +168,13 @@ class NodeAgent:
     def _check(self, placed: JobPlaced, others: list[ResourceClaim]) -> Refusal | None:
         """Blocking (procfs, NVML): runs in a worker thread."""
         live = self.inventory.model_copy(update={"gpus": self.read_gpus()})
-        return check_assignment(placed, live, self.host.meminfo_mib("MemAvailable") or live.ram_mib, others)
+        refusal = check_assignment(placed, live, self.host.meminfo_mib("MemAvailable") or live.ram_mib, others)
+        if refusal is None and placed.claim.gpu_uuids and self.runtime is not None and self.runtime.gpus:
+            try:
+                self.runtime.gpus.check(placed.claim.gpu_uuids)
+            except VfioError as exc:
+                refusal = Refusal(f"gpu_{exc.reason}"[:64], exc.detail)
+        return refusal
 
     def _egress_refusal(self, entries: tuple[str, ...]) -> Refusal | None:
         if self.settings.egress_netns is None or self.settings.vm_network != "netns":

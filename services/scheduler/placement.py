@@ -68,7 +68,7 @@ class NodeRecord(Frozen):
         cpu = self.inventory.cpu_cores - sum(c.claim.cpu_cores for c in self.claims.values())
         ram = self.inventory.ram_mib - sum(c.claim.ram_mib for c in self.claims.values())
         used = {u for c in self.claims.values() for u in c.claim.gpu_uuids} | set(self.scrubbing)
-        return cpu, ram, tuple(g for g in self.inventory.gpus if g.uuid not in used)
+        return cpu, ram, tuple(g for g in self.inventory.gpus if g.uuid not in used and g.healthy)
 
     def trust_at(self, now_ns: int) -> TrustState:
         """Trust as of `now_ns`: a verified result that expired proves nothing any more."""

@@ -52,6 +52,15 @@ class GpuPassthrough:
         self.sysfs = sysfs or Sysfs()
         self.scrub = scrub
 
+    def check(self, uuids: Sequence[str]) -> None:
+        """Could these GPUs be passed through now (known, isolated in their IOMMU group, a safe driver)?
+        Raises `VfioError`; writes nothing (the agent's check before it accepts a job)."""
+        for uuid in uuids:
+            gpu = self.gpus.get(uuid)
+            if gpu is None:
+                raise VfioError("gpu_unknown", f"{uuid} is not in this node's inventory")
+            check_isolation(gpu.pci_bus_id, self.sysfs)
+
     def attach(self, uuids: Sequence[str]) -> list[Binding]:
         """Bind each claimed GPU to vfio-pci (blocking: sysfs writes). All or nothing: on a refusal the
         GPUs already bound are given back before `VfioError` is raised."""
