@@ -208,8 +208,9 @@ class Instance:
                 raise InstanceError(exc.reason, exc.detail) from None
         allow = (self.spec.seccomp_allow or self.vmm.seccomp_allow) if self.spec.seccomp else None
         confine, to_close = _confinement(self.cgroup, self.net, allow)
-        self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
-        os.ftruncate(self._memfd, self.spec.memory_mib << 20)
+        if self.vmm.ram_from_agent:  # a memfd with no path: after exit the agent still holds, and scrubs, every page
+            self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
+            os.ftruncate(self._memfd, self.spec.memory_mib << 20)
         kernel, initrd, rootfs = (f.fileno() for f in self._files[:3])
         if self.vmm.elf_kernel:
             if self.manifest.vmlinux is None:

@@ -79,6 +79,7 @@ class Vmm(Protocol):
     shared_channel: bool  # the guest channel is a serial port that also carries boot messages
     seccomp_allow: frozenset[str] | None  # the agent's filter for this VMM (None: the VMM installs its own)
     elf_kernel: bool  # boots the ELF vmlinux (Firecracker, Cloud Hypervisor), not the bzImage
+    ram_from_agent: bool  # backs guest RAM with the agent's memfd (scrubbed by the agent after exit)
 
     async def launch(self, spec: LaunchSpec) -> VmProcess: ...
 

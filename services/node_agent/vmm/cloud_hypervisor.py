@@ -33,6 +33,7 @@ class CloudHypervisor:
 
     seccomp_allow: frozenset[str] | None = None  # it installs its own per-thread seccomp filters
     elf_kernel = True
+    ram_from_agent = False  # its own guest RAM: not scrubbed by the agent yet (the record says so)
 
     def __init__(self, binary: str = "cloud-hypervisor") -> None:
         self.binary = binary

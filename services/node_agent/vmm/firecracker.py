@@ -42,6 +42,7 @@ class Firecracker:
 
     seccomp_allow: frozenset[str] | None = None  # it installs its own per-thread seccomp filters
     elf_kernel = True
+    ram_from_agent = False  # its own guest RAM: not scrubbed by the agent yet (the record says so)
 
     def __init__(self, binary: str = "firecracker", jailer: str | None = "jailer",
                  chroot_base: Path = Path("/srv/jailer"), uid: int = 64_000, gid: int = 64_000) -> None:

@@ -96,6 +96,7 @@ class QemuMicrovm:
         self.shared_channel = channel == "serial"
         self.seccomp_allow: frozenset[str] | None = QEMU_ALLOW
         self.elf_kernel = False
+        self.ram_from_agent = True
 
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
