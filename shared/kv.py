@@ -46,23 +46,21 @@ class Kv:
         except (ValueError, TypeError, ValidationError, msgpack.UnpackException):
             return None, entry.revision or 0, False
 
-    async def create(self, key: str, value: Frozen) -> bool:
-        """Store only if absent; False when the key exists."""
+    async def create(self, key: str, value: Frozen) -> int:
+        """Store only if absent; the new revision, or 0 (false) when the key exists."""
         with map_nats_errors(f"kv create {key}"):
             try:
-                await self.kv.create(key, _pack(value))
-                return True
+                return int(await self.kv.create(key, _pack(value)))
             except KeyWrongLastSequenceError:
-                return False
+                return 0
 
-    async def update(self, key: str, value: Frozen, revision: int) -> None:
-        """Compare-and-set; raises `Stale` when another writer changed the key first."""
+    async def update(self, key: str, value: Frozen, revision: int) -> int:
+        """Compare-and-set; the new revision. Raises `Stale` when another writer changed the key first."""
         with map_nats_errors(f"kv update {key}"):
             try:
                 if revision:
-                    await self.kv.update(key, _pack(value), last=revision)
-                else:
-                    await self.kv.create(key, _pack(value))
+                    return int(await self.kv.update(key, _pack(value), last=revision))
+                return int(await self.kv.create(key, _pack(value)))
             except KeyWrongLastSequenceError:
                 raise Stale(key) from None
 
