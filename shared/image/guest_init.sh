@@ -2,7 +2,8 @@
 # qvm guest init (PID 1 in the initramfs). It writes nothing secret to disk and trusts only the host channel.
 #
 #   /dev/vda  the image's root filesystem, mounted read-only (the VMM also attaches it read-only)
-#   /dev/vdb  this instance's scratch disk (ext4): the upper layer of an overlayfs over the root
+#   /dev/vdb  this instance's scratch disk: plain dm-crypt under a key made here (never leaves the guest), ext4
+#             inside, the upper layer of an overlayfs over the root
 #   /dev/vdc  the instance's data volume, when it has one: formatted as LUKS2 and opened HERE, with the key
 #             the host sends over the channel (the host only ever sees ciphertext), ext4 inside, mounted
 #             at /data in the workload's root
@@ -66,7 +67,23 @@ while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
   i=$((i + 1)); [ $i -gt 600 ] && fail "root or scratch disk missing"; sleep 0.05
 done
 mount -o ro /dev/vda /mnt/lower || fail "cannot mount the root image"
-mount -t ext4 /dev/vdb /mnt/scratch || fail "cannot mount the scratch disk"
+# The host's cryptsetup and mke2fs, carried in the initramfs at their host paths (busybox's applets are links).
+tool() {
+  for d in /usr/sbin /sbin /usr/bin /bin; do
+    [ -f "$d/$1" ] && [ ! -L "$d/$1" ] && { echo "$d/$1"; return 0; }
+  done
+  return 1
+}
+
+# The scratch disk takes everything the workload writes outside /data (the overlay's upper layer). It is
+# encrypted here with a key made in this guest's RAM (plain dm-crypt: no header, nothing to unlock later),
+# so the host's file only ever holds ciphertext and the key dies with the guest's (scrubbed) memory.
+CS=$(tool cryptsetup) && MK=$(tool mke2fs) || fail "cryptsetup or mke2fs missing from the initramfs"
+$CS open --type plain --cipher aes-xts-plain64 --key-size 512 --key-file /dev/urandom --keyfile-size 64 \
+  /dev/vdb qvm-scratch >/dev/null 2>&1 || fail "cannot open the scratch disk"
+$MK -q -t ext4 -O ^has_journal -E lazy_itable_init=1 -L qvm-scratch /dev/mapper/qvm-scratch >/dev/null 2>&1 \
+  || fail "cannot format the scratch disk"
+mount -t ext4 /dev/mapper/qvm-scratch /mnt/scratch || fail "cannot mount the scratch disk"
 mkdir -p /mnt/scratch/upper /mnt/scratch/work
 mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work /mnt/root \
   || fail "cannot mount the overlay"
@@ -80,13 +97,6 @@ if [ -n "$NET" ]; then
     || fail "cannot configure the network"
 fi
 
-# The host's cryptsetup and mke2fs, carried in the initramfs at their host paths (busybox's applets are links).
-tool() {
-  for d in /usr/sbin /sbin /usr/bin /bin; do
-    [ -f "$d/$1" ] && [ ! -L "$d/$1" ] && { echo "$d/$1"; return 0; }
-  done
-  return 1
-}
 uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
 
 VOLUME=   # the LUKS UUID, once the volume is open
@@ -184,4 +194,5 @@ sync
 close_volume
 [ -z "$SECRETS" ] || umount /mnt/root/run/secrets
 umount /mnt/root/dev /mnt/root/sys /mnt/root/proc /mnt/root /mnt/scratch /mnt/lower 2>/dev/null
+$CS close qvm-scratch >/dev/null 2>&1
 reboot -f

@@ -56,7 +56,7 @@ JOB = "conf-job"
 
 def _workload() -> tuple[str, ...]:
     return ("sh", "-c",
-            f"echo {MARKER} | tr a-z A-Z > /data/results.txt && sync && "
+            f"echo {MARKER} | tr a-z A-Z > /data/results.txt && cp /data/results.txt /copy-on-scratch.txt && sync && "
             "echo mounted $(grep -c ' /data ' /proc/mounts) $(grep ' /run/secrets ' /proc/mounts | cut -d' ' -f3) && "
             "echo digest $(cat /data/results.txt /run/secrets/api-token | sha256sum | cut -c1-64) && "
             "sleep 3")
@@ -189,7 +189,10 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
     lines = [caplog.text] + [str(r.__dict__) for r in caplog.records]
     for form in secrets_forms:
         assert not any(form.decode(errors="replace") in line for line in lines), "a secret in a log line"
+    # The volume (LUKS2, key from the broker) and the scratch disk under the overlay, where the workload also
+    # wrote the marker (plain dm-crypt, key made in the guest): both only ciphertext on the host.
     assert any(name.endswith("volume.luks") for name in workdir_files), sorted(workdir_files)
+    assert any(name.endswith("scratch.ext4") for name in workdir_files), sorted(workdir_files)
     for name, data in workdir_files.items():
         for form in secrets_forms:
             assert form not in data, f"a secret in the work directory: {name}"
