@@ -324,7 +324,7 @@ def status(job_id: Annotated[str | None, typer.Argument()] = None) -> None:
 
 @app.command()
 def nodes() -> None:
-    """Registered nodes, their inventory, trust, liveness and claims."""
+    """Registered nodes, their inventory, trust, liveness and claims; GPUs held back until a verified scrub."""
     from services.scheduler.placement import NodeRecord
 
     async def body() -> None:
@@ -336,7 +336,7 @@ def nodes() -> None:
             except Exception:
                 keys = []
             table = Table(title="nodes")
-            for col in ("node", "status", "trust", "cpu", "ram MiB", "gpus", "claims", "vmms"):
+            for col in ("node", "status", "trust", "cpu", "ram MiB", "gpus", "awaiting scrub", "claims", "vmms"):
                 table.add_column(col)
             for k in sorted(keys):
                 entry = await kv.get(k)
@@ -346,6 +346,7 @@ def nodes() -> None:
                 inv = rec.inventory
                 table.add_row(rec.node_id, str(rec.status), str(rec.trust), f"{rec.free_cpu()}/{inv.cpu_cores}",
                               f"{rec.free_ram()}/{inv.ram_mib}", f"{len(rec.free_gpus())}/{len(inv.gpus)}",
+                              ", ".join(f"{u} ({j})" for u, j in sorted(rec.scrubbing.items())) or "-",
                               str(len(rec.claims)), ",".join(inv.vmms))
             console.print(table)
         finally:
