@@ -7,15 +7,12 @@ import contextlib
 import multiprocessing
 import os
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from bench.common import Figure, say, section
-from bench.stack import BenchStack, bench_stack
+from bench.stack import BenchStack, bench_stack, service_process
 from services.node_agent.attest.measure import code_digest
 from services.node_agent.service import NodeAgent, attester_for
 from shared.events import AttestationResult, AttestPurpose, AttestRequested
@@ -157,25 +154,6 @@ async def _node_bus(stack: BenchStack) -> Any:
     return b
 
 
-@contextlib.asynccontextmanager
-async def _verifier(stack: BenchStack, policy: Path) -> AsyncIterator[None]:
-    log = stack.root / "verifier.log"
-    env = dict(os.environ)
-    env.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
-                "QVM_STATE_DIR": str(stack.root), "QVM_ATTEST_POLICY": str(policy), "QVM_LOG_LEVEL": "INFO"})
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.attestation_verifier"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while b"verifier ready" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"verifier did not start: {log.read_text()[-500:]}")
-            await asyncio.sleep(0.05)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def _verifier(stack: BenchStack, policy: Path) -> contextlib.AbstractAsyncContextManager[Path]:
+    return service_process(stack, "services.attestation_verifier", b"verifier ready", "verifier",
+                           {"QVM_ATTEST_POLICY": str(policy)})

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from bench.common import Figure, say, section, windowed
-from bench.stack import BenchStack, bench_stack
+from bench.stack import BenchStack, bench_stack, service_process
 from services.key_broker.store import BUCKET
 from shared.bus import Bus
 from shared.crypto import hpke
@@ -75,7 +72,7 @@ async def run(tmp: Path) -> list[Figure]:
     )
     pki = Pki(tmp / "pki")
     pki.init(nodes=[NODE])
-    async with bench_stack(pki, tmp / "nats") as stack, _broker(stack, tmp, int(os.environ.get('KR_REPLICAS', '1'))):
+    async with bench_stack(pki, tmp / "nats") as stack, _broker(stack, tmp):
         market = await stack.bus(Role.MARKETPLACE)
         verifier = await stack.bus(Role.ATTESTATION_VERIFIER)
         node = await Bus.connect(stack.server.url, pki, Identity(Role.NODE_AGENT, NODE))
@@ -170,29 +167,9 @@ async def _broker(stack: BenchStack, tmp: Path, replicas: int = 1) -> AsyncItera
     kek = tmp / "kek.json"
     if not kek.exists():
         create_kek_file(kek, bytearray(PASSPHRASE.encode()))
-    env = dict(os.environ)
-    env.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
-                "QVM_STATE_DIR": str(stack.root), "QVM_LOG_LEVEL": "INFO", "QVM_KEK_SOURCE": f"file:{kek}",
-                "QVM_KEK_PASSPHRASE": PASSPHRASE})
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-    try:
+    env = {"QVM_KEK_SOURCE": f"file:{kek}", "QVM_KEK_PASSPHRASE": PASSPHRASE}
+    async with contextlib.AsyncExitStack() as running:
         for n in range(replicas):
-            log = stack.root / f"key-broker-{n}.log"
-            with open(log, "wb") as out:
-                procs.append((subprocess.Popen([sys.executable, "-m", "services.key_broker"], env=env, stdout=out,
-                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log))
-        deadline = time.monotonic() + 60
-        for proc, log in procs:
-            while b"key-broker ready" not in log.read_bytes():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"key-broker did not start: {log.read_text()[-500:]}")
-                await asyncio.sleep(0.05)
+            await running.enter_async_context(
+                service_process(stack, "services.key_broker", b"key-broker ready", f"key-broker-{n}", env))
         yield
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, _ in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()

@@ -20,7 +20,7 @@ from shared.natsserver import EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
 
-__all__ = ["BenchStack", "bench_stack", "scheduler_process"]
+__all__ = ["BenchStack", "bench_stack", "scheduler_process", "service_process"]
 
 
 @dataclass
@@ -57,28 +57,30 @@ async def bench_stack(pki: Pki, root: Path, *, offline_after_s: float = 3600.0) 
 
 
 @contextlib.asynccontextmanager
-async def scheduler_process(stack: BenchStack, name: str = "scheduler") -> AsyncIterator[Path]:
-    """Run `python -m services.scheduler` as its own process (as deployed); yields its log file.
+async def service_process(stack: BenchStack, module: str, ready: bytes, name: str,
+                          env: dict[str, str] | None = None) -> AsyncIterator[Path]:
+    """Run `python -m <module>` as its own process (as deployed) against the bench stack; yields its log file.
 
-    Waits for its "registry loaded" log line, and stops it with SIGTERM on exit.
+    Waits for `ready` in its log, and stops it with SIGTERM (then SIGKILL) on exit. `QVM_BENCH_PROFILE` (a
+    path prefix) runs it under cProfile.
     """
     log = stack.root / f"{name}.log"
-    env = dict(os.environ)
-    env.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
-                "QVM_STATE_DIR": str(stack.root), "QVM_OFFLINE_AFTER_S": str(stack.settings.offline_after_s),
-                "QVM_LOG_LEVEL": "INFO"})
+    full = dict(os.environ)
+    full.update({"QVM_NATS_URL": stack.server.url, "QVM_PKI_DIR": str(stack.pki.root),
+                 "QVM_STATE_DIR": str(stack.root), "QVM_OFFLINE_AFTER_S": str(stack.settings.offline_after_s),
+                 "QVM_LOG_LEVEL": "INFO", **(env or {})})
     with open(log, "wb") as out:
-        profile = os.environ.get("QVM_BENCH_PROFILE")  # a path: profile the scheduler with cProfile
+        profile = os.environ.get("QVM_BENCH_PROFILE")
         prefix = ["-m", "cProfile", "-o", f"{profile}.{name}.{int(time.time())}"] if profile else []
-        proc = subprocess.Popen([sys.executable, *prefix, "-m", "services.scheduler"], env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, *prefix, "-m", module], env=full, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while b"registry loaded" not in log.read_bytes():
+        while ready not in log.read_bytes():
             if proc.poll() is not None:
-                raise RuntimeError(f"scheduler exited with {proc.returncode}: {log.read_text()[-500:]}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-500:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError("scheduler did not load the registry within 60 s")
+                raise TimeoutError(f"{name} was not ready within 60 s: {log.read_text()[-500:]}")
             await asyncio.sleep(0.05)
         yield log
     finally:
@@ -89,6 +91,11 @@ async def scheduler_process(stack: BenchStack, name: str = "scheduler") -> Async
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def scheduler_process(stack: BenchStack, name: str = "scheduler") -> contextlib.AbstractAsyncContextManager[Path]:
+    """`python -m services.scheduler`, ready once it loaded the registry."""
+    return service_process(stack, "services.scheduler", b"registry loaded", name)
 
 
 def log_problems(log: Path) -> str:
