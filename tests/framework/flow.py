@@ -1,14 +1,23 @@
-"""Helpers to run services in-process against a test stack and to watch the job stream."""
+"""Helpers to run services in-process (or a node-agent as its own process) against a test stack and to
+watch the job stream."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
+from services.node_agent.service import NodeAgent, attester_for
+from services.node_agent.vmm.base import Vmm
 from shared.bus import Bus
 from shared.codec import Event
+from shared.config import Settings
 from shared.events import STREAMS, Domain
 from shared.lifecycle import JobBook
 from shared.models import GpuInfo, Inventory
@@ -61,3 +70,22 @@ async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0,
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def attested_agent(stack: Any, settings: Settings, node: str = "node-a", vmm: Vmm | None = None,
+                         cores: int = 4) -> NodeAgent:
+    """A node-agent with the TPM `settings.tpm` names (it enrolls and quotes), no GPUs, optionally a VMM."""
+    bus = await stack.bus("node-agent", node)
+    return NodeAgent(bus, settings, inventory=gpu_inventory(node, gpus=0, cores=cores, ram_mib=4096),
+                     read_gpus=lambda: (), vmm=vmm, attester=attester_for(bus, settings))
+
+
+def agent_process(stack: Any, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`python -m services.node_agent` for node-a as a process of its own (to kill and restart it), with the
+    test's images and instances directories; `env` adds QVM_* settings. Its stderr goes to agent.log."""
+    full = {**os.environ, "QVM_NATS_URL": stack.url, "QVM_PKI_DIR": str(stack.pki.root),
+            "QVM_STATE_DIR": str(tmp_path), "QVM_NODE_ID": "node-a", "QVM_MIN_TRUST": "unverified",
+            "QVM_IMAGES_DIR": str(tmp_path / "images"), "QVM_INSTANCES_DIR": str(tmp_path / "instances"), **env}
+    with open(tmp_path / "agent.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "services.node_agent"], env=full,
+                                stdout=subprocess.DEVNULL, stderr=log)

@@ -29,7 +29,7 @@ from shared.models import TrustState
 from shared.tpm.measurements import InstanceMeasurement
 from shared.tpm.policy import AttestationPolicy, ImageReference
 from shared.tpm.swtpm import Swtpm, SwtpmState
-from tests.framework.flow import events_of, eventually, gpu_inventory, running
+from tests.framework.flow import attested_agent, events_of, eventually, running
 from tests.framework.stack import Stack
 from tests.framework.tpm import start_copy
 
@@ -56,11 +56,7 @@ def _settings(stack: Stack, tmp_path: Path, swtpm: Swtpm, **extra: Any) -> Any:
 
 
 async def _agent(stack: Stack, settings: Any, node: str = "node-a") -> NodeAgent:
-    from services.node_agent.service import attester_for
-
-    bus = await stack.bus("node-agent", node)
-    return NodeAgent(bus, settings, inventory=gpu_inventory(node, gpus=0, cores=4, ram_mib=4096),
-                     read_gpus=lambda: (), attester=attester_for(bus, settings))
+    return await attested_agent(stack, settings, node)
 
 
 async def _results(admin: Any, etype: EventType, node: str = "node-a") -> list[Event]:

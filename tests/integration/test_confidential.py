@@ -21,7 +21,6 @@ from services.attestation_verifier.service import Verifier
 from services.janitor.service import Janitor
 from services.key_broker.service import KeyBroker, dek_aad
 from services.key_broker.store import BUCKET, JobKeys, job_key
-from services.node_agent.service import NodeAgent, attester_for
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
 from shared.client.sdk import ConfidentialClient
@@ -42,7 +41,7 @@ from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
 from shared.replay import read_stream
 from shared.tpm.swtpm import Swtpm
-from tests.framework.flow import eventually, gpu_inventory, job_book, running
+from tests.framework.flow import attested_agent, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.stack import Stack
 
@@ -102,10 +101,7 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
     kb_bus = await stack.bus("key-broker")
     broker = KeyBroker(kb_bus, settings, ring, Kv(await kb_bus.js.key_value(BUCKET)))
     admin, market = await stack.bus("admin"), await stack.bus("marketplace")
-    agent_bus = await stack.bus("node-agent", "node-a")
-    agent = NodeAgent(agent_bus, settings, inventory=gpu_inventory("node-a", gpus=0, cores=2, ram_mib=4096),
-                      read_gpus=lambda: (), vmm=QemuMicrovm(accel=settings.vm_accel),
-                      attester=attester_for(agent_bus, settings))
+    agent = await attested_agent(stack, settings, vmm=QemuMicrovm(accel=settings.vm_accel), cores=2)
     services = (agent, await Verifier.create(await stack.bus("attestation-verifier"), settings),
                 await Scheduler.create(await stack.bus("scheduler"), settings),
                 Janitor(await stack.bus("janitor"), settings), broker)

@@ -12,10 +12,8 @@ guest RAM overwritten and read back, the instance's namespace, cgroup and work d
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import pytest
 from services.attestation_verifier.policy_gen import local_policy
 from services.attestation_verifier.service import Verifier
 from services.janitor.service import Janitor
-from services.node_agent.service import NodeAgent, attester_for
+from services.node_agent.service import NodeAgent
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
 from shared.audit import AuditWorkers, audit_replay
@@ -39,7 +37,7 @@ from shared.events import (
 )
 from shared.models import HardwareProfile, TrustState
 from shared.tpm.swtpm import Swtpm
-from tests.framework.flow import events_of, eventually, gpu_inventory, job_book, running
+from tests.framework.flow import agent_process, attested_agent, events_of, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.stack import Stack
 
@@ -117,10 +115,7 @@ async def test_failed_attestation_ends_with_a_complete_record(stack: Stack, swtp
                          measurement_log=tmp_path / "measurements.jsonl", min_trust=TrustState.TRUSTED,
                          attest_interval_s=3600.0, attest_timeout_s=60.0)
     admin, market = await stack.bus("admin"), await stack.bus("marketplace")
-    agent_bus = await stack.bus("node-agent", "node-a")
-    agent = NodeAgent(agent_bus, settings, inventory=gpu_inventory("node-a", gpus=0, cores=2, ram_mib=4096),
-                      read_gpus=lambda: (), vmm=QemuMicrovm(accel=settings.vm_accel),
-                      attester=attester_for(agent_bus, settings))
+    agent = await attested_agent(stack, settings, vmm=QemuMicrovm(accel=settings.vm_accel), cores=2)
     services = (agent, await Verifier.create(await stack.bus("attestation-verifier"), settings),
                 await Scheduler.create(await stack.bus("scheduler"), settings),
                 Janitor(await stack.bus("janitor"), settings))
@@ -140,14 +135,9 @@ async def test_node_lost_and_back_ends_with_a_complete_record(stack: Stack, tmp_
     build_test_image(tmp_path / "images")
     settings = _settings(stack, tmp_path, heartbeat_interval_s=0.3, offline_after_s=2.0)
     admin, market = await stack.bus("admin"), await stack.bus("marketplace")
-    env = {**os.environ, "QVM_NATS_URL": stack.url, "QVM_PKI_DIR": str(stack.pki.root),
-           "QVM_STATE_DIR": str(tmp_path), "QVM_NODE_ID": "node-a", "QVM_MIN_TRUST": "unverified",
-           "QVM_IMAGES_DIR": str(tmp_path / "images"), "QVM_INSTANCES_DIR": str(tmp_path / "instances"),
-           "QVM_HEARTBEAT_INTERVAL_S": "0.3"}
 
     def start_agent() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "services.node_agent"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.log", "ab"))
+        return agent_process(stack, tmp_path, QVM_HEARTBEAT_INTERVAL_S="0.3")
 
     sched = await Scheduler.create(await stack.bus("scheduler"), settings)
     agent = start_agent()

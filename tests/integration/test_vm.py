@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from services.scheduler.service import Scheduler
 from shared.events import EventType, JobSubmitted
 from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
-from tests.framework.flow import events_of, eventually, job_book, running
+from tests.framework.flow import agent_process, events_of, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image
 
 pytestmark = pytest.mark.nats
@@ -137,13 +135,8 @@ async def test_killed_agent_leaves_nothing_behind_after_restart(stack, tmp_path:
     del bundle
     settings = _settings(stack, tmp_path)
     admin, market = await stack.bus("admin"), await stack.bus("marketplace")
-    env = {**os.environ, "QVM_NATS_URL": stack.url, "QVM_PKI_DIR": str(stack.pki.root),
-           "QVM_STATE_DIR": str(tmp_path), "QVM_NODE_ID": "node-a", "QVM_MIN_TRUST": "unverified",
-           "QVM_IMAGES_DIR": str(tmp_path / "images"), "QVM_INSTANCES_DIR": str(tmp_path / "instances")}
-
     def start_agent() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "services.node_agent"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.log", "ab"))
+        return agent_process(stack, tmp_path)
 
     sched = await Scheduler.create(await stack.bus("scheduler"), settings)
     agent = start_agent()
