@@ -154,15 +154,7 @@ class Scheduler:
         now = time.time_ns()
         match event.payload:
             case NodeSwept() as swept:
-                clean = {g.gpu_uuid for g in swept.gpus if g.verified}
-
-                def relist(rec: NodeRecord | None) -> NodeRecord | None:
-                    if rec is None or not clean & set(rec.scrubbing):
-                        return rec
-                    return with_claims(rec, dict(rec.claims),
-                                       scrubbing={u: j for u, j in rec.scrubbing.items() if u not in clean})
-
-                await self.registry.update(node_id, relist)
+                await self._relist(node_id, {g.gpu_uuid for g in swept.gpus if g.verified})
                 return
             case NodeRegistered() as reg:
                 def register(rec: NodeRecord | None) -> NodeRecord:
@@ -289,18 +281,20 @@ class Scheduler:
 
         await self.registry.update(node_id, drop)
 
-    async def on_teardown_record(self, job_id: str, node_id: str, record: TeardownRecord) -> None:
-        """The job's teardown record lists the GPUs that are clean again; the others stay out of the pool."""
-        clean = set(record.gpus_clean)
-
+    async def _relist(self, node_id: str, clean: set[str], job_id: str | None = None) -> None:
+        """Put the `clean` GPUs (those waiting for `job_id`'s scrub, or any job's) back into the node's pool."""
         def relist(rec: NodeRecord | None) -> NodeRecord | None:
             if rec is None:
                 return rec
-            keep = {u: j for u, j in rec.scrubbing.items() if not (j == job_id and u in clean)}
+            keep = {u: j for u, j in rec.scrubbing.items() if not (u in clean and job_id in (None, j))}
             return rec if keep == rec.scrubbing else with_claims(rec, dict(rec.claims), scrubbing=keep)
 
+        await self.registry.update(node_id, relist)
+
+    async def on_teardown_record(self, job_id: str, node_id: str, record: TeardownRecord) -> None:
+        """The job's teardown record lists the GPUs that are clean again; the others stay out of the pool."""
         if node_id:
-            await self.registry.update(node_id, relist)
+            await self._relist(node_id, set(record.gpus_clean), job_id)
         if record.gpus_quarantined:
             log.warning("GPUs held back: no verified scrub", extra={"node_id": node_id,
                                                                     "gpus": list(record.gpus_quarantined)})

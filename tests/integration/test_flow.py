@@ -8,7 +8,7 @@ import pytest
 
 from services.janitor.service import Janitor
 from services.node_agent.service import NodeAgent
-from services.scheduler.placement import NodeRecord
+from services.scheduler.placement import NodeRecord, with_claims
 from services.scheduler.service import Scheduler
 from shared.events import (
     Domain,
@@ -18,11 +18,12 @@ from shared.events import (
     JobPlaced,
     JobSubmitted,
     NodeRegistered,
+    NodeSwept,
     TeardownRecord,
     TeardownRequested,
 )
 from shared.lifecycle import JobState
-from shared.models import GpuRequest, ResourceClaim, TrustState
+from shared.models import GpuRequest, ResourceClaim, TrustState, VramScrub
 from tests.framework.flow import events_of, eventually, gpu_inventory, job_book, running
 
 pytestmark = pytest.mark.nats
@@ -279,3 +280,29 @@ async def test_a_job_asking_for_egress_is_refused_where_it_cannot_be_enforced(st
         await eventually(lambda: _has(admin, "job-egress", EventType.JOB_REFUSED), what="refusal")
     refused = next(e for e in await events_of(admin) if e.spec.type is EventType.JOB_REFUSED)
     assert refused.payload.reason == "egress_unsupported"
+
+
+async def test_a_verified_scrub_from_a_node_sweep_lists_a_held_back_gpu_again(stack):
+    """A GPU held back for a job (no verified scrub yet) comes back when the node's sweep reports it scrubbed
+    and verified; an unverified scrub changes nothing."""
+    settings = settings_for(stack)
+    admin = await stack.bus("admin")
+    nb = await stack.bus("node-agent", "node-a")
+    inv = gpu_inventory("node-a", gpus=2)
+    await nb.publish(NodeRegistered(inventory=inv, agent_version="test"))
+    sched = await Scheduler.create(await stack.bus("scheduler"), settings)
+    held = {g.uuid: "old-job" for g in inv.gpus}
+    async with running(sched):
+        await eventually(lambda: _registered(admin, "node-a"), what="the node registered")
+        await sched.registry.update("node-a", lambda rec: with_claims(rec, dict(rec.claims), scrubbing=held))
+        first, second = (g.uuid for g in inv.gpus)
+        await nb.publish(NodeSwept(reason="sweep", gpus=(_scrub(first, True), _scrub(second, False))))
+
+        async def relisted() -> bool:
+            return set((await _records(admin))["node-a"].scrubbing) == {second}
+        await eventually(relisted, what="the scrubbed GPU listed again")
+
+
+def _scrub(uuid: str, verified: bool) -> VramScrub:
+    return VramScrub(gpu_uuid=uuid, method="cuda-memset-verify", bytes_total=1, bytes_scrubbed=1 if verified else 0,
+                     verified=verified, duration_ms=1.0, rate_gbps=1.0)
