@@ -22,6 +22,8 @@ import contextlib
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgpack
 import nats.errors
@@ -57,6 +59,8 @@ from shared.runtime import run_together
 from shared.telemetry import get_logger
 
 __all__ = ["DEK_BYTES", "KeyBroker", "dek_aad"]
+
+Record = TypeVar("Record", JobKeys, NodeRevocation)
 
 log = get_logger("qvm.key_broker")
 DEK_BYTES = 32
@@ -327,11 +331,11 @@ class KeyBroker:
         if cur is None or cur.revoked_ns < rec.revoked_ns:
             self.revocations[rec.node_id] = rec
 
-    async def _cas(self, key: str, model: type[JobKeys] | type[NodeRevocation], change: object) -> None:
+    async def _cas(self, key: str, model: type[Record], change: Callable[[Record | None], Record | None]) -> None:
         """Read, apply `change` (None: nothing to write), compare-and-set; again on a lost race."""
         for _ in range(CAS_TRIES):
             cur, revision, _ = await self.kv.get(key, model)
-            new = change(cur if isinstance(cur, model) else None)  # type: ignore[operator]
+            new = change(cur if isinstance(cur, model) else None)
             if new is None:
                 return
             try:
