@@ -277,10 +277,9 @@ class KeyBroker:
                 return
             tomb = record.model_copy(update={"wrapped": "", "destroyed": True, "destroyed_reason": reason})
             try:
-                await self.kv.update(job_key(job_id), tomb, revision)
+                new_revision = await self.kv.update(job_key(job_id), tomb, revision)
             except Stale:
                 continue
-            _, new_revision, _ = await self.kv.get(job_key(job_id), JobKeys)
             evidence = KeyDestruction(kek_version=record.kek_version, wrapped_sha256=record.wrapped_sha256,
                                       wrapped_deleted=True, store_revision=new_revision,
                                       plaintext_buffers_zeroed=record.plaintext_buffers_zeroed,
