@@ -1,11 +1,13 @@
 """The bus: a mutual-TLS NATS connection for one identity, signed publishing, and guarded consumers.
 
 `Bus.publish` signs a catalogue payload and publishes it with its event id as `Nats-Msg-Id`, so a
-retried publish is stored once. `Bus.consume` runs a durable pull consumer with explicit acks: every
-message is decoded and verified by the codec before the handler sees it; rejected messages go to the
-dead-letter subject with the reason and an `event.rejected` report, and are acked so the consumer keeps
-going. A handler that raises is redelivered with back-off until the consumer's budget is spent, then
-dead-lettered: nothing is lost, nothing loops forever.
+retried publish is stored once. `Bus.consume` runs a consumer spec's durables (one filter each) with
+explicit acks: every message is decoded and verified by the codec before the handler sees it; rejected
+messages go to the dead-letter subject with the reason and an `event.rejected` report, and are acked so
+the consumer keeps going. A handler that raises `RejectedEvent` refuses the event as a whole (a replayed
+submission): it is dead-lettered the same way, never retried. A handler that raises anything else is
+redelivered with back-off until the consumer's budget is spent, then dead-lettered: nothing is lost,
+nothing loops forever.
 
 Signature checks run inline: one Ed25519 verification costs tens of microseconds, less than a thread
 hop; bulk work (audit replay) batches it in a process pool instead.
@@ -31,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from shared.codec import Codec, Event
-from shared.consumers import ConsumerSpec
+from shared.consumers import ConsumerSpec, Durable
 from shared.errors import BusError, Reason, RejectedEvent
 from shared.events import DEAD_LETTER_SUBJECT, EventRejected
 from shared.identity import Identity
@@ -41,7 +43,7 @@ from shared.natsconf import inbox_prefix
 from shared.pki import Pki
 from shared.telemetry import current_job, extract_context, get_logger, inject_context, tracer
 
-__all__ = ["Bus", "Handler", "map_nats_errors", "tls_context"]
+__all__ = ["Bus", "Handler", "consumer_config", "map_nats_errors", "tls_context"]
 
 log = get_logger("qvm.bus")
 Handler = Callable[[Event], Awaitable[None]]
@@ -57,6 +59,17 @@ def map_nats_errors(what: str) -> Iterator[None]:
         raise
     except (TimeoutError, nats.errors.Error, OSError, ssl.SSLError) as exc:
         raise BusError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def consumer_config(spec: ConsumerSpec, d: Durable) -> ConsumerConfig:
+    """A durable's server-side settings: explicit acks from the first message, the spec's ack wait and
+    redelivery budget; one filter in `filter_subject`, several in `filter_subjects`."""
+    return ConsumerConfig(
+        name=d.name, durable_name=d.name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_s, max_deliver=spec.max_deliver, max_ack_pending=4096,
+        filter_subject=d.filters[0] if len(d.filters) == 1 else None,
+        filter_subjects=list(d.filters) if len(d.filters) > 1 else None,
+    )
 
 
 def tls_context(pki: Pki, ident: Identity) -> ssl.SSLContext:
@@ -136,29 +149,36 @@ class Bus:
             return not ack.duplicate
 
     # ------------------------------------------------------------ consume
-    async def ensure_consumer(self, spec: ConsumerSpec) -> str:
-        """Create or update the durable consumer (idempotent); returns its name."""
-        name = spec.name(self.identity)
-        filters = spec.filters(self.identity)
-        cfg = ConsumerConfig(
-            name=name, durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            ack_wait=spec.ack_wait_s, max_deliver=spec.max_deliver, max_ack_pending=4096,
-            filter_subject=filters[0] if len(filters) == 1 else None,
-            filter_subjects=filters if len(filters) > 1 else None,
-        )
-        with map_nats_errors(f"provision consumer {name}"):
-            await self.js.add_consumer(spec.stream, config=cfg)
-        return name
+    async def ensure_consumer(self, spec: ConsumerSpec) -> list[str]:
+        """Make sure the spec's durables exist; returns their names. A node-agent creates (or updates) its
+        own, each through the one subject that names it and its filter; a service's durables are the
+        operator's (`shared/provision.py`), so a missing one is a clear error, not something to create."""
+        names = []
+        for d in spec.durables(self.identity):
+            if d.provisioned:
+                with map_nats_errors(f"consumer {d.name}"):
+                    try:
+                        await self.js.consumer_info(d.stream, d.name)
+                    except NotFoundError:
+                        raise BusError(f"consumer {d.name} on {d.stream} does not exist: the operator makes "
+                                       "the services' consumers (run `qvm provision`)") from None
+            else:
+                with map_nats_errors(f"provision consumer {d.name}"):
+                    await self.js.add_consumer(d.stream, config=consumer_config(spec, d))
+            names.append(d.name)
+        return names
 
     async def consume(
         self, spec: ConsumerSpec, handler: Handler, stop: asyncio.Event, *, max_inflight: int = 128
     ) -> None:
-        """Pull, verify, dispatch and ack until `stop` is set.
+        """Pull, verify, dispatch and ack each of the spec's durables until `stop` is set."""
+        names = await self.ensure_consumer(spec)
+        await asyncio.gather(*(self._pull(spec, name, handler, stop, max_inflight) for name in names))
 
-        Up to `max_inflight` handlers run at once; the loop fetches again as soon as a quarter of the
-        window is free, so one slow message does not hold back the next batch.
-        """
-        name = await self.ensure_consumer(spec)
+    async def _pull(self, spec: ConsumerSpec, name: str, handler: Handler, stop: asyncio.Event,
+                    max_inflight: int) -> None:
+        """One durable's loop. Up to `max_inflight` handlers run at once; the loop fetches again as soon as a
+        quarter of the window is free, so one slow message does not hold back the next batch."""
         with map_nats_errors(f"bind consumer {name}"):
             sub = await self.js.pull_subscribe_bind(name, spec.stream)
         inflight: set[asyncio.Task[None]] = set()
@@ -205,6 +225,9 @@ class Bus:
             ) as span:
                 try:
                     await handler(event)
+                except RejectedEvent as rej:  # the handler refused the event as a whole: never retried
+                    await self.dead_letter(msg, consumer, rej.reason, rej.detail)
+                    return
                 except Exception as exc:
                     span.record_exception(exc)
                     span.set_status(trace.Status(trace.StatusCode.ERROR))
@@ -241,7 +264,7 @@ class Bus:
             "Qvm-Stream-Seq": str(seq), "Qvm-Consumer": consumer,
             "Nats-Msg-Id": f"dead-{consumer}-{seq}",
         }
-        dl_subject = DEAD_LETTER_SUBJECT.format(producer=str(self.identity))
+        dl_subject = DEAD_LETTER_SUBJECT.format(producer=str(self.identity), consumer=consumer)
         try:
             with map_nats_errors("dead-letter"):
                 await self.js.publish(dl_subject, msg.data, headers=headers)

@@ -8,6 +8,9 @@ bytes avoids any canonicalisation question.
 version, known signer, signature, envelope schema, signer == producer, known type and schema version,
 producer role allowed for the type, node-agents only for their own node, payload schema, subject ==
 the catalogue's subject for those ids. Any failure raises `RejectedEvent` with a stable `Reason`.
+
+Schemas are checked strictly (`validate_wire`): on the wire a type is what msgpack decoded, never a
+coercion (`true` is not 1, `"7"` is not 7, `1.0` is not an int field's 1, `"1"` is not a bool).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_core import SchemaValidator
+from pydantic_core import core_schema as cs
 
 from shared.errors import Reason, RejectedEvent
 from shared.events import EventSpec, payload_field_node, spec_for, spec_of_payload, subject_for
@@ -28,7 +33,7 @@ from shared.ids import new_event_id
 from shared.models import Frozen
 from shared.pki import Signer, TrustBundle
 
-__all__ = ["MAX_MESSAGE_BYTES", "WIRE_VERSION", "Codec", "Envelope", "Event", "Outgoing"]
+__all__ = ["MAX_MESSAGE_BYTES", "WIRE_VERSION", "Codec", "Envelope", "Event", "Outgoing", "validate_wire"]
 
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
@@ -157,7 +162,7 @@ class Codec:
         if not isinstance(raw, dict):
             raise RejectedEvent(Reason.MALFORMED, "envelope is not a map")
         try:
-            envelope = Envelope.model_validate(raw)
+            envelope = validate_wire(Envelope, raw)
         except ValidationError as exc:
             raise RejectedEvent(Reason.SCHEMA_INVALID, _short(exc)) from None
         return self._check(subject, signer, envelope)
@@ -176,7 +181,7 @@ class Codec:
         if ident.role is Role.NODE_AGENT and envelope.node_id != ident.node_id:
             raise RejectedEvent(Reason.PRODUCER_NOT_ALLOWED, f"{signer} may not speak for node {envelope.node_id}")
         try:
-            payload = spec.payload.model_validate(envelope.payload)
+            payload = validate_wire(spec.payload, envelope.payload)
         except ValidationError as exc:
             raise RejectedEvent(Reason.SCHEMA_INVALID, _short(exc)) from None
         named = payload_field_node(payload)
@@ -189,6 +194,84 @@ class Codec:
         if expected != subject:
             raise RejectedEvent(Reason.SUBJECT_MISMATCH, f"published on {subject[:200]!r}, expected {expected!r}")
         return Event(envelope, payload, spec, subject)
+
+
+# ---------------------------------------------------------------- strict wire validation
+
+M = TypeVar("M", bound=BaseModel)
+_WIRE: dict[type[BaseModel], SchemaValidator] = {}
+_NOT_WALKED = frozenset({"metadata", "default", "serialization", "members", "cls", "expected"})
+# A dict key the model types as int arrives as the decimal text `Codec.encode` wrote (JSON-mode dump);
+# only that canonical form is read back, so "07", " 7", "7.0" or "7_0" never alias the key 7.
+_INT_KEY = cs.chain_schema([cs.str_schema(pattern=r"^(0|-?[1-9][0-9]{0,18})$", strict=True),
+                            cs.int_schema(strict=False)])
+
+
+def validate_wire(model: type[M], data: Any) -> M:
+    """Validate `data` decoded from msgpack (an event, a KV value) as `model`, strictly: every type exactly
+    what msgpack produces for what `model_dump(mode="json")` wrote, never a lax coercion (a bool is no int,
+    a numeric string no number, 1.0 no int field's 1, "1" no bool, bytes no str). The few forms that JSON
+    mode maps are read back only in that form: an array for a tuple (or set), the value string (or int)
+    for an enum, the canonical decimal string for an int dict key; an int for a float field, as in JSON.
+
+    Python construction of the models (services, `qvm submit`'s YAML) stays as it is: the strict
+    validator is derived from the model's core schema, not set in its config. Raises `ValidationError`."""
+    validator = _WIRE.get(model)
+    if validator is None:
+        validator = _WIRE[model] = SchemaValidator(_strict(model.__pydantic_core_schema__), cs.CoreConfig(strict=True))
+    result: M = validator.validate_python(data)
+    return result
+
+
+def _strict(node: Any) -> Any:
+    """A copy of a core schema that validates strictly (with the config `strict=True`) except the wire forms
+    above. Model nodes become their fields' schema plus a constructor: pydantic-core reuses a class's
+    prebuilt (lax) validator for any model node, whatever its config says."""
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in _NOT_WALKED else _strict(v)) for k, v in node.items()}
+    kind = out.get("type")
+    wrapped: Any = None
+    if kind == "model":
+        config = out.get("config") or {}
+        if out.get("post_init") or out.get("custom_init") or out.get("root_model") or \
+                set(config) - {"title", "extra_fields_behavior"} or out["schema"].get("type") != "model-fields":
+            raise TypeError(f"{out['cls'].__name__}: no strict wire validator for this kind of model")
+        fields = {**out["schema"], "extra_behavior": config.get("extra_fields_behavior", "ignore")}
+        wrapped = cs.no_info_after_validator_function(_constructor(out["cls"]), fields)
+    elif kind == "enum":
+        value_type = {"str": cs.str_schema(strict=True), "int": cs.int_schema(strict=True)}.get(out.get("sub_type", ""))
+        if value_type is None:
+            raise TypeError(f"{out['cls'].__name__}: only str and int enums have a wire form")
+        inner = {k: v for k, v in out.items() if k != "ref"}
+        wrapped = cs.chain_schema([value_type, {**inner, "strict": False}])
+    elif kind in ("tuple", "set", "frozenset"):
+        out.setdefault("strict", False)  # from a msgpack array (a list); the items stay strict
+    elif kind == "dict" and (out.get("keys_schema") or {}).get("type") == "int":
+        out["keys_schema"] = _INT_KEY
+    if wrapped is None:
+        return out
+    if "ref" in out:  # definition references point at the node that replaces it
+        wrapped["ref"] = out["ref"]
+    return wrapped
+
+
+def _constructor(cls: type[BaseModel]) -> Any:
+    """Build an instance from the validated fields, as pydantic-core's model validator does."""
+    new, put = object.__new__, object.__setattr__
+
+    def build(validated: tuple[dict[str, Any], dict[str, Any] | None, set[str]]) -> BaseModel:
+        values, extra, fields_set = validated
+        instance = new(cls)
+        put(instance, "__dict__", values)
+        put(instance, "__pydantic_extra__", extra)
+        put(instance, "__pydantic_fields_set__", fields_set)
+        put(instance, "__pydantic_private__", None)
+        return instance
+
+    return build
 
 
 def _unpack(data: bytes) -> Any:

@@ -1,9 +1,26 @@
-"""Every durable JetStream consumer qvm uses, declared next to the catalogue.
+"""Every way an identity reads the bus, declared next to the catalogue: durable consumers and stream readers.
 
-Declaring consumers (who reads which events from which stream) lets the NATS permission generator grant
-each identity exactly the consumers it owns, and lets `qvm up` and the services provision them
-idempotently. Node-agent consumers are per node: their name and filter carry the node id, so an agent
-can only ever read its own assignments.
+Declaring them lets the NATS permission generator grant each identity exactly what it reads and nothing
+else, and lets the services provision their consumers idempotently.
+
+Durable consumers: a `ConsumerSpec` groups the events one handler takes. The NATS server checks
+permissions on subjects only, never on the JSON body of a request, so an identity that creates its own
+consumer must find both the consumer's name and its filter in the subject it is allowed
+(`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), a form that exists for single-filter consumers only (a
+multi-filter consumer's filters hide in the body, where they could be re-pointed anywhere). Hence two kinds:
+
+- platform services (scheduler, verifier, key-broker, janitor): one durable per spec with all its filters,
+  so its events keep their stream order (a key-broker must see a job's submission before its instance's
+  announcement). The operator makes these durables when it provisions the streams (`shared/provision.py`);
+  the service may only pull, ack and read the info of its own, never create or change one;
+- node-agents (on hosts the platform does not own): one durable per event, each with one filter carrying
+  the node id, which the agent creates itself through that fixed subject; so it can only ever read its own
+  node's events.
+
+Readers (`ReaderSpec`): an identity that folds a stream's history (the janitor, the scheduler's replay
+checks, a marketplace client checking evidence) reads it with batched message gets
+(`$JS.API.DIRECT.GET.<stream>`), which create no server-side state at all: no unnamed or ordered
+consumers, which could otherwise update any named durable whose name is put in the request body.
 """
 
 from __future__ import annotations
@@ -13,7 +30,25 @@ from dataclasses import dataclass
 from shared.events import CATALOGUE, STREAMS, Domain, EventType, subject_filter
 from shared.identity import Identity, Role
 
-__all__ = ["CONSUMERS", "ConsumerSpec", "consumer_spec", "consumers_for"]
+__all__ = ["CONSUMERS", "READERS", "ConsumerSpec", "Durable", "ReaderSpec", "consumer_spec", "consumers_for",
+           "durables_for", "readable_streams"]
+
+
+@dataclass(frozen=True)
+class Durable:
+    """One server-side durable consumer: a name of its identity's own and its filter subjects."""
+
+    name: str
+    stream: str
+    filters: tuple[str, ...]
+    events: tuple[EventType, ...]
+    provisioned: bool  # made by the operator (several filters); else made by its owner (exactly one filter)
+
+    @property
+    def create_subject(self) -> str:
+        """The one API subject that creates this durable with this filter (owner-created durables only)."""
+        assert not self.provisioned and len(self.filters) == 1
+        return f"$JS.API.CONSUMER.CREATE.{self.stream}.{self.name}.{self.filters[0]}"
 
 
 @dataclass(frozen=True)
@@ -31,12 +66,21 @@ class ConsumerSpec:
     def stream(self) -> str:
         return STREAMS[self.domain].name
 
-    def name(self, ident: Identity) -> str:
-        return f"{ident.token}-{self.key}"
+    @property
+    def provisioned(self) -> bool:
+        """A platform service's durable, made by the operator; node-agents make their own."""
+        return self.role is not Role.NODE_AGENT
 
-    def filters(self, ident: Identity) -> list[str]:
-        fixed = {"node_id": ident.node_id} if ident.role is Role.NODE_AGENT and ident.node_id else {}
-        return [subject_filter(CATALOGUE[e], **fixed) for e in self.events]
+    def durables(self, ident: Identity) -> list[Durable]:
+        """The durables `ident` runs for this spec: `<identity>-<key>` (provisioned, every filter), or for a
+        node-agent one per event, `<identity>-<key>[-<event>]`, with one filter each."""
+        if self.provisioned:
+            return [Durable(f"{ident.token}-{self.key}", self.stream,
+                            tuple(subject_filter(CATALOGUE[e]) for e in self.events), self.events, True)]
+        fixed = {"node_id": ident.node_id} if ident.node_id else {}
+        return [Durable(f"{ident.token}-{self.key}" + (f"-{e.value.replace('.', '_')}" if len(self.events) > 1
+                                                        else ""),
+                        self.stream, (subject_filter(CATALOGUE[e], **fixed),), (e,), False) for e in self.events]
 
 
 E = EventType
@@ -81,8 +125,44 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class ReaderSpec:
+    """`role` may read the whole of `domain`'s stream by message gets (no consumer), for `why`."""
+
+    role: Role
+    domain: Domain
+    why: str
+
+    @property
+    def stream(self) -> str:
+        return STREAMS[self.domain].name
+
+
+READERS: tuple[ReaderSpec, ...] = (
+    ReaderSpec(Role.SCHEDULER, Domain.JOBS,
+               "A job's submission read back when a node refuses it; a replayed submission told from the first."),
+    ReaderSpec(Role.JANITOR, Domain.JOBS, "Every job's history, folded: deadlines, lost nodes, late instances."),
+    ReaderSpec(Role.JANITOR, Domain.KEYS, "Key destruction reports, for the teardown records (releases are sealed)."),
+    ReaderSpec(Role.JANITOR, Domain.TEARDOWN, "Its own earlier teardown records (one per job, across restarts)."),
+    ReaderSpec(Role.MARKETPLACE, Domain.JOBS,
+               "Its clients' jobs: state, attestation results and their output (sealed to each client's key)."),
+    ReaderSpec(Role.MARKETPLACE, Domain.ATTESTATION,
+               "The challenge, quote, log and AK enrollment behind an instance's result, which clients check."),
+)
+"""Who may read which stream's history. Nodes read nothing but their own durables; the key-broker and the
+verifier work from their durables and KV buckets alone."""
+
+
 def consumers_for(ident: Identity) -> list[ConsumerSpec]:
     return [c for c in CONSUMERS if c.role is ident.role]
+
+
+def durables_for(ident: Identity) -> list[Durable]:
+    return [d for c in consumers_for(ident) for d in c.durables(ident)]
+
+
+def readable_streams(role: Role) -> list[str]:
+    return [r.stream for r in READERS if r.role is role]
 
 
 def consumer_spec(role: Role, key: str) -> ConsumerSpec:

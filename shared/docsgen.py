@@ -15,7 +15,7 @@ from typing import Any, cast
 from pydantic import BaseModel
 
 from shared.codec import MAX_MESSAGE_BYTES, WIRE_VERSION, Envelope
-from shared.consumers import CONSUMERS, ConsumerSpec
+from shared.consumers import CONSUMERS, READERS, ConsumerSpec
 from shared.errors import Reason
 from shared.events import CATALOGUE, DEAD_LETTER_SUBJECT, STREAMS, Domain, EventSpec, EventType
 from shared.identity import Identity, Role
@@ -342,11 +342,12 @@ def _consumer_rows(c: ConsumerSpec) -> list[str]:
         return text.replace(_NODE_PLACEHOLDER, "{node_id}")
 
     backoff = ", ".join(f"{b:g}" for b in c.backoff_s)
+    durables = c.durables(ident)
     return [
-        _code(fill(c.name(ident))),
+        "<br>".join(_code(fill(d.name)) for d in durables),
         _code(c.role.value),
         _code(c.stream),
-        "<br>".join(_code(fill(f)) for f in c.filters(ident)),
+        "<br>".join(_code(fill(f)) for d in durables for f in d.filters),
         ", ".join(_code(e.value) for e in c.events),
         f"max {c.max_deliver} deliveries; ack wait {c.ack_wait_s:g} s; backoff {backoff} s",
         c.description,
@@ -357,17 +358,29 @@ def _consumers() -> list[str]:
     return [
         "## Consumers",
         "",
-        "Every durable pull consumer is declared in `shared/consumers.py`. A consumer's name is "
-        "`<identity token>-<key>` (the identity with dots replaced by `_`); all replicas of a service share "
-        "it, so work is spread across them. Node-agent consumers are per node: their name and filters carry "
-        "the node id, and the NATS permissions let each agent create and read only its own. A failing "
+        "Every durable pull consumer is declared in `shared/consumers.py`. A service's consumer spec is one "
+        "durable, `<identity token>-<key>`, with all its filters (its events keep their stream order); the "
+        "operator makes it when provisioning, and the service may only pull, ack and read its info. All "
+        "replicas of a service share it, so work is spread across them. A node-agent's spec becomes one durable "
+        "per event, `<identity token>-<key>[-<event>]` (dots replaced by `_`), with one filter carrying the node "
+        "id, which the agent creates itself through the one subject its permissions name "
+        "(`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`): it cannot create another's consumer or widen a "
+        "filter. A failing "
         "handler is retried with the listed backoff; after the last delivery the message is dead-lettered "
         "with reason `handler_failed`.",
         "",
         *_table(
-            ("Name", "Role", "Stream", "Filters", "Events", "Delivery", "Description"),
+            ("Durables", "Role", "Stream", "Filters", "Events", "Delivery", "Description"),
             (_consumer_rows(c) for c in CONSUMERS),
         ),
+        "",
+        "### Stream readers",
+        "",
+        "Identities that fold a stream's history read it with batched message gets "
+        "(`$JS.API.DIRECT.GET.<stream>`, `shared/reader.py`), which create no consumer on the server. "
+        "Nobody but the operator may create an unnamed (ephemeral or ordered) consumer on an event stream.",
+        "",
+        *_table(("Role", "Stream", "Why"), ([_code(r.role.value), _code(r.stream), r.why] for r in READERS)),
         "",
     ]
 
@@ -382,12 +395,16 @@ def _dead_letters() -> list[str]:
         "consumer that refused it",
         "",
         f"1. stores the raw message unchanged on {_code(raw)} (stream {_code(STREAMS[Domain.DEAD].name)}, "
-        "`{producer}` being the consumer's own identity) with the headers `Qvm-Reason`, `Qvm-Detail`, "
-        "`Qvm-Subject`, `Qvm-Stream-Seq` and `Qvm-Consumer` (it is not an envelope, so it is not a catalogue "
-        "entry);",
+        "`{producer}` being the consumer's own identity and `{consumer}` its durable: the server lets an "
+        "identity publish dead letters only under its own durables' names) with the headers `Qvm-Reason`, "
+        "`Qvm-Detail`, `Qvm-Subject`, `Qvm-Stream-Seq` and `Qvm-Consumer` (it is not an envelope, so it is "
+        "not a catalogue entry);",
         f"2. publishes a signed {_code(rejected.type.value)} report on {_code(rejected.subject)};",
         "3. acks the original. If storing the dead letter fails, the original stays un-acked and is "
         "redelivered later.",
+        "",
+        "The signed report is what proves a raw copy's origin: `qvm audit replay` flags a raw dead letter "
+        "without a matching report (same identity, consumer, stream sequence and subject).",
         "",
         "Reasons (the `Qvm-Reason` header and the `reason` field of `event.rejected`): "
         + ", ".join(_code(r.value) for r in Reason)

@@ -70,6 +70,8 @@ class Reason(StrEnum):
     SCHEMA_INVALID = "schema_invalid"
     ILLEGAL_TRANSITION = "illegal_transition"
     HANDLER_FAILED = "handler_failed"  # redelivery budget spent
+    JOB_EXISTS = "job_exists"  # a second job.submitted for a job id the stream already holds (a replay)
+    SUBMISSION_STALE = "submission_stale"  # a submission older than the job stream keeps its history
 
 
 class RejectedEvent(QvmError):

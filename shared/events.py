@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
+from shared.crypto import CryptoError
+from shared.crypto.hpke import ENC_BYTES, TAG_BYTES, check_public_key
 from shared.errors import Reason
 from shared.identity import JobId, NodeId, Role
 from shared.models import (
@@ -37,6 +39,7 @@ from shared.models import (
 __all__ = [
     "CATALOGUE",
     "DEAD_LETTER_SUBJECT",
+    "OUTPUT_CHUNK_BYTES",
     "STREAMS",
     "AttestChallenge",
     "AttestEvidence",
@@ -195,12 +198,26 @@ class JobSubmitted(Frozen):
     client_secrets: bool = Field(False, description="The workload waits for the client's own secret bundle "
                                  "(verified and released by the client, mounted at /run/secrets).")
     key_release: KeyReleasePolicy = KeyReleasePolicy()
+    output_key: str | None = Field(None, pattern=_HEX64, description="The client's X25519 public key (hex): each "
+                                   "chunk of the workload's output is HPKE-sealed to it (`instance.output`), so "
+                                   "only the client reads it. Without one, NO output is published at all "
+                                   "(`instance.exited` still says how many bytes the workload wrote).")
 
     @field_validator("volume_mib")
     @classmethod
     def _volume_size(cls, v: int) -> int:
         if 0 < v < MIN_VOLUME_MIB:
             raise ValueError(f"a data volume needs at least {MIN_VOLUME_MIB} MiB (LUKS2 header and a file system)")
+        return v
+
+    @field_validator("output_key")
+    @classmethod
+    def _output_key(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_public_key(bytes.fromhex(v))
+            except CryptoError as exc:
+                raise ValueError(f"not a usable X25519 public key ({exc.detail})") from None
         return v
 
 
@@ -275,21 +292,38 @@ class InstanceRunning(Frozen):
     instance_id: str = _INSTANCE_ID
 
 
+OUTPUT_CHUNK_BYTES = 64 * 1024
+"""The most workload output one `instance.output` chunk seals."""
+_SEALED_OVERHEAD = ENC_BYTES + TAG_BYTES  # HPKE enc and the AEAD tag around each sealed chunk
+_SEALED_HEX = r"^([0-9a-f]{2})+$"
+
+
 class InstanceOutput(Frozen):
-    """A chunk of the workload's output, for the job's owner (never logged)."""
+    """A chunk of the workload's output, HPKE-sealed to the client's `output_key` (only jobs with one get any):
+    the platform, the operator and every other reader of the job stream see ciphertext only."""
 
     instance_id: str = _INSTANCE_ID
-    seq: int = Field(ge=0)
-    data_b64: str = Field(max_length=88_000, description="Base64 of up to 64 KiB of output.")
+    seq: int = Field(ge=0, description="Chunk number: 0, 1, 2, ... with no gap; bound into the seal.")
+    suite: str = Field(max_length=64, description="HPKE suite (RFC 9180 base mode).")
+    sealed: str = Field(pattern=_SEALED_HEX, min_length=2 * _SEALED_OVERHEAD,
+                        max_length=2 * (OUTPUT_CHUNK_BYTES + _SEALED_OVERHEAD),
+                        description="HPKE enc || ciphertext (hex) of up to 64 KiB of output, sealed to the job's "
+                                    "output_key; the info binds the purpose (output), job id, instance id and seq.")
 
 
 class InstanceExited(Frozen):
     instance_id: str = _INSTANCE_ID
     exit_code: int = Field(ge=0, le=255)
     runtime_ms: float = Field(ge=0)
-    output_sha256: str = Field(pattern=_HEX64, description="SHA-256 of the whole output.")
-    output_bytes: int = Field(ge=0)
-    output_truncated: bool = Field(False, description="Only the first MiB was published.")
+    output_sha256: str = Field(pattern=_HEX64, description="SHA-256 over the sealed chunks as published (in seq "
+                               "order, each as its 4-byte big-endian length then its sealed bytes), never over the "
+                               "plaintext: the client checks it has every chunk as sent, nobody can confirm a "
+                               "guess of the output. No chunk published: the SHA-256 of nothing.")
+    output_bytes: int = Field(ge=0, description="Bytes the workload wrote in all, published or not.")
+    output_chunks: int = Field(ge=0, description="Chunks published (seq 0 to output_chunks - 1); 0 when the job "
+                                                 "gave no output_key.")
+    output_truncated: bool = Field(False, description="Only the first MiB was sealed and published; the rest is "
+                                                      "counted in output_bytes only.")
 
 
 class InstanceFailed(Frozen):
@@ -483,8 +517,12 @@ class KeyDestruction(Frozen):
 
     kek_version: int = Field(0, ge=0)
     wrapped_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="Digest of the deleted wrapped copy.")
-    wrapped_deleted: bool = Field(description="The wrapped copy was purged from the key store.")
-    store_revision: int = Field(0, ge=0, description="Key-store revision of the purge.")
+    wrapped_deleted: bool = Field(description="The wrapped copy was replaced by a tombstone in the key store.")
+    store_revision: int = Field(0, ge=0, description="Key-store revision of the tombstone.")
+    revisions_erased: int = Field(0, ge=0, description="Key-store revisions still holding the wrapped key at "
+                                                      "destruction, each erased (its bytes overwritten by the "
+                                                      "store) before this report; none is left. Earlier "
+                                                      "revisions were erased as they were superseded.")
     plaintext_buffers_zeroed: int = Field(0, ge=0, description="Plaintext key buffers overwritten in the broker.")
     released_to: str = Field("", max_length=64, description="The instance that held the key, if any.")
 
@@ -626,7 +664,7 @@ _SPECS = [
     _spec(EventType.INSTANCE_RUNNING, InstanceRunning, "qvm.jobs.{job_id}.instance.running.{node_id}",
           {_R.NODE_AGENT}, {_R.JANITOR}, "The workload started inside the guest."),
     _spec(EventType.INSTANCE_OUTPUT, InstanceOutput, "qvm.jobs.{job_id}.instance.output.{node_id}",
-          {_R.NODE_AGENT}, {_R.MARKETPLACE}, "Workload output for the job's owner."),
+          {_R.NODE_AGENT}, {_R.MARKETPLACE}, "Workload output, sealed to the client's output key."),
     _spec(EventType.INSTANCE_EXITED, InstanceExited, "qvm.jobs.{job_id}.instance.exited.{node_id}",
           {_R.NODE_AGENT}, {_R.JANITOR}, "The workload ended: exit code, run time, output digest."),
     _spec(EventType.INSTANCE_FAILED, InstanceFailed, "qvm.jobs.{job_id}.instance.failed.{node_id}",
@@ -685,9 +723,12 @@ _SPECS = [
           set(_ALL_SERVICES), {_R.ADMIN}, "A consumer dead-lettered a message, with the reason."),
 ]
 
-DEAD_LETTER_SUBJECT = "qvm.dead.raw.{producer}"
-"""Raw poison messages, stored unchanged with `Qvm-Reason`, `Qvm-Detail`, `Qvm-Subject` and
-`Qvm-Stream-Seq` headers; not an envelope, so not a catalogue entry."""
+DEAD_LETTER_SUBJECT = "qvm.dead.raw.{producer}.{consumer}"
+"""Raw poison messages, stored unchanged with `Qvm-Reason`, `Qvm-Detail`, `Qvm-Subject`, `Qvm-Consumer` and
+`Qvm-Stream-Seq` headers; not an envelope, so not a catalogue entry. The subject names the identity and the
+durable consumer that dead-lettered the message (the server lets each identity publish only under its own
+consumers' names), and every raw copy is paired with a signed `event.rejected` from that identity naming the
+same consumer, stream sequence and subject: that pair is what proves a dead letter's origin."""
 
 CATALOGUE: Mapping[EventType, EventSpec] = {s.type: s for s in _SPECS}
 _BY_NAME: Mapping[str, EventSpec] = {s.type.value: s for s in _SPECS}

@@ -10,6 +10,8 @@
       cpu_cores: 4
       ram_mib: 16384
       gpus: {count: 1, model: H100, min_vram_mib: 80000}
+    output_key: 9f2c…       # optional: the client's X25519 public key (hex) the output is sealed to;
+                            # without one no output is published (`qvm submit --wait` makes one)
 """
 
 from __future__ import annotations

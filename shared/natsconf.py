@@ -1,10 +1,14 @@
 """NATS server configuration generated from the catalogue: mutual TLS and least-privilege users.
 
 Every identity in the PKI becomes a NATS user mapped from its client certificate (`verify_and_map`).
-Its permissions are derived, never hand-written:
-  publish   the event subjects its role may produce (node-agents: with their own node id only), its own
-            dead-letter subjects, and the JetStream API calls for the consumers it owns;
-  subscribe only its own inbox prefix (`_INBOX_<identity>.>`), where pull consumers deliver.
+Its permissions are derived, never hand-written (shared/consumers.py says what each identity reads):
+  publish   the event subjects its role may produce (node-agents: with their own node id only); for each
+            durable it owns: info, next, ack and its dead-letter subject, and for a node-agent's durables
+            create (with the name and the one filter in the subject; services' durables are made by the
+            operator); message gets on the streams it may read; its own KV buckets;
+  subscribe only its own inbox prefix (`_INBOX_<identity>.>`), where replies and pulled messages arrive.
+No identity but the operator may create an unnamed (ephemeral, ordered) consumer on an event stream, list
+or read other consumers, or touch a stream's configuration.
 The admin identity (operator CLI) manages streams and reads everything, and publishes no events.
 """
 
@@ -14,8 +18,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from shared.consumers import consumers_for
-from shared.events import CATALOGUE, DEAD_LETTER_SUBJECT, STREAMS, Domain, subject_filter
+from shared.consumers import durables_for, readable_streams
+from shared.events import CATALOGUE, DEAD_LETTER_SUBJECT, subject_filter
 from shared.identity import Identity, Role
 from shared.pki import Pki
 
@@ -37,58 +41,39 @@ def inbox_prefix(ident: Identity) -> str:
 
 
 def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
+    """Least privilege, from the declarations alone. Every JetStream API subject granted names the stream,
+    and for consumers the consumer's own name and its one filter: the server checks subjects, not request
+    bodies, so nothing granted here lets a body name another consumer or another filter."""
     inbox = inbox_prefix(ident)
-    pub: list[str] = ["$JS.API.INFO"]
     sub: list[str] = [f"{inbox}.>"]
     if ident.role is Role.ADMIN:
         # Operator: manage streams, read everything (incl. ordered consumers' flow control); emit no events.
         return {"publish": {"allow": ["$JS.API.>", "$JS.FC.>"]}, "subscribe": {"allow": sub}}
+    pub: list[str] = []
     fixed = {"node_id": ident.node_id} if ident.node_id else {}
     for spec in CATALOGUE.values():
         if ident.role in spec.producers:
             pub.append(subject_filter(spec, producer=str(ident), **fixed))
-    pub.append(DEAD_LETTER_SUBJECT.format(producer=str(ident)))
-    for c in consumers_for(ident):
-        name = c.name(ident)
-        filters = c.filters(ident)
-        stream = c.stream
-        create = f"$JS.API.CONSUMER.CREATE.{stream}.{name}"
-        pub += [f"{create}.{filters[0]}"] if len(filters) == 1 else [create]
+    for d in durables_for(ident):
+        if not d.provisioned:
+            pub.append(d.create_subject)  # its name and its one filter, both fixed in the subject
         pub += [
-            f"$JS.API.CONSUMER.INFO.{stream}.{name}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
-            f"$JS.ACK.{stream}.{name}.>",
-            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.CONSUMER.INFO.{d.stream}.{d.name}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{d.stream}.{d.name}",
+            f"$JS.ACK.{d.stream}.{d.name}.>",
+            DEAD_LETTER_SUBJECT.format(producer=str(ident), consumer=d.name),  # dead letters of its own durables
         ]
-    if ident.role in (Role.SCHEDULER, Role.JANITOR):
-        # Folding job history at start: ordered (ephemeral) consumers on the jobs stream.
-        pub += _ordered_reader(Domain.JOBS)
-    if ident.role is Role.JANITOR:
-        # Teardown records need the key-broker's destruction reports and the janitor's own earlier records.
-        pub += _ordered_reader(Domain.KEYS) + _ordered_reader(Domain.TEARDOWN)
-    if ident.role is Role.MARKETPLACE:
-        # A client checks an instance's evidence itself (quote, log, AK enrollment) before it releases its
-        # secrets: it reads the job's events and the node's attestation history.
-        for domain in (Domain.JOBS, Domain.ATTESTATION, Domain.KEYS):
-            pub += _ordered_reader(domain)
-    if ident.role is Role.SCHEDULER:
-        # Reading a job's submission back when a node refuses it.
-        pub += [f"$JS.API.STREAM.MSG.GET.{STREAMS[Domain.JOBS].name}",
-                f"$JS.API.DIRECT.GET.{STREAMS[Domain.JOBS].name}.>"]
+    for stream in readable_streams(ident.role):
+        pub.append(f"$JS.API.DIRECT.GET.{stream}")  # batched message gets: reads, no server-side state
     for bucket, (owner, _) in KV_BUCKETS.items():
         if ident.role is owner:
+            # A bucket is private to its owner: the watchers it creates there (unnamed consumers on the
+            # bucket's own stream) can touch nothing of anyone else's.
             pub += [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
                     f"$JS.API.DIRECT.GET.KV_{bucket}.>", f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
-                    f"$JS.FC.KV_{bucket}.>", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*"]
+                    f"$JS.FC.KV_{bucket}.>", f"$JS.API.CONSUMER.INFO.KV_{bucket}.*",
+                    f"$JS.API.STREAM.MSG.DELETE.KV_{bucket}"]
     return {"publish": {"allow": sorted(set(pub))}, "subscribe": {"allow": sub}}
-
-
-def _ordered_reader(domain: Domain) -> list[str]:
-    """Ordered (ephemeral) consumers on one stream. Only unnamed (server-named) consumers: no way to
-    create, re-point or delete a named durable such as a node-agent's assignment queue."""
-    stream = STREAMS[domain].name
-    return [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>", f"$JS.API.STREAM.INFO.{stream}",
-            f"$JS.API.CONSUMER.INFO.{stream}.*"]
 
 
 def _q(s: str) -> str:

@@ -1,8 +1,8 @@
 """The janitor: deadline and lost-node sweeps, cancellations, teardown requests, teardown records.
 
-consume  the whole job stream, the key-destruction reports and its own teardown records through ordered
-         consumers (replayed from the start at every start, so the books survive restarts without storage
-         of their own), node.offline and attest.revoked (durable)
+consume  the whole job stream, the key-destruction reports and its own teardown records, followed with
+         message gets (`shared/reader.py`; replayed from the start at every start, so the books survive
+         restarts without storage of their own), node.offline and attest.revoked (durable)
 decide   `deadlines.due_actions` on the folded book; jobs on a lost or revoked node; `records.build_record`
          for each ended job once its node and the key-broker reported their wipes (or the deadline passed)
 act/emit job.failed / job.cancelled and teardown.requested for the job's node; teardown.record (what was
@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
 from services.janitor.deadlines import Action, due_actions, jobs_on_node
 from services.janitor.records import TeardownFacts, build_record
-from shared.bus import Bus, map_nats_errors
+from shared import reader
+from shared.bus import Bus
 from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
@@ -73,54 +71,36 @@ class Janitor:
         return cls(bus, settings)
 
     async def run(self, stop: asyncio.Event) -> None:
-        subs = [
-            await self._follow(Domain.JOBS, STREAMS[Domain.JOBS].subjects[0], self._on_job_event),
-            await self._follow(Domain.KEYS, subject_filter(CATALOGUE[EventType.KEYS_DESTROYED]), self._on_fact),
-            await self._follow(Domain.TEARDOWN, subject_filter(CATALOGUE[EventType.TEARDOWN_RECORD]), self._on_fact),
-        ]
-        try:
-            await run_together(
-                self._all_caught_up(),
-                self.bus.consume(consumer_spec(Role.JANITOR, "offline"), self.on_offline, stop),
-                self.bus.consume(consumer_spec(Role.JANITOR, "revocations"), self.on_revoked, stop),
-                self._sweeper(stop),
-            )
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        await run_together(
+            self._follow(Domain.JOBS, STREAMS[Domain.JOBS].subjects[0], self._on_job_event, stop),
+            self._follow(Domain.KEYS, subject_filter(CATALOGUE[EventType.KEYS_DESTROYED]), self._on_fact, stop),
+            self._follow(Domain.TEARDOWN, subject_filter(CATALOGUE[EventType.TEARDOWN_RECORD]), self._on_fact, stop),
+            self._all_caught_up(),
+            self.bus.consume(consumer_spec(Role.JANITOR, "offline"), self.on_offline, stop),
+            self.bus.consume(consumer_spec(Role.JANITOR, "revocations"), self.on_revoked, stop),
+            self._sweeper(stop),
+        )
 
     # ------------------------------------------------------------ consume
-    async def _follow(self, domain: Domain, subject: str, handle: Callable[[Event], Awaitable[None]]) -> Any:
-        """Fold one stream's `subject` from its first message, then live; caught up at its last sequence now."""
-        stream = STREAMS[domain].name
-        info = await self.bus.stream_info(stream)
-        target = info.state.last_seq if info else 0
+    async def _follow(self, domain: Domain, subject: str, handle: Callable[[Event], Awaitable[None]],
+                      stop: asyncio.Event) -> None:
+        """Fold one stream's `subject` from its first message, then live; caught up once a read finds
+        nothing more pending."""
         done = self._followed.setdefault(subject, asyncio.Event())
-        if target == 0:
-            done.set()
-
-        async def on_msg(msg: Msg) -> None:
-            seq = msg.metadata.sequence.stream if msg.metadata else 0
-            pending = msg.metadata.num_pending if msg.metadata else 0
-            try:
-                event = self.bus.codec.decode(msg.subject, msg.data)
-            except RejectedEvent as exc:
-                # The consumers that own these events dead-letter them; `qvm audit replay` reports them.
-                log.warning("event not folded", extra={"stream_seq": seq, "error": str(exc)[:300]})
-            else:
-                await handle(event)
-            if seq >= target or pending == 0:
+        async for batch in reader.follow(self.bus.nc, STREAMS[domain].name, subject, stop=stop):
+            for msg in batch.messages:
+                try:
+                    event = self.bus.codec.decode(msg.subject, msg.data)
+                except RejectedEvent as exc:
+                    # The consumers that own these events dead-letter them; `qvm audit replay` reports them.
+                    log.warning("event not folded", extra={"stream_seq": msg.seq, "error": str(exc)[:300]})
+                    continue
+                await handle(dataclasses.replace(event, stream_seq=msg.seq))
+            if batch.pending == 0:
                 done.set()
 
-        with map_nats_errors(f"follow {stream}"):
-            sub = await self.bus.js.subscribe(subject, stream=stream, ordered_consumer=True,
-                                              deliver_policy=DeliverPolicy.ALL, cb=on_msg)
-            if (await sub.consumer_info()).num_pending == 0 and sub.pending_msgs == 0:
-                done.set()  # nothing stored matches this subject (or all of it is already here)
-        return sub
-
     async def _all_caught_up(self) -> None:
+        await asyncio.sleep(0)  # let the three followers register first
         await asyncio.gather(*(e.wait() for e in self._followed.values()))
         self.caught_up.set()
 

@@ -6,7 +6,8 @@ consume  job.submitted, instance.provisioning, instance.attested, and every even
 decide   `release_policy.decide_release` on the job's stored record, the verified result and the clock
 act      make a job's data-encryption key (DEK) and store it only wrapped under the current KEK; unwrap it
          in RAM, seal it with HPKE to the attested instance's ephemeral key, overwrite the plaintext; mark
-         the key destroyed (compare-and-set to a tombstone: the bucket keeps no earlier revision)
+         the key destroyed (compare-and-set to a tombstone, then every earlier revision erased: the store
+         overwrites its bytes); each revision a later write supersedes is erased at once (`store`)
 emit     key.released (sealed, one instance at a time), key.release_refused (reason code),
          key.destroyed (evidence: digests and counts, never key material)
 
@@ -31,12 +32,13 @@ import nats.errors
 from services.key_broker.release_policy import Decision, decide_release
 from services.key_broker.store import BUCKET, MAX_SPENT, JobKeys, NodeRevocation, job_key, node_key
 from shared.bus import Bus, map_nats_errors
-from shared.codec import Event
+from shared.codec import Event, validate_wire
 from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.crypto import hpke
 from shared.crypto.kek import KekRing, WrappedKey, load_ring
 from shared.crypto.secret import random_secret, zeroize
+from shared.errors import ConfigError
 from shared.events import (
     InstanceAttestationFailed,
     InstanceAttested,
@@ -90,6 +92,9 @@ class KeyBroker:
         ring = await asyncio.to_thread(load_ring, settings)
         with map_nats_errors("open the key store"):
             kv = Kv(await bus.js.key_value(BUCKET))
+        if not await kv.erasable():  # a destroyed key must not stay in the store's files
+            raise ConfigError(f"the key store {BUCKET} cannot erase what it removes (made before erasure, or by "
+                              f"hand): run `qvm provision`")
         log.info("key-broker ready", extra={"kek_versions": len(ring.versions), "kek_current": ring.current})
         return cls(bus, settings, ring, kv)
 
@@ -153,7 +158,7 @@ class KeyBroker:
             if not key.startswith("job."):
                 continue
             record, _, _ = await self.kv.get(key, JobKeys)
-            if isinstance(record, JobKeys) and record.node_id == node and not record.destroyed:
+            if isinstance(record, JobKeys) and record.node_id == node and not record.destruction_reported:
                 async with self._locks[record.job_id]:
                     await self.destroy(record.job_id, "node_revoked")
 
@@ -180,14 +185,14 @@ class KeyBroker:
         node = event.node_id or ""
 
         def add(cur: JobKeys | None) -> JobKeys | None:
-            if cur is None or cur.instance_keys.get(p.instance_id) == p.public_key:
+            if cur is None or cur.destroyed or cur.instance_keys.get(p.instance_id) == p.public_key:
                 return None
             if p.instance_id in cur.instance_keys:
                 return None  # an instance's key is fixed by its first announcement
             return cur.model_copy(update={"node_id": cur.node_id or node,
                                           "instance_keys": {**cur.instance_keys, p.instance_id: p.public_key}})
 
-        await self._cas(job_key(job_id), JobKeys, add)
+        await self._cas(job_key(job_id), JobKeys, add, erase_superseded=True)
 
     # ================================================================ decide + act: release
     async def on_attested(self, job_id: str, result: InstanceAttested, event: Event,
@@ -220,8 +225,8 @@ class KeyBroker:
                 if record.kek_version != self.ring.current:  # KEK rotated since: store it under the current one
                     changes.update(await self._rewrapped(job_id, record))
                 updated = record.model_copy(update=changes)
-                try:
-                    await self.kv.update(job_key(job_id), updated, revision)
+                try:  # the superseded revision (with the copy under the old KEK, after a rewrap) is erased
+                    await self.kv.update(job_key(job_id), updated, revision, erase_superseded=True)
                 except Stale:
                     continue  # another replica decided first: decide again on what it wrote
                 record = updated
@@ -270,25 +275,46 @@ class KeyBroker:
 
     # ================================================================ act: destroy
     async def destroy(self, job_id: str, reason: str) -> None:
-        """Drop the job's key: a tombstone replaces the wrapped copy (the bucket keeps one revision)."""
+        """Drop the job's key: a tombstone replaces the wrapped copy, every earlier revision of the record is
+        erased from the store (its bytes overwritten), and only once none is left is `key.destroyed`
+        published. Resumable: a redelivery or another replica finishes a destruction that stopped midway,
+        with the evidence the tombstone fixed (the same event, published once)."""
+        key = job_key(job_id)
         for _ in range(CAS_TRIES):
-            record, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
-            if not isinstance(record, JobKeys) or record.destroyed:
+            record, revision, _ = await self.kv.get(key, JobKeys)
+            if not isinstance(record, JobKeys) or record.destruction_reported:
                 return
-            tomb = record.model_copy(update={"wrapped": "", "destroyed": True, "destroyed_reason": reason})
-            try:
-                new_revision = await self.kv.update(job_key(job_id), tomb, revision)
-            except Stale:
-                continue
+            if record.destroyed and not record.wrapped_revisions:
+                return  # destroyed (and reported) before revisions were erased: nothing of it left to erase
+            if not record.destroyed:
+                held = [r for r in await self.kv.revisions(key) if r <= revision]  # the current one, and any
+                # that a write which stopped before its erase left behind
+                record = record.model_copy(update={
+                    "wrapped": "", "destroyed": True, "destroyed_reason": reason, "destroyed_ns": time.time_ns(),
+                    "wrapped_revisions": tuple(held) or (revision,)})
+                try:
+                    revision = await self.kv.update(key, record, revision)
+                except Stale:
+                    continue
+            await self.kv.erase_before(key, revision)
+            left = [r for r in await self.kv.revisions(key) if r < revision]
+            if left:  # checked, not assumed: nothing is reported while a revision below the tombstone is stored
+                raise Stale(key)
             evidence = KeyDestruction(kek_version=record.kek_version, wrapped_sha256=record.wrapped_sha256,
-                                      wrapped_deleted=True, store_revision=new_revision,
+                                      wrapped_deleted=True, store_revision=revision,
+                                      revisions_erased=len(record.wrapped_revisions),
                                       plaintext_buffers_zeroed=record.plaintext_buffers_zeroed,
                                       released_to=record.holder)
-            await self.bus.publish(KeysDestroyed(reason=reason, volume=evidence, destroyed_ns=time.time_ns()),
+            await self.bus.publish(KeysDestroyed(reason=record.destroyed_reason, volume=evidence,
+                                                 destroyed_ns=record.destroyed_ns),
                                    job_id=job_id, event_id=derive_event_id(record.submitted_id, "KeysDestroyed"))
-            log.info("volume key destroyed", extra={"reason": reason})
+            with contextlib.suppress(Stale):  # another replica marked it first
+                await self.kv.update(key, record.model_copy(update={"destruction_reported": True}), revision,
+                                     erase_superseded=True)
+            log.info("volume key destroyed", extra={"reason": record.destroyed_reason,
+                                                    "revisions_erased": len(record.wrapped_revisions)})
             return
-        raise Stale(job_key(job_id))
+        raise Stale(key)
 
     # ================================================================ helpers
     async def _announced(self, job_id: str, instance: str) -> tuple[JobKeys | None, int]:
@@ -318,7 +344,7 @@ class KeyBroker:
                     self.revocations_loaded.set()  # the stored ones are in
                     continue
                 try:
-                    self._remember(NodeRevocation.model_validate(msgpack.unpackb(entry.value or b"", raw=False)))
+                    self._remember(validate_wire(NodeRevocation, msgpack.unpackb(entry.value or b"", raw=False)))
                 except (ValueError, TypeError, msgpack.UnpackException):
                     log.warning("unreadable revocation record in the key store", extra={"key": entry.key[:80]})
         finally:
@@ -330,7 +356,8 @@ class KeyBroker:
         if cur is None or cur.revoked_ns < rec.revoked_ns:
             self.revocations[rec.node_id] = rec
 
-    async def _cas(self, key: str, model: type[Record], change: Callable[[Record | None], Record | None]) -> None:
+    async def _cas(self, key: str, model: type[Record], change: Callable[[Record | None], Record | None], *,
+                   erase_superseded: bool = False) -> None:
         """Read, apply `change` (None: nothing to write), compare-and-set; again on a lost race."""
         for _ in range(CAS_TRIES):
             cur, revision, _ = await self.kv.get(key, model)
@@ -338,7 +365,7 @@ class KeyBroker:
             if new is None:
                 return
             try:
-                await self.kv.update(key, new, revision)
+                await self.kv.update(key, new, revision, erase_superseded=erase_superseded)
                 return
             except Stale:
                 continue

@@ -5,8 +5,12 @@
                     results and challenges were already spent, and whether the key was destroyed
     node.<node_id>  NodeRevocation: when the node lost its trust (results verified before that count for nothing)
 
-The bucket keeps one revision per key, so destroying a key (a compare-and-set to a tombstone) leaves no
-earlier wrapped copy behind.
+Nothing the store removes is gone until it is erased (`shared.kv`): the bucket is erasable (message deletes
+allowed, 64 revisions per key, so the server never drops a superseded revision itself), and the broker
+erases each revision of a job's record as soon as a compare-and-set supersedes it (a rewrap under a new KEK
+included). Destroying a key writes a tombstone (no wrapped copy), erases every stored revision before it,
+checks none is left, and only then publishes `key.destroyed`; the tombstone keeps what that evidence says
+(so a redelivery or a second replica publishes the same evidence once).
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ class JobKeys(Frozen):
     plaintext_buffers_zeroed: int = 0
     destroyed: bool = False
     destroyed_reason: str = ""
+    destroyed_ns: int = 0
+    wrapped_revisions: tuple[int, ...] = Field((), description="Once destroyed: the store revisions of this record "
+                                                              "that still held the wrapped key (all erased before "
+                                                              "key.destroyed is published).")
+    destruction_reported: bool = Field(False, description="key.destroyed was published.")
 
 
 class NodeRevocation(Frozen):

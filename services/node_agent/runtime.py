@@ -1,7 +1,8 @@
 """Runs accepted jobs in micro VMs on this node and reports every step as an event.
 
     accepted -> instance.provisioning (image verified, VM starting, instance public key)
-             -> instance.booted (boot time) -> instance.running -> instance.output* -> instance.exited
+             -> instance.booted (boot time) -> instance.running
+             -> instance.output* (each chunk sealed to the client's output key) -> instance.exited
              -> instance.destroyed (what was removed)
     any failure -> instance.failed (reason) -> instance.destroyed
 
@@ -14,7 +15,6 @@ directory and reports the instance destroyed, so nothing leaks across restarts.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -48,9 +48,12 @@ from shared.bus import Bus
 from shared.client.bundle import BundleError, unpack_bundle
 from shared.codec import Event
 from shared.config import Settings
+from shared.crypto import hpke
 from shared.crypto.errors import CryptoError
+from shared.crypto.output import SealedDigest, seal_chunk
 from shared.crypto.secret import zeroize
 from shared.events import (
+    OUTPUT_CHUNK_BYTES,
     InstanceBooted,
     InstanceDestroyed,
     InstanceExited,
@@ -67,17 +70,18 @@ from shared.image.manifest import ImageError, load_public_keys
 from shared.models import Frozen, MemoryScrub, VramScrub
 from shared.telemetry import current_job, get_logger
 
-__all__ = ["InstanceRuntime"]
+__all__ = ["InstanceRuntime", "run_workload"]
 
 log = get_logger("qvm.node_agent.runtime")
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-OUTPUT_CHUNK = 64 * 1024
+OUTPUT_CHUNK = OUTPUT_CHUNK_BYTES
 OUTPUT_FLUSH_S = 0.5
 OUTPUT_PUBLISHED_MAX = 1 << 20  # beyond this only the digest and byte count are reported
 
 
 class OutputStreamer:
-    """Publishes workload output while it runs: a chunk at 64 KiB, or every half second of quiet."""
+    """Publishes workload output while it runs: a chunk at 64 KiB, or every half second of quiet. `emit`
+    seals each chunk to the client's output key before it reaches the bus (no key: no streamer at all)."""
 
     def __init__(self, emit: Callable[[int, bytes], Awaitable[None]]) -> None:
         self._emit = emit
@@ -108,12 +112,51 @@ class OutputStreamer:
             await self.flush()
 
 
+async def run_workload(instance: Instance, job_id: str, output_key: str | None,
+                       publish: Callable[[InstanceOutput], Awaitable[None]]) -> InstanceExited:
+    """Run the job's workload in its instance and report how it ended.
+
+    With the client's `output_key` (hex X25519) the output is sealed chunk by chunk while it runs, each
+    chunk on its own with `info` binding job, instance and seq (`shared.crypto.output`), and handed to
+    `publish`; the plaintext never leaves this function except into the seal. Without one nothing is
+    published. The report counts every byte and carries the digest of the sealed chunks as published, never
+    one of the plaintext.
+    """
+    instance_id = instance.spec.instance_id
+    client_key = bytes.fromhex(output_key) if output_key else None
+    digest = SealedDigest()
+
+    async def emit_chunk(seq: int, chunk: bytes) -> None:
+        assert client_key is not None
+        try:
+            sealed = seal_chunk(chunk, client_key, job_id, instance_id, seq)
+        except CryptoError as exc:
+            raise InstanceError("output_seal_failed", f"{exc.reason}: {exc.detail}") from None
+        await publish(InstanceOutput(instance_id=instance_id, seq=seq, suite=hpke.SUITE_NAME, sealed=sealed.hex()))
+        digest.update(sealed)
+
+    if client_key is None:  # no key to seal to: the output is counted, never published
+        out = await instance.run()
+    else:
+        streamer = OutputStreamer(emit_chunk)
+        flusher = asyncio.create_task(streamer.flush_every(OUTPUT_FLUSH_S))
+        try:
+            out = await instance.run(streamer.add)
+        finally:
+            flusher.cancel()
+            await streamer.flush()
+    return InstanceExited(instance_id=instance_id, exit_code=out.exit_code, runtime_ms=round(instance.runtime_ms, 1),
+                          output_sha256=digest.hexdigest(), output_bytes=out.total_bytes, output_chunks=digest.chunks,
+                          output_truncated=client_key is not None and out.truncated)
+
+
 @dataclass
 class _Running:
     task: asyncio.Task[None]
     instance_id: str
     instance: Instance | None = None
     bindings: list[Binding] = field(default_factory=list)  # the job's GPUs on vfio-pci while it runs
+    cleaning: bool = False  # in its teardown: a stop request waits for it instead of cancelling it
 
 
 class InstanceRuntime:
@@ -196,22 +239,14 @@ class InstanceRuntime:
             if spec.volume_mib or spec.client_secrets:
                 await self._receive_keys(job_id, instance, spec)
             await self._emit(job_id, InstanceRunning(instance_id=instance_id), cause)
-            async def emit_chunk(seq: int, chunk: bytes) -> None:
-                await self._emit(job_id, InstanceOutput(instance_id=instance_id, seq=seq,
-                                                        data_b64=base64.b64encode(chunk).decode()), cause, str(seq))
 
-            streamer = OutputStreamer(emit_chunk)
-            flusher = asyncio.create_task(streamer.flush_every(OUTPUT_FLUSH_S))
-            try:
-                out = await instance.run(streamer.add)
-            finally:
-                flusher.cancel()
-                await streamer.flush()
-            await self._emit(job_id, InstanceExited(
-                instance_id=instance_id, exit_code=out.exit_code, runtime_ms=round(instance.runtime_ms, 1),
-                output_sha256=out.sha256, output_bytes=out.total_bytes, output_truncated=out.truncated), cause)
-            log.info("instance exited", extra={"instance_id": instance_id, "exit_code": out.exit_code,
-                                               "boot_ms": round(instance.boot_ms), "output_bytes": out.total_bytes})
+            async def publish(chunk: InstanceOutput) -> None:
+                await self._emit(job_id, chunk, cause, str(chunk.seq))
+
+            exited = await run_workload(instance, job_id, spec.output_key, publish)
+            await self._emit(job_id, exited, cause)
+            log.info("instance exited", extra={"instance_id": instance_id, "exit_code": exited.exit_code,
+                                               "boot_ms": round(instance.boot_ms), "output_bytes": exited.output_bytes})
         except (InstanceError, ImageError, NetworkError, VfioError) as exc:
             log.warning("instance failed", extra={"instance_id": instance_id, "reason": exc.reason})
             await self._emit(job_id, InstanceFailed(instance_id=instance_id, reason=exc.reason[:64],
@@ -219,6 +254,8 @@ class InstanceRuntime:
         except asyncio.CancelledError:
             log.info("instance torn down before it finished", extra={"instance_id": instance_id})
         finally:
+            if job_id in self.jobs:  # from here on nothing cancels the teardown half-way (see `teardown`)
+                self.jobs[job_id].cleaning = True
             removed = await instance.destroy() if instance is not None else []
             if workdir.exists():
                 await asyncio.to_thread(shutil.rmtree, workdir, True)
@@ -276,9 +313,10 @@ class InstanceRuntime:
         running = self.jobs.get(job_id)
         if running is None:
             return False
-        running.task.cancel()
+        if not running.cleaning:  # a cancel inside the teardown would leave it half done, unreported
+            running.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await running.task
+            await asyncio.shield(running.task)
         return True
 
     async def stop_all(self) -> None:

@@ -28,6 +28,7 @@ from services.node_agent.inventory import HostReader, nvml_gpus
 from services.node_agent.isolation.gpus import GpuPassthrough
 from services.node_agent.isolation.network import NetworkError, parse_egress
 from services.node_agent.isolation.vfio import VfioError
+from services.node_agent.ledger import AssignmentLedger
 from services.node_agent.runtime import InstanceRuntime
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
@@ -37,7 +38,7 @@ from shared.bus import Bus
 from shared.codec import Event
 from shared.config import Settings
 from shared.consumers import consumer_spec
-from shared.errors import ConfigError
+from shared.errors import ConfigError, Reason, RejectedEvent
 from shared.events import (
     AttestationFailed,
     AttestationResult,
@@ -92,6 +93,7 @@ class NodeAgent:
         self.read_gpus = read_gpus
         self.inventory = inventory or self.host.inventory(gpus=read_gpus())
         self.held: dict[str, ResourceClaim] = {}
+        self.ledger = AssignmentLedger(settings.state_dir / "node" / f"assignments-{self.node_id}.jsonl")
         self._beat = 0
         self.attester = attester
         self.enrolled = False
@@ -147,6 +149,10 @@ class NodeAgent:
         assert isinstance(event.payload, JobPlaced)
         placed = event.payload
         job_id = event.job_id or ""
+        earlier = self.ledger.taken_elsewhere(job_id, event.stream_seq)
+        if earlier is not None:  # a replayed assignment: this node already took the job once
+            raise RejectedEvent(Reason.JOB_EXISTS, f"job {job_id} was accepted here from placement #{earlier}; "
+                                                   f"#{event.stream_seq} is not run")
         if job_id in self.held:  # redelivered: answer the same way again (deduplicated by id)
             await self._accept(job_id, placed, event)
             return
@@ -163,6 +169,7 @@ class NodeAgent:
                                    job_id=job_id, node_id=self.node_id, caused_by=event)
             return
         self.held[job_id] = placed.claim
+        await asyncio.to_thread(self.ledger.record, job_id, event.stream_seq)
         await self._accept(job_id, placed, event)
 
     def _check(self, placed: JobPlaced, others: list[ResourceClaim]) -> Refusal | None:

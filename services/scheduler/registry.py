@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from services.scheduler.placement import Claim, NodeRecord, with_claims
 from shared.bus import map_nats_errors
+from shared.codec import validate_wire
 from shared.telemetry import get_logger
 
 __all__ = ["Conflict", "Registry"]
@@ -40,7 +41,7 @@ def _encode(rec: NodeRecord) -> bytes:
 
 def _decode(data: bytes) -> NodeRecord | None:
     try:
-        return NodeRecord.model_validate(msgpack.unpackb(data, raw=False))
+        return validate_wire(NodeRecord, msgpack.unpackb(data, raw=False))
     except (ValueError, TypeError, ValidationError, msgpack.UnpackException):
         return None
 

@@ -2,7 +2,8 @@
 
 consume  job.submitted / refused / accepted / failed / cancelled, node.registered / heartbeat,
          teardown.requested (durable consumers shared by all replicas)
-decide   `placement.choose` over the registry's current view
+decide   `admission.refusal` (a job id is submitted once, ever: replays are dead-lettered as `job_exists`);
+         `placement.choose` over the registry's current view
 act      compare-and-set the claim into the node's registry record; park unplaceable jobs in `qvm_jobs`
 emit     job.placed (id derived from the submission and attempt: a retry or a second replica making
          the same decision is stored once, and the loser rolls its claim back), job.pending, node.offline
@@ -19,6 +20,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from services.scheduler import admission
 from services.scheduler.placement import (
     Claim,
     NodeRecord,
@@ -30,16 +32,13 @@ from services.scheduler.placement import (
 )
 from services.scheduler.registry import Conflict, Registry
 from shared.bus import Bus, Handler, map_nats_errors
-from shared.codec import Event
+from shared.codec import Event, validate_wire
 from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent
 from shared.events import (
-    CATALOGUE,
-    STREAMS,
     AttestationFailed,
     AttestationResult,
-    Domain,
     EventType,
     JobAccepted,
     JobPending,
@@ -52,7 +51,6 @@ from shared.events import (
     NodeRevoked,
     NodeSwept,
     TeardownRecord,
-    subject_for,
 )
 from shared.identity import Role
 from shared.ids import derive_event_id
@@ -129,6 +127,10 @@ class Scheduler:
             self._mark_ended(job_id)  # before any await: a submission in the same batch sees it
         match event.payload:
             case JobSubmitted() as spec:
+                refused = await admission.refusal(self.bus.nc, event, time.time_ns(), self.settings.stream_max_age_s)
+                if refused is not None:
+                    log.warning("submission refused", extra={"reason": refused.reason.value})
+                    raise refused  # dead-lettered with its reason by the bus; the job's history is untouched
                 # Let the other events of this batch start first: one that ends this job marks it above.
                 await asyncio.sleep(0)
                 if job_id in self.ended:
@@ -312,16 +314,13 @@ class Scheduler:
         await self._unreserve(refused.node_id, job_id, only_attempt=refused.attempt)
 
     async def submitted_spec(self, job_id: str) -> JobSubmitted | None:
-        """The job's spec, read back from its (signed, verified) job.submitted event."""
-        subject = subject_for(CATALOGUE[EventType.JOB_SUBMITTED], job_id=job_id)
-        with map_nats_errors(f"read submission of {job_id}"):
-            try:
-                raw = await self.bus.js.get_last_msg(STREAMS[Domain.JOBS].name, subject)
-            except NotFoundError:
-                log.error("submission not found; job cannot be placed again", extra={"job_id": job_id})
-                return None
+        """The job's spec, read back from its first (signed, verified) job.submitted event."""
+        raw = await admission.first_submission(self.bus.nc, job_id)
+        if raw is None:
+            log.error("submission not found; job cannot be placed again", extra={"job_id": job_id})
+            return None
         try:
-            event = self.bus.codec.decode(raw.subject or subject, raw.data or b"")
+            event = self.bus.codec.decode(raw.subject, raw.data)
         except RejectedEvent as exc:
             log.error("stored submission does not verify", extra={"job_id": job_id, "reason": exc.reason.value})
             return None
@@ -367,7 +366,7 @@ class Scheduler:
             if not entry.value:
                 continue
             try:
-                pending = PendingJob.model_validate(msgpack.unpackb(entry.value, raw=False))
+                pending = validate_wire(PendingJob, msgpack.unpackb(entry.value, raw=False))
             except (ValueError, TypeError, ValidationError):
                 log.warning("unreadable pending entry dropped", extra={"job_id": job_id})
                 await self._unpark(job_id)

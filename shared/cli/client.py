@@ -3,7 +3,8 @@
     qvm client run JOB.yaml --image-bundle DIR --secret api-token=@token.txt
         submit; wait for the instance's attestation; gather its evidence (quote, PCRs, measurement log, AK
         enrollment) and check it here with the verifier's code; show exactly what was verified; only then
-        seal the secrets to the instance's key and release them; follow the job to its end.
+        seal the secrets to the instance's key and release them; follow the job to its end and print its
+        output, sealed to an X25519 key made for this run (held in memory only) and opened here.
     qvm client verify JOB_ID [--image-digest HEX]
         the same check for a job already running, without releasing anything.
 """
@@ -11,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -19,23 +19,25 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives.asymmetric import x25519
 from rich.console import Console
 from rich.table import Table
 
 from shared.bus import Bus
 from shared.client.bundle import MAX_FILE_BYTES, BundleError
 from shared.client.evidence import EvidenceError
+from shared.client.output import OutputError, new_output_key, open_output_events, with_output_key
 from shared.client.sdk import ConfidentialClient
 from shared.client.verify import ClientVerificationError, VerifiedInstance
+from shared.codec import Event
 from shared.config import Settings
 from shared.errors import QvmError
-from shared.events import InstanceOutput
 from shared.identity import Identity, Role
 from shared.image.manifest import MANIFEST
 from shared.pki import Pki
 from shared.replay import fold_jobs
 
-__all__ = ["client_app", "image_digest", "parse_secret", "show_verified"]
+__all__ = ["client_app", "image_digest", "parse_secret", "show_output", "show_verified"]
 
 client_app = typer.Typer(help="Confidential jobs: verify the instance yourself, then release your secrets.",
                          no_args_is_help=True)
@@ -85,6 +87,32 @@ def show_verified(v: VerifiedInstance, out: Console) -> None:
     out.print(table)
 
 
+def show_output(events: list[Event], job_id: str, private_key: x25519.X25519PrivateKey | None, out: Console,
+                prefix: str = "  | ", indent: str = "") -> bool:
+    """Open the job's output with the client's key and print it; False when it does not open or verify.
+    Without the key (the job file named its own output_key) only say that it is sealed."""
+    if private_key is None:
+        out.print(f"{indent}output of {job_id}: sealed to the job's output_key (this command does not hold its "
+                  "private key)")
+        return True
+    try:
+        opened = open_output_events(events, job_id, private_key, require_complete=False)
+    except OutputError as exc:
+        out.print(f"{indent}[red]output NOT opened[/red]: {exc.reason}: {exc.detail}")
+        return False
+    for line in opened.data.decode(errors="replace").splitlines():
+        out.print(f"{prefix}{line}", markup=False, highlight=False)
+    if opened.complete:
+        out.print(f"{indent}output: {len(opened.data)} bytes, opened with the client's key and verified (every "
+                  "chunk, the digest of the sealed chunks, the byte count)"
+                  + (f"; only the first {len(opened.data)} of {opened.total_bytes} bytes were published"
+                     if opened.truncated else ""))
+    else:
+        out.print(f"{indent}output: {len(opened.data)} bytes opened; the workload did not exit, so it may be "
+                  "incomplete")
+    return True
+
+
 async def _connect(settings: Settings) -> Bus:
     return await Bus.connect(settings.resolve_nats_url(), Pki(settings.pki_path), Identity(Role.MARKETPLACE))
 
@@ -120,6 +148,10 @@ def run(job_file: Path,
         if job.client_secrets and not files:
             raise QvmError(f"{job_file}: the job waits for client secrets: give at least one --secret")
         expected = list(image_digest_hex or []) + ([image_digest(image_bundle)] if image_bundle else [])
+        output_key: x25519.X25519PrivateKey | None = None
+        if job.output_key is None:  # an ephemeral key, in memory only: the output is sealed to it
+            output_key = new_output_key()
+            job = with_output_key(job, output_key)
         settings = Settings()
         bus = await _connect(settings)
         try:
@@ -135,7 +167,7 @@ def run(job_file: Path,
                     raise QvmError(f"secrets not released: {exc.reason}: {exc.detail}") from None
                 console.print(f"released {len(files)} secret(s), sealed to instance key "
                               f"{verified.public_key.hex()[:16]}…")
-            await _follow_output(bus, job_id)
+            await _follow_output(bus, job_id, output_key)
         finally:
             await bus.close()
 
@@ -161,17 +193,17 @@ def verify(job_id: str,
     _run_client(body)
 
 
-async def _follow_output(bus: Bus, job_id: str, seconds: float = 600.0) -> None:
+async def _follow_output(bus: Bus, job_id: str, private_key: x25519.X25519PrivateKey | None,
+                         seconds: float = 600.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         book, events = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>")
         view = book.get(job_id)
         if view is not None and view.terminal:
-            for ev in events:
-                if isinstance(ev.payload, InstanceOutput):
-                    for line in base64.b64decode(ev.payload.data_b64).decode(errors="replace").splitlines():
-                        console.print(f"  | {line}", markup=False, highlight=False)
+            opened = show_output(events, job_id, private_key, console)
             console.print(f"job {job_id}: [bold]{view.state}[/bold] (exit code {view.exit_code})")
+            if not opened:
+                raise QvmError(f"job {job_id}: its output did not open or verify with this run's key")
             return
         await asyncio.sleep(0.5)
     raise QvmError(f"job {job_id} did not finish within {seconds:g}s")

@@ -12,7 +12,8 @@
    the key-broker releases the job's volume key sealed to that key, and the guest formats and opens its
    LUKS2 volume; the client gathers the evidence itself, checks it with the verifier's code, shows what
    it verified and only then seals its secret to the instance. The workload reads both and prints their
-   digest; the keys are destroyed and the volume erased at the end, with evidence.
+   digest; its output reaches the bus only sealed to a key the client made for the job, and the client opens
+   and verifies it. The keys are destroyed and the volume erased at the end, with evidence.
 5. The janitor's teardown record (guest RAM scrubbed and verified, volume erased, keys destroyed), then
    `qvm audit replay`: every signature and transition, a complete record per finished job, no key that
    outlived its job; then the stack stops.
@@ -21,22 +22,23 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
+from cryptography.hazmat.primitives.asymmetric import x25519
 from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
 
 from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
-from shared.cli.client import image_digest, show_verified
+from shared.cli.client import image_digest, show_output, show_verified
 from shared.cli.render import summarize
 from shared.cli.stack import LocalStack
+from shared.client.output import new_output_key, with_output_key
 from shared.client.sdk import ConfidentialClient
 from shared.codec import Event
 from shared.config import Settings
@@ -50,7 +52,6 @@ from shared.events import (
     EventType,
     InstanceAttested,
     InstanceDestroyed,
-    InstanceOutput,
     KeyReleased,
     KeyReleaseRefused,
     KeysDestroyed,
@@ -100,11 +101,16 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
             console.print("   node trust: [green]trusted[/green] (scheduler places only on trusted nodes)")
             job_id, job = load_job(job_file)
             job_id = f"{job_id}-{int(time.time())}"
+            output_key: x25519.X25519PrivateKey | None = None
+            if job.output_key is None:  # the client's own key for the output, in its memory only
+                output_key = new_output_key()
+                job = with_output_key(job, output_key)
             client = ConfidentialClient(market, settings.measurement_pcr)
             await client.submit(job, job_id)
             console.print(f"4. submitted job [bold]{job_id}[/bold] as the marketplace ({job_file})"
                           + (f"; encrypted volume {job.volume_mib} MiB" if job.volume_mib else "")
-                          + ("; the client holds a secret" if job.client_secrets else ""))
+                          + ("; the client holds a secret" if job.client_secrets else "")
+                          + f"; output sealed to the client's key {(job.output_key or '')[:16]}…")
             if job.client_secrets:
                 verified = await client.verify(job_id, expected_images=[image_digest(bundle)], timeout_s=240)
                 console.print("   the client gathered the instance's evidence from the bus and checked it itself:")
@@ -112,7 +118,7 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
                 await client.release_secrets(verified, DEMO_SECRETS)
                 console.print(f"   client secret released: HPKE-sealed to instance key "
                               f"{verified.public_key.hex()[:16]}… (the key-broker cannot open it)")
-            state = await _wait_job(admin, job_id, console, 240)
+            state, output_ok = await _wait_job(admin, job_id, output_key, console, 240)
             if job.volume_mib or job.client_secrets:
                 _show_keys(await _key_events(admin, job_id), console)
             record = await _teardown_record(admin, job_id, 60)
@@ -124,6 +130,8 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
                               f"key {attested.public_key[:16]}… bound into the quote's extraData")
             if state is not JobState.DONE or attested is None:
                 console.print(f"[red]job ended in {state}, expected done[/red]")
+                return 1
+            if not output_ok:
                 return 1
             verifier = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
             try:
@@ -170,9 +178,10 @@ def _show_keys(events: list[Event], console: Console) -> None:
                           f"{p.verified.result_id[:13]}… (image {p.verified.image_manifest_sha256[:16]}…)")
         elif isinstance(p, KeysDestroyed) and p.volume is not None:
             v = p.volume
-            console.print(f"   key.destroyed ({p.reason}): wrapped copy {v.wrapped_sha256[:16]}… purged "
-                          f"(store revision {v.store_revision}), {v.plaintext_buffers_zeroed} plaintext buffers "
-                          f"overwritten, held by {v.released_to or 'nobody'}")
+            console.print(f"   key.destroyed ({p.reason}): wrapped copy {v.wrapped_sha256[:16]}… erased "
+                          f"({v.revisions_erased} store revision(s) overwritten, tombstone at revision "
+                          f"{v.store_revision}), {v.plaintext_buffers_zeroed} plaintext buffers overwritten, "
+                          f"held by {v.released_to or 'nobody'}")
         elif isinstance(p, InstanceDestroyed) and p.volume is not None:
             v2 = p.volume
             console.print(f"   volume erased on the node: LUKS header found {v2.luks_header_found}, "
@@ -253,7 +262,9 @@ async def _instance_verdict(admin: Bus, job_id: str) -> InstanceAttested | None:
     return None
 
 
-async def _wait_job(admin: Bus, job_id: str, console: Console, seconds: float) -> JobState | None:
+async def _wait_job(admin: Bus, job_id: str, output_key: x25519.X25519PrivateKey | None, console: Console,
+                    seconds: float) -> tuple[JobState | None, bool]:
+    """The job's end state, and whether its output opened and verified with the client's key."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         book, events = await fold_jobs(admin.js, admin.codec, f"qvm.jobs.{job_id}.>")
@@ -266,11 +277,8 @@ async def _wait_job(admin: Bus, job_id: str, console: Console, seconds: float) -
                 table.add_row(str(ev.spec.type), ev.envelope.producer, summarize(ev.payload, 110))
             console.print(table)
             console.print(f"   job state: [bold]{view.state}[/bold] on node {view.node_id}; exit code {view.exit_code}")
-            console.print("   output from the guest:")
-            output = b"".join(base64.b64decode(ev.payload.data_b64) for ev in events
-                              if isinstance(ev.payload, InstanceOutput))
-            for line in output.decode(errors="replace").splitlines():
-                console.print(f"     | {line}", markup=False, highlight=False)
-            return view.state
+            console.print("   output from the guest (on the bus only sealed; opened by the client with its key):")
+            ok = show_output(events, job_id, output_key, console, prefix="     | ", indent="   ")
+            return view.state, ok
         await asyncio.sleep(0.3)
-    return None
+    return None, False

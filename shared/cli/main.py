@@ -17,14 +17,16 @@ from typing import Annotated, Any, TypeVar
 
 import msgpack
 import typer
+from cryptography.hazmat.primitives.asymmetric import x25519
 from rich.console import Console
 from rich.table import Table
 
 from shared.bus import Bus
 from shared.cli.attest import attest_app
-from shared.cli.client import client_app
+from shared.cli.client import client_app, show_output
 from shared.cli.keys import keys_app
 from shared.cli.render import summarize
+from shared.codec import validate_wire
 from shared.config import Settings
 from shared.errors import QvmError, RejectedEvent
 from shared.events import STREAMS
@@ -238,19 +240,30 @@ def up(
 @app.command()
 def submit(job_file: Path, wait: Annotated[float, typer.Option(help="Seconds to follow the job (0: don't)")] = 0
            ) -> None:
-    """Validate a job file and publish it as the marketplace."""
+    """Validate a job file and publish it as the marketplace.
+
+    The workload's output is sealed to the job's `output_key`. With --wait and no `output_key` in the job
+    file, an X25519 key pair is made for this run (in memory only) and the output is printed, opened with
+    it; without either, the job publishes no output."""
+    from shared.client.output import new_output_key, with_output_key
     from shared.jobspec import load_job
 
     async def body() -> None:
         job_id, job = load_job(job_file)
+        output_key: x25519.X25519PrivateKey | None = None
+        if wait and job.output_key is None:
+            output_key = new_output_key()
+            job = with_output_key(job, output_key)
         bus = await _connect(Role.MARKETPLACE)
         try:
             await bus.publish(job, job_id=job_id)
         finally:
             await bus.close()
         console.print(f"submitted [bold]{job_id}[/bold]")
+        if job.output_key is None:
+            console.print("no output_key in the job: its output will not be published (give one, or use --wait)")
         if wait:
-            await _follow_job(job_id, wait)
+            await _follow_job(job_id, wait, output_key)
 
     _run(body)
 
@@ -271,7 +284,9 @@ def cancel(job_id: str, reason: str = "client_request") -> None:
     console.print(f"cancel requested for {job_id}")
 
 
-async def _follow_job(job_id: str, seconds: float) -> None:
+async def _follow_job(job_id: str, seconds: float, output_key: x25519.X25519PrivateKey | None = None) -> None:
+    """Print the job's events until it ends, then its output: opened with `output_key` (the private half of
+    the job's output key), or, without one, only said to be sealed."""
     bus = await _connect(Role.ADMIN)
     try:
         deadline = time.monotonic() + seconds
@@ -283,6 +298,8 @@ async def _follow_job(job_id: str, seconds: float) -> None:
             shown = len(timeline)
             view = book.get(job_id)
             if view and view.terminal:
+                if not show_output(timeline, job_id, output_key, console):
+                    raise QvmError(f"job {job_id}: its output did not open or verify with this run's key")
                 return
             await asyncio.sleep(0.3)
     finally:
@@ -342,7 +359,7 @@ def nodes() -> None:
                 entry = await kv.get(k)
                 if not entry.value:
                     continue
-                rec = NodeRecord.model_validate(msgpack.unpackb(entry.value, raw=False))
+                rec = validate_wire(NodeRecord, msgpack.unpackb(entry.value, raw=False))
                 inv = rec.inventory
                 table.add_row(rec.node_id, str(rec.status), str(rec.trust), f"{rec.free_cpu()}/{inv.cpu_cores}",
                               f"{rec.free_ram()}/{inv.ram_mib}", f"{len(rec.free_gpus())}/{len(inv.gpus)}",

@@ -6,22 +6,20 @@ checked by the codec as it is read):
     attest.evidence     the node's quote, PCR values and measurement log (attestation stream)
     attest.enroll       the node's AK (and EK) as it enrolled; the result names the AK the verifier accepted
 
-The reads are ordered (ephemeral) consumers filtered to one subject: the node's attestation history is
-read from shortly before the result, the enrollment as the subject's last message.
+The reads are message gets filtered to one subject (`shared/reader.py`; a client creates no consumer): the
+node's attestation history is read from shortly before the result, the enrollment as the subject's last
+message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
-from shared.bus import Bus, map_nats_errors
+from shared import reader
+from shared.bus import Bus
 from shared.codec import Event
 from shared.errors import ReasonedError, RejectedEvent
 from shared.events import (
@@ -39,6 +37,7 @@ from shared.events import (
 __all__ = ["EvidenceError", "InstanceEvidence", "collect_evidence", "wait_for"]
 
 LOOKBACK_NS = 10 * 60 * 1_000_000_000  # evidence is made moments before its result; read this far back
+POLL_S = 0.2  # how often a follower asks for new messages once it has read everything stored
 
 
 class EvidenceError(ReasonedError):
@@ -65,54 +64,34 @@ async def wait_for(bus: Bus, domain: Domain, subject: str, match: Callable[[Even
     """The first event on `subject` that `match`es; with `follow`, wait for new ones until `timeout_s`,
     else stop at the end of what is stored. Messages that do not verify are skipped (the consumers that
     own them dead-letter them)."""
-    found: asyncio.Future[Event | None] = asyncio.get_running_loop().create_future()
-
-    async def on_msg(msg: Msg) -> None:
-        if found.done():
-            return
-        try:
-            event = bus.codec.decode(msg.subject, msg.data)
-        except RejectedEvent:
-            event = None
-        if event is not None and match(event):
-            found.set_result(event)
-        elif not follow and msg.metadata is not None and msg.metadata.num_pending == 0:
-            found.set_result(None)
-
-    config = ConsumerConfig()
-    if last_per_subject:
-        policy = DeliverPolicy.LAST_PER_SUBJECT
-    elif start_ns is not None:
-        policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = datetime.fromtimestamp(max(0, start_ns) / 1e9, UTC)
-    else:
-        policy = DeliverPolicy.ALL
     stream = STREAMS[domain].name
-    with map_nats_errors(f"read {subject}"):
-        info = await bus.js.stream_info(stream)
-        sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=policy,
-                                     config=config, cb=on_msg)
-    try:
-        if not follow and info.state.messages == 0:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    if last_per_subject:
+        msg = await reader.last(bus.nc, stream, subject)
+        event = _decoded(bus, msg) if msg is not None else None
+        return event if event is not None and match(event) else None
+    seq, start = 1, start_ns
+    while True:
+        batch = await reader.get_batch(bus.nc, stream, subject, seq=seq, start_ns=start)
+        for msg in batch.messages:
+            event = _decoded(bus, msg)
+            if event is not None and match(event):
+                return event
+        if batch.messages:
+            seq, start = batch.messages[-1].seq + 1, None
+            if batch.pending:
+                continue
+        if not follow or loop.time() >= deadline:
             return None
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return None
-            try:
-                return await asyncio.wait_for(asyncio.shield(found), min(left, 0.2 if not follow else left))
-            except TimeoutError:
-                pass
-            if not follow:  # nothing (more) matched: stop once the consumer has handed over everything
-                with map_nats_errors(f"read {subject}"):
-                    ci = await sub.consumer_info()
-                if ci.num_pending == 0 and ci.num_ack_pending == 0 and sub.pending_msgs == 0:
-                    await asyncio.sleep(0.05)
-                    return found.result() if found.done() else None
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        await asyncio.sleep(min(POLL_S, max(0.0, deadline - loop.time())))
+
+
+def _decoded(bus: Bus, msg: reader.RawMessage) -> Event | None:
+    try:
+        return dataclasses.replace(bus.codec.decode(msg.subject, msg.data), stream_seq=msg.seq)
+    except RejectedEvent:
+        return None
 
 
 async def collect_evidence(bus: Bus, job_id: str, timeout_s: float = 120.0) -> InstanceEvidence:

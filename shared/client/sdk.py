@@ -1,13 +1,17 @@
-"""The client's face of qvm: submit a confidential job, verify its instance, release secrets to it.
+"""The client's face of qvm: submit a confidential job, verify its instance, release secrets to it, read
+its output.
 
-    job_id = await client.submit(job)                      # job.client_secrets=True: the workload waits
+    output_key = new_output_key()                           # X25519, in the client's memory only
+    job_id = await client.submit(with_output_key(job, output_key))  # client_secrets=True: the workload waits
     verified = await client.verify(job_id, expected_images=[digest])
     await client.release_secrets(verified, {"api-token": b"..."})
+    output = await client.open_output(job_id, output_key)   # after the job ended: opened and verified
 
 `verify` gathers the evidence from the bus and checks it with the verifier's own code (see `verify`);
 `release_secrets` seals the bundle with HPKE to the key the client just verified, bound to the job and
 instance ids, so only that instance's holder can open it. Neither the key-broker nor anyone on the bus
-can read it.
+can read it. The same holds for the output: every chunk is sealed to the job's `output_key`
+(`shared.client.output`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import time
 import uuid
 from collections.abc import Collection, Mapping
 
+from cryptography.hazmat.primitives.asymmetric import x25519
+
 from shared.bus import Bus
 from shared.client.bundle import pack_bundle
 from shared.client.evidence import collect_evidence
+from shared.client.output import JobOutput, open_output
 from shared.client.verify import VerifiedInstance, verify_instance
 from shared.crypto import hpke
 from shared.crypto.secret import zeroize
@@ -60,3 +67,9 @@ class ConfidentialClient:
         event_id = derive_event_id(verified.claims.result_id, "SecretsReleased")
         await self.bus.publish(event, job_id=verified.job_id, node_id=verified.node_id, event_id=event_id)
         return event_id
+
+    async def open_output(self, job_id: str, private_key: x25519.X25519PrivateKey, *,
+                          require_complete: bool = True) -> JobOutput:
+        """The job's output, opened with the private half of its `output_key` and verified (see
+        `shared.client.output.open_output_events`)."""
+        return await open_output(self.bus, job_id, private_key, require_complete=require_complete)

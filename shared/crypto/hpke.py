@@ -9,7 +9,8 @@ Wire format: `sealed = enc || ct`, enc the 32-byte ephemeral public key, ct the 
 plaintext with its 16-byte tag (the single message of an HPKE context, sequence number 0, empty aad).
 
 Binding. `cryptography`'s public API takes no per-message aad, so everything a sealed key is bound to
-goes into `info` (`release_info`): purpose, job id and instance id. `info` enters the HPKE key schedule
+goes into `info` (`release_info`): purpose, job id and instance id (`output_info` adds a chunk's sequence
+number, for workload output sealed to the client's key). `info` enters the HPKE key schedule
 (`key_schedule_context = mode || H(psk_id) || H(info)`, RFC 9180 section 5.1), so a sealed DEK for job A /
 instance X cannot be opened as job B's, as another instance's, or as client secrets: the derived key differs
 and the AEAD tag fails. The recipient key already limits who can open it; `info` limits what it opens as.
@@ -26,12 +27,15 @@ from shared.crypto.errors import CryptoError
 __all__ = [
     "ENC_BYTES",
     "INFO_LABEL",
+    "OUTPUT_PURPOSE",
     "PUBLIC_KEY_BYTES",
     "PURPOSES",
     "SUITE",
     "SUITE_NAME",
     "TAG_BYTES",
+    "check_public_key",
     "open_sealed",
+    "output_info",
     "release_info",
     "seal",
 ]
@@ -43,6 +47,8 @@ ENC_BYTES = 32  # Nenc of DHKEM(X25519)
 TAG_BYTES = 16  # ChaCha20-Poly1305
 INFO_LABEL = b"qvm-key-release-v1"
 PURPOSES = frozenset({"dek", "client-secrets"})
+OUTPUT_PURPOSE = "output"  # workload output sealed to the client (`output_info`); never a `release_info` purpose
+MAX_SEQ = 2**63 - 1
 MAX_FIELD_BYTES = 255  # ids are short; a length byte per field keeps `info` unambiguous and small
 MAX_PLAINTEXT = 1 << 24  # a DEK is 32 bytes, a client's secret bundle a few MiB at most
 
@@ -58,6 +64,23 @@ def release_info(purpose: str, job_id: str, instance_id: str) -> bytes:
     """
     if purpose not in PURPOSES:
         raise CryptoError("bad_release_info", f"purpose {purpose[:40]!r} (one of {', '.join(sorted(PURPOSES))})")
+    return _info(purpose, job_id, instance_id)
+
+
+def output_info(job_id: str, instance_id: str, seq: int) -> bytes:
+    """The HPKE `info` of one chunk of a workload's output, sealed to the client's output key.
+
+    `release_info`'s layout with the purpose `OUTPUT_PURPOSE` (which `release_info` refuses, so no release
+    encodes alike), followed by the chunk's sequence number as 8 bytes big-endian: a chunk opens only as
+    that chunk of that instance of that job, so chunks cannot be swapped between jobs or instances, or
+    reordered, without the AEAD tag failing.
+    """
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise CryptoError("bad_release_info", f"chunk sequence number {str(seq)[:24]} (0..{MAX_SEQ})")
+    return _info(OUTPUT_PURPOSE, job_id, instance_id) + seq.to_bytes(8, "big")
+
+
+def _info(purpose: str, job_id: str, instance_id: str) -> bytes:
     out = bytearray(INFO_LABEL + b"\x00")
     for name, value in (("purpose", purpose), ("job id", job_id), ("instance id", instance_id)):
         raw = value.encode("utf-8")
@@ -78,6 +101,17 @@ def _recipient(recipient_public: bytes) -> x25519.X25519PublicKey:
         return x25519.X25519PublicKey.from_public_bytes(bytes(recipient_public))
     except ValueError as exc:
         raise CryptoError("bad_recipient_key", f"not an X25519 public key: {exc}") from None
+
+
+def check_public_key(recipient_public: bytes) -> None:
+    """Refuse what `seal` would refuse as a recipient: not 32 bytes, or a low-order X25519 point (an all-zero
+    shared secret, RFC 9180 section 7.1.4), found by one key agreement with a throwaway key inside
+    `cryptography`. For keys checked long before anything is sealed to them (a job's output key)."""
+    public = _recipient(recipient_public)
+    try:
+        x25519.X25519PrivateKey.generate().exchange(public)
+    except ValueError as exc:  # OpenSSL refuses the DH (low-order point)
+        raise CryptoError("bad_recipient_key", f"key agreement failed: {exc}") from None
 
 
 def seal(plaintext: bytes | bytearray | memoryview, recipient_public: bytes, info: bytes) -> bytes:

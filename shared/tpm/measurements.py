@@ -87,7 +87,7 @@ def parse_log(raw: Sequence[object]) -> list[AgentMeasurement | InstanceMeasurem
     if len(raw) > MAX_LOG_ENTRIES:
         raise LogError("malformed_log", f"{len(raw)} entries (at most {MAX_LOG_ENTRIES})")
     try:
-        return _LOG.validate_python(list(raw))
+        return _LOG.validate_python(list(raw), strict=True)  # bus data: types exact, as the codec checks them
     except ValidationError as exc:
         errors = exc.errors()
         where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""

@@ -56,6 +56,18 @@ def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
         sub = qvm(env, "submit", "deploy/examples/job.yaml", "--wait", "120", timeout=180)
         assert sub.returncode == 0, sub.stderr
         assert "job.accepted" in sub.stdout and "instance.attested" in sub.stdout and "job.done" in sub.stdout
+        # The output, sealed to a key `submit --wait` made for the run, opened and verified by it.
+        assert "| from the test image" in sub.stdout and "opened with the client's key and verified" \
+            in sub.stdout, sub.stdout
+
+        # As a client: verify the instance, release a secret, follow the job and open its sealed output.
+        secret = tmp_path / "token.txt"
+        secret.write_text("s3cret-token")
+        client = qvm(env, "client", "run", "deploy/examples/confidential-job.yaml", "--image-bundle",
+                     str(images / "qvm-demo-image"), "--secret", f"api-token=@{secret}", timeout=300)
+        assert client.returncode == 0, client.stdout + client.stderr
+        assert "released 1 secret(s)" in client.stdout and "| digest: " in client.stdout, client.stdout
+        assert "opened with the client's key and verified" in client.stdout, client.stdout
 
         status = qvm(env, "status")
         assert "demo-job" in status.stdout and "done" in status.stdout and "cli-node" in status.stdout
@@ -64,6 +76,7 @@ def test_qvm_up_submit_status_audit_and_clean_stop(tmp_path: Path) -> None:
 
         events = qvm(env, "events")
         assert "node.registered" in events.stdout and "job.accepted" in events.stdout and "✗" not in events.stdout
+        assert "output=sealed," in events.stdout and "from the test image" not in events.stdout, events.stdout
 
         audit = qvm(env, "audit", "replay", "--workers", "0")
         assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -23,6 +23,7 @@ from services.key_broker.service import KeyBroker, dek_aad
 from services.key_broker.store import BUCKET, JobKeys, job_key
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
+from shared.client.output import new_output_key, open_output_events, with_output_key
 from shared.client.sdk import ConfidentialClient
 from shared.codec import Event
 from shared.crypto.kek import PassphraseFileSource, WrappedKey, create_kek_file
@@ -51,6 +52,7 @@ SECRET = b"client secret: s3cr3t-token-7f1c9a\n"
 MARKER = "volume-marker-5d2e7a1b"  # the workload writes it upper-cased: the plaintext is never on the bus
 WRITTEN = MARKER.upper()
 JOB = "conf-job"
+OUTPUT_KEY = new_output_key()  # the client's, in memory only: the job's output is sealed to it
 
 
 def _workload() -> tuple[str, ...]:
@@ -109,9 +111,9 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
     dek = b""
     workdir_files: dict[str, bytes] = {}
     async with running(*services):
-        await client.submit(JobSubmitted(owner="alice", image=IMAGE, command=_workload(), max_runtime_s=300,
-                                         profile=HardwareProfile(cpu_cores=1, ram_mib=256), volume_mib=32,
-                                         client_secrets=True), JOB)
+        await client.submit(with_output_key(JobSubmitted(
+            owner="alice", image=IMAGE, command=_workload(), max_runtime_s=300,
+            profile=HardwareProfile(cpu_cores=1, ram_mib=256), volume_mib=32, client_secrets=True), OUTPUT_KEY), JOB)
         verified = await client.verify(JOB, expected_images=[image_digest], timeout_s=240)
         assert verified.claims.image_manifest_sha256 == image_digest and verified.node_id == "node-a"
         assert verified.launch.job_id == JOB and verified.public_key.hex() == verified.launch.public_key
@@ -129,7 +131,7 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
         await client.release_secrets(verified, {"api-token": SECRET})
 
         async def printed_digest() -> bool:
-            return b"digest" in _output(await _job_events(admin))
+            return b"digest" in _output(await _job_events(admin), complete=False)
         await eventually(printed_digest, timeout=120, what="the workload's digest")
         instances = tmp_path / "instances"
         for path in instances.rglob("*"):  # the workload sleeps: its work directory is still there
@@ -147,9 +149,10 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
     view = (await job_book(admin)).get(JOB)
     events = await _job_events(admin)
     assert view is not None and view.state is JobState.DONE and view.exit_code == 0, (view, _failures(events))
-    out = _output(events).decode()
+    out = _output(events).decode()  # opened by the client: all of it, verified against instance.exited
     want = hashlib.sha256(f"{WRITTEN}\n".encode() + SECRET).hexdigest()
     assert f"digest {want}" in out and "mounted 1 tmpfs" in out, out
+    assert (await client.open_output(JOB, OUTPUT_KEY)).data.decode() == out
 
     # Order: verdict, then key, then the client's secrets, then the workload.
     at = {str(e.spec.type): e.envelope.time_ns for e in events}
@@ -176,7 +179,9 @@ async def test_confidential_job_keys_and_secrets_reach_only_the_attested_guest(
 
     # Nothing secret anywhere: streams and buckets, log lines, the agent's work directory while it ran.
     assert len(dek) == 32
-    secrets_forms = _forms(dek) + _forms(SECRET.strip()) + [WRITTEN.encode()]
+    # The workload's output is the client's too: on the bus only sealed to its key, never in a log line.
+    secrets_forms = (_forms(dek) + _forms(SECRET.strip()) + [WRITTEN.encode()] + _forms(f"digest {want}".encode())
+                     + _forms(b"mounted 1 tmpfs"))
     messages = await _all_messages(admin)
     assert len(messages) > 20
     for subject, data in messages:
@@ -208,9 +213,8 @@ async def _has(admin: Any, etype: EventType) -> bool:
     return any(e.spec.type is etype for e in await _job_events(admin))
 
 
-def _output(events: list[Event]) -> bytes:
-    return b"".join(base64.b64decode(e.payload.data_b64) for e in events  # type: ignore[union-attr]
-                    if e.spec.type is EventType.INSTANCE_OUTPUT)
+def _output(events: list[Event], complete: bool = True) -> bytes:
+    return open_output_events(events, JOB, OUTPUT_KEY, require_complete=complete).data
 
 
 def _failures(events: list[Event]) -> list[str]:

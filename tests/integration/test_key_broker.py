@@ -220,7 +220,7 @@ async def test_forged_result_is_dead_lettered_and_releases_nothing(stack: Stack,
             out = []
             async for batch in read_stream(env.admin.js, "QVM_DEAD", "qvm.dead.rejected.>"):
                 out += [e for e in (env.admin.codec.decode(m.subject, m.data) for m in batch)
-                        if isinstance(e.payload, EventRejected) and e.payload.consumer.endswith("-jobs")
+                        if isinstance(e.payload, EventRejected) and e.payload.consumer == "key-broker-jobs"
                         and "key-broker" in e.envelope.producer]
             return out
         found = await env.until(rejected, "a dead-letter report")

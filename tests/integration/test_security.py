@@ -34,6 +34,7 @@ DENIED = (nats.errors.Error, asyncio.TimeoutError)  # a refused JetStream publis
 REFUSED = (OSError, nats.errors.Error)  # ssl.SSLError (a TLS alert from the server) is an OSError
 SCHED_JOBS = CONSUMERS[0]
 assert SCHED_JOBS.role is Role.SCHEDULER and SCHED_JOBS.key == "jobs"
+DL_SCHED = "qvm.dead.raw.scheduler.scheduler-jobs"  # dead letters of its job.submitted durable
 
 
 # ---------------------------------------------------------------- helpers
@@ -160,14 +161,15 @@ async def test_node_agent_cannot_read_another_nodes_assignments(stack: Stack) ->
     with pytest.raises(NotFoundError):
         await admin.js.consumer_info("QVM_JOBS", name)
     # Node-b's own consumer name is not node-a's to create either.
-    other = ConsumerConfig(name="node-agent_node-b-assignments", durable_name="node-agent_node-b-assignments",
+    other = ConsumerConfig(name="node-agent_node-b-assignments",
+                           durable_name="node-agent_node-b-assignments",
                            filter_subject="qvm.jobs.*.placed.node-b")
     with pytest.raises(DENIED):
         await node_a.js.add_consumer("QVM_JOBS", config=other, timeout=2)
     with pytest.raises(NotFoundError):
         await admin.js.consumer_info("QVM_JOBS", "node-agent_node-b-assignments")
     # Its own consumer is allowed, and cannot be re-pointed at node-b afterwards.
-    assert await node_a.ensure_consumer(CONSUMERS[3]) == name
+    assert await node_a.ensure_consumer(CONSUMERS[3]) == [name]
     with pytest.raises(DENIED):
         await node_a.js.add_consumer("QVM_JOBS", config=spy, timeout=2)
     info = await admin.js.consumer_info("QVM_JOBS", name)
@@ -177,7 +179,7 @@ async def test_node_agent_cannot_read_another_nodes_assignments(stack: Stack) ->
 async def test_services_cannot_repoint_or_delete_a_node_agents_consumer(stack: Stack) -> None:
     admin = await stack.bus(Role.ADMIN)
     node_a = await stack.bus(Role.NODE_AGENT, "node-a")
-    name = await node_a.ensure_consumer(CONSUMERS[3])
+    [name] = await node_a.ensure_consumer(CONSUMERS[3])
     hijack = ConsumerConfig(name=name, durable_name=name, filter_subject="qvm.jobs.*.placed.*")
     for role in (Role.JANITOR, Role.SCHEDULER):
         other = await stack.bus(role)
@@ -264,7 +266,7 @@ async def test_forged_event_is_dead_lettered(stack: Stack, tmp_path: Path, kind:
     assert [e.job_id for e in handled] == ["good-1", "good-2"]
     assert all(e.envelope.producer == "marketplace" for e in handled)
 
-    raw = await last_msg(admin, "QVM_DEAD", "qvm.dead.raw.scheduler")
+    raw = await last_msg(admin, "QVM_DEAD", DL_SCHED)
     assert raw is not None
     assert raw.data == data  # stored unchanged
     headers = raw.headers or {}
@@ -273,7 +275,7 @@ async def test_forged_event_is_dead_lettered(stack: Stack, tmp_path: Path, kind:
     assert headers["Qvm-Consumer"] == "scheduler-jobs"
     assert headers["Qvm-Stream-Seq"] == str(forged_seq)
     assert headers["Qvm-Detail"]
-    assert await count(admin, "QVM_DEAD", "qvm.dead.raw.scheduler") == 1
+    assert await count(admin, "QVM_DEAD", DL_SCHED) == 1
 
     report_msg = await last_msg(admin, "QVM_DEAD", "qvm.dead.rejected.scheduler")
     assert report_msg is not None
@@ -351,7 +353,7 @@ async def test_failing_handler_is_redelivered_then_dead_lettered(stack: Stack) -
 
     async with consuming(sched, spec, handler) as task:
         async def dead_lettered() -> bool:
-            return (await last_msg(admin, "QVM_DEAD", "qvm.dead.raw.scheduler")) is not None
+            return (await last_msg(admin, "QVM_DEAD", DL_SCHED)) is not None
 
         await eventually(dead_lettered, task=task)
         await eventually(lambda: "ok-1" in handled, task=task)
@@ -363,7 +365,7 @@ async def test_failing_handler_is_redelivered_then_dead_lettered(stack: Stack) -
     assert attempts == {"poison": 2, "ok-1": 1, "ok-2": 1}
     assert handled == ["ok-1", "ok-2"]
 
-    raw = await last_msg(admin, "QVM_DEAD", "qvm.dead.raw.scheduler")
+    raw = await last_msg(admin, "QVM_DEAD", DL_SCHED)
     assert raw is not None
     headers = raw.headers or {}
     assert headers["Qvm-Reason"] == "handler_failed"
@@ -381,6 +383,6 @@ async def test_failing_handler_is_redelivered_then_dead_lettered(stack: Stack) -
     assert report.payload.subject == "qvm.jobs.poison.submitted"
 
     info = await admin.js.consumer_info("QVM_JOBS", "scheduler-jobs")
-    assert info.config.max_deliver == 2
+    assert info.config.max_deliver == SCHED_JOBS.max_deliver  # the operator's durable; the budget is the spec's
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0  # the poison message was acked after dead-lettering

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import signal
 import socket
@@ -17,6 +16,8 @@ from services.janitor.service import Janitor
 from services.node_agent.service import NodeAgent
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
+from shared.client.output import new_output_key, open_output_events, with_output_key
+from shared.crypto.output import open_chunk, sealed_digest
 from shared.events import EventType, JobSubmitted
 from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
@@ -24,6 +25,7 @@ from tests.framework.flow import agent_process, events_of, eventually, job_book,
 from tests.framework.images import IMAGE, build_test_image
 
 pytestmark = pytest.mark.nats
+OUTPUT_KEY = new_output_key()  # the client's: the jobs' output is sealed to it
 
 
 def _settings(stack, tmp_path: Path):
@@ -33,8 +35,8 @@ def _settings(stack, tmp_path: Path):
 
 
 def _job(*command: str, image: str = IMAGE) -> JobSubmitted:
-    return JobSubmitted(owner="alice", image=image, command=command, max_runtime_s=300,
-                        profile=HardwareProfile(cpu_cores=1, ram_mib=256))
+    return with_output_key(JobSubmitted(owner="alice", image=image, command=command, max_runtime_s=300,
+                                        profile=HardwareProfile(cpu_cores=1, ram_mib=256)), OUTPUT_KEY)
 
 
 async def _terminal(admin, job_id: str) -> bool:
@@ -59,7 +61,8 @@ def _of(events, etype: EventType):
 
 
 def _output(events) -> bytes:
-    return b"".join(base64.b64decode(e.payload.data_b64) for e in _of(events, EventType.INSTANCE_OUTPUT))
+    """The output as the client opens it: every chunk, in order, checked against the exit report."""
+    return open_output_events(events, events[0].job_id, OUTPUT_KEY).data
 
 
 async def test_workload_writes_its_overlay_and_the_result_arrives_on_the_bus(stack, tmp_path: Path) -> None:
@@ -76,7 +79,11 @@ async def test_workload_writes_its_overlay_and_the_result_arrives_on_the_bus(sta
     out = _output(events)
     assert out.decode().split() == ["written", "42", "eth0", "lo"], out  # eth0: a tap in its own netns
     exited = _of(events, EventType.INSTANCE_EXITED)[0].payload
-    assert exited.exit_code == 3 and exited.output_sha256 == hashlib.sha256(out).hexdigest()
+    sealed = [bytes.fromhex(e.payload.sealed) for e in _of(events, EventType.INSTANCE_OUTPUT)]
+    assert exited.exit_code == 3 and exited.output_bytes == len(out) and exited.output_chunks == len(sealed)
+    # On the bus only ciphertext, and a digest of it: nothing derived from the plaintext alone.
+    assert exited.output_sha256 == sealed_digest(sealed) != hashlib.sha256(out).hexdigest()
+    assert not any(b"written" in blob for blob in sealed)
     prov = _of(events, EventType.INSTANCE_PROVISIONING)[0].payload
     assert len(bytes.fromhex(prov.public_key)) == 32 and prov.vmm == "qemu-microvm"
     assert prov.image_manifest_sha256 == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
@@ -203,6 +210,8 @@ async def test_output_streams_while_the_workload_runs(stack, tmp_path: Path) -> 
     outputs = _of(events, EventType.INSTANCE_OUTPUT)
     exited = _of(events, EventType.INSTANCE_EXITED)[0]
     assert _output(events) == b"first\nsecond\n"
-    assert len(outputs) >= 2 and base64.b64decode(outputs[0].payload.data_b64) == b"first\n"
+    first = outputs[0].payload
+    assert len(outputs) >= 2 and open_chunk(bytes.fromhex(first.sealed), OUTPUT_KEY, "vm-job", first.instance_id,
+                                            0) == b"first\n"
     assert exited.envelope.time_ns - outputs[0].envelope.time_ns > 2e9, "the first line was published live"
     assert [o.payload.seq for o in outputs] == list(range(len(outputs)))

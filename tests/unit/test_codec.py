@@ -11,20 +11,66 @@ import pytest
 from shared.codec import MAX_MESSAGE_BYTES, WIRE_VERSION, Codec, Event
 from shared.errors import Reason, RejectedEvent
 from shared.events import (
+    CATALOGUE,
+    AttestationFailed,
+    AttestationResult,
+    AttestChallenge,
+    AttestEvidence,
+    AttestPurpose,
+    AttestRequested,
+    EnrollRequested,
     EventRejected,
     EventType,
+    GpuEvidence,
+    InstanceAttestationFailed,
+    InstanceAttested,
+    InstanceBooted,
+    InstanceDestroyed,
+    InstanceExited,
+    InstanceFailed,
+    InstanceOutput,
+    InstanceProvisioning,
+    InstanceRunning,
     JobAccepted,
+    JobCancelled,
     JobCancelRequested,
+    JobDone,
     JobFailed,
+    JobPending,
     JobPlaced,
+    JobRefused,
     JobSubmitted,
+    KeyDestruction,
+    KeyReleased,
+    KeyReleasePolicy,
+    KeyReleaseRefused,
+    KeysDestroyed,
     NodeHeartbeat,
+    NodeOffline,
     NodeRegistered,
+    NodeRevoked,
+    NodeSwept,
+    SecretsReleased,
+    TeardownRecord,
     TeardownRequested,
+    TeardownStep,
+    VerifiedClaims,
 )
 from shared.identity import Identity, Role
 from shared.ids import new_event_id
-from shared.models import GpuRequest, HardwareProfile, Inventory, ResourceClaim, SecurityLevel
+from shared.models import (
+    GpuInfo,
+    GpuRequest,
+    HardwareProfile,
+    Inventory,
+    MemoryScrub,
+    ResourceClaim,
+    SecurityLevel,
+    TpmInfo,
+    TrustState,
+    VolumeErasure,
+    VramScrub,
+)
 from shared.pki import Pki, Signer
 
 MARKET = Identity(Role.MARKETPLACE)
@@ -32,6 +78,8 @@ SCHED = Identity(Role.SCHEDULER)
 JANITOR = Identity(Role.JANITOR)
 NODE_A = Identity(Role.NODE_AGENT, "node-a")
 NODE_B = Identity(Role.NODE_AGENT, "node-b")
+VERIFIER = Identity(Role.ATTESTATION_VERIFIER)
+BROKER = Identity(Role.KEY_BROKER)
 
 
 @pytest.fixture(scope="module")
@@ -375,3 +423,198 @@ def test_rejection_reason_strings_are_stable() -> None:
     assert Reason.UNKNOWN_SIGNER.value == "unknown_signer"
     assert Reason.HANDLER_FAILED.value == "handler_failed"
     assert {e.value for e in EventType} >= {"job.submitted", "job.placed", "event.rejected"}
+
+
+# ---------------------------------------------------------------- strict types on the wire
+#
+# Every message is untrusted: a field's type is what msgpack decoded, never a coercion. The only forms read
+# back are the ones `Codec.encode` writes (`model_dump(mode="json")`): arrays for tuples, value strings for
+# enums, canonical decimal strings for int dict keys, and an int for a float field.
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda env: env.update(v=True), id="envelope-v-true"),
+        pytest.param(lambda env: env.update(time_ns=1.0), id="envelope-float-time"),
+        pytest.param(lambda env: env.update(producer=b"marketplace"), id="envelope-bytes-producer"),
+        pytest.param(lambda env: env.update(trace={"traceparent": 5}), id="envelope-int-trace-value"),
+        pytest.param(lambda env: env["payload"].update(max_runtime_s=True), id="bool-for-int"),
+        pytest.param(lambda env: env["payload"].update(max_runtime_s="3600"), id="numeric-string-for-int"),
+        pytest.param(lambda env: env["payload"].update(max_runtime_s=3600.0), id="float-1.0-for-int"),
+        pytest.param(lambda env: env["payload"].update(client_secrets="1"), id="string-1-for-bool"),
+        pytest.param(lambda env: env["payload"].update(client_secrets=1), id="int-1-for-bool"),
+        pytest.param(lambda env: env["payload"].update(owner=b"alice"), id="bytes-for-str"),
+        pytest.param(lambda env: env["payload"].update(owner=7), id="int-for-str"),
+        pytest.param(lambda env: env["payload"].update(security=b"basic"), id="bytes-for-enum"),
+        pytest.param(lambda env: env["payload"].update(command="python"), id="string-for-tuple"),
+        pytest.param(lambda env: env["payload"].update(command={"python": 1}), id="map-for-tuple"),
+        pytest.param(lambda env: env["payload"].update(profile={"cpu_cores": True}), id="nested-bool-for-int"),
+        pytest.param(lambda env: env["payload"].update(profile={"gpus": {"count": "1"}}), id="nested-string-for-int"),
+        pytest.param(lambda env: env["payload"].update(key_release={"min_trust": 2}), id="nested-int-for-enum"),
+    ],
+)
+def test_wire_types_are_exact(pki: Pki, reader: Codec, submitted: tuple[str, bytes], mutate: Any) -> None:
+    subject, data = submitted
+    env = envelope_of(data)
+    mutate(env)
+    rej = rejected(reader, subject, wire(env, pki.signer(MARKET)))
+    assert rej.reason is Reason.SCHEMA_INVALID, rej.detail
+
+
+def test_wire_forms_msgpack_produces_are_valid(pki: Pki, reader: Codec, submitted: tuple[str, bytes]) -> None:
+    """Lists for tuples, strings for enums, ints for floats: what msgpack gives for what encode wrote."""
+    subject, data = submitted
+    env = envelope_of(data)
+    env["payload"].update(command=["python", "-c", "pass"], security="confidential",
+                          key_release={"min_trust": "unverified", "allowed_images": ["ab" * 32]})
+    ev = reader.decode(subject, wire(env, pki.signer(MARKET)))
+    assert isinstance(ev.payload, JobSubmitted)
+    assert ev.payload.command == ("python", "-c", "pass")
+    assert ev.payload.security is SecurityLevel.CONFIDENTIAL
+    assert ev.payload.key_release.min_trust is TrustState.UNVERIFIED
+    assert ev.payload.key_release.allowed_images == ("ab" * 32,)
+    booted = envelope_of(codec_for(pki, NODE_A).encode(InstanceBooted(instance_id="i1", boot_ms=12.5, accel="kvm"),
+                                                       job_id="j1").data)
+    booted["payload"]["boot_ms"] = 12  # an int for a float field (JSON and msgpack writers may drop ".0")
+    ev = reader.decode("qvm.jobs.j1.instance.booted.node-a", wire(booted, pki.signer(NODE_A)))
+    assert isinstance(ev.payload, InstanceBooted)
+    assert ev.payload.boot_ms == 12.0 and type(ev.payload.boot_ms) is float
+    booted["payload"]["boot_ms"] = True
+    rej = rejected(reader, "qvm.jobs.j1.instance.booted.node-a", wire(booted, pki.signer(NODE_A)))
+    assert rej.reason is Reason.SCHEMA_INVALID
+
+
+def _evidence() -> AttestEvidence:
+    return AttestEvidence(
+        challenge_id="0" * 32, purpose=AttestPurpose.NODE, attest="00" * 8, signature="11" * 8,
+        pcrs={0: "aa" * 32, 7: "bb" * 32, 10: "cc" * 32},
+        log=({"pcr": 10, "digest": "ab" * 32, "names": ["a", "b"], "extra": {"n": 1}},),
+        gpus=(GpuEvidence(uuid="GPU-1", cc_mode="on"),))
+
+
+def test_int_dict_keys_round_trip_as_canonical_strings(pki: Pki, reader: Codec) -> None:
+    """`AttestEvidence.pcrs: dict[int, str]`: encode writes the keys as decimal strings (JSON mode) and decode
+    reads back only that form: no "07", " 7", "7.0" or "+7" aliasing the key 7."""
+    out = codec_for(pki, NODE_A).encode(_evidence())
+    env = envelope_of(out.data)
+    assert set(env["payload"]["pcrs"]) == {"0", "7", "10"}
+    ev = reader.decode(out.subject, out.data)
+    assert isinstance(ev.payload, AttestEvidence)
+    assert ev.payload == _evidence()
+    assert ev.payload.pcrs == {0: "aa" * 32, 7: "bb" * 32, 10: "cc" * 32}
+    assert ev.payload.log[0]["names"] == ["a", "b"]  # free-form log entries keep msgpack's own types
+    for key in ("07", " 7", "7.0", "+7", "7_0", "-0", "", "x", "\u0667"):
+        env["payload"]["pcrs"] = {key: "bb" * 32}
+        rej = rejected(reader, out.subject, wire(env, pki.signer(NODE_A)))
+        assert rej.reason is Reason.SCHEMA_INVALID, key
+
+
+def _samples() -> dict[EventType, tuple[Identity, Any, dict[str, str]]]:
+    """One event of every catalogue type, with values in every kind of field (enums, tuples, dicts, floats,
+    optional and nested models, literals)."""
+    hexes = "ab" * 32
+    scrub = VramScrub(gpu_uuid="GPU-1", pci_bus_id="0000:01:00.0", method="cuda-memset-verify", bytes_total=1 << 30,
+                      bytes_scrubbed=1 << 30, verified=True, duration_ms=12.5, rate_gbps=80.0)
+    ram = MemoryScrub(bytes_total=1 << 20, bytes_scrubbed=1 << 20, method="overwrite-verify", verified=True,
+                      duration_ms=1.0, rate_gbps=3.5)
+    volume = VolumeErasure(volume_bytes=1 << 24, luks_header_found=True, luks_erase="ok", data_offset=1 << 24,
+                           overwritten_bytes=1 << 24, verified_zero=True, removed=True, duration_ms=4.0)
+    keys = KeyDestruction(kek_version=2, wrapped_sha256=hexes, wrapped_deleted=True, store_revision=9)
+    result = dict(purpose=AttestPurpose.INSTANCE, challenge_id="1" * 32, evidence_id="e1", instance_id="i1",
+                  job_id="j1", trust=TrustState.TRUSTED, ak_name="00" * 34, ek_sha256=hexes, pcr_sha256=hexes,
+                  reset_count=1, restart_count=0, firmware_version="1.2", gpus=("ok",), verified_ns=5, expires_ns=9)
+    job = JobSubmitted(owner="alice", image="img", command=("a", "b"), security=SecurityLevel.CONFIDENTIAL,
+                       egress=("example.com:443",), volume_mib=64, client_secrets=True,
+                       key_release=KeyReleasePolicy(allowed_images=(hexes,), min_trust=TrustState.UNVERIFIED))
+    inventory = Inventory(hostname="h", cpu_model="EPYC", cpu_cores=64, ram_mib=1 << 19, kvm=True,
+                          vmms=("qemu-microvm",), tpm=TpmInfo(present=True, device="/dev/tpmrm0"),
+                          gpus=(GpuInfo(index=0, uuid="GPU-1", name="H100", memory_mib=81559, pci_bus_id="01:00.0",
+                                        ecc_enabled=True, remapped_rows=0, mig_enabled=False, cc_mode="on"),))
+    j, jn = {"job_id": "j1"}, {"job_id": "j1", "node_id": "node-a"}
+    E = EventType
+    return {
+        E.JOB_SUBMITTED: (MARKET, job, j),
+        E.JOB_PENDING: (SCHED, JobPending(reason="no_capacity", detail="d"), j),
+        E.JOB_PLACED: (SCHED, JobPlaced(node_id="node-a", attempt=1, job=job,
+                                        claim=ResourceClaim(cpu_cores=2, ram_mib=64, gpu_uuids=("GPU-1",))), jn),
+        E.JOB_ACCEPTED: (NODE_A, JobAccepted(node_id="node-a", attempt=1), j),
+        E.JOB_REFUSED: (NODE_A, JobRefused(node_id="node-a", attempt=1, reason="gpu_missing"), j),
+        E.JOB_CANCEL_REQUESTED: (MARKET, JobCancelRequested(reason="client"), j),
+        E.JOB_CANCELLED: (SCHED, JobCancelled(reason="client"), j),
+        E.JOB_FAILED: (JANITOR, JobFailed(reason="node_lost", phase="running"), j),
+        E.JOB_DONE: (JANITOR, JobDone(exit_code=0), j),
+        E.INSTANCE_PROVISIONING: (NODE_A, InstanceProvisioning(instance_id="i1", image="img", vmm="qemu",
+                                                               image_manifest_sha256=hexes, public_key=hexes), j),
+        E.INSTANCE_BOOTED: (NODE_A, InstanceBooted(instance_id="i1", boot_ms=5.0, accel="tcg"), j),
+        E.INSTANCE_RUNNING: (NODE_A, InstanceRunning(instance_id="i1"), j),
+        E.INSTANCE_OUTPUT: (NODE_A, InstanceOutput.model_validate(_output_fields()), j),
+        E.INSTANCE_EXITED: (NODE_A, InstanceExited.model_validate(_exited_fields(hexes)), j),
+        E.INSTANCE_FAILED: (NODE_A, InstanceFailed(instance_id="i1", reason="boot_timeout"), j),
+        E.INSTANCE_DESTROYED: (NODE_A, InstanceDestroyed(instance_id="i1", removed=("dir",), volume=volume, ram=ram,
+                                                         gpus=(scrub,)), j),
+        E.INSTANCE_ATTESTED: (VERIFIER, InstanceAttested(**result), jn),
+        E.INSTANCE_ATTESTATION_FAILED: (VERIFIER, InstanceAttestationFailed(
+            purpose=AttestPurpose.INSTANCE, reason="nonce_mismatch", instance_id="i1", job_id="j1"), jn),
+        E.NODE_REGISTERED: (NODE_A, NodeRegistered(inventory=inventory, agent_version="1", labels={"z": "eu"}), {}),
+        E.NODE_HEARTBEAT: (NODE_A, NodeHeartbeat(seq=3, jobs=("j1",)), {}),
+        E.NODE_OFFLINE: (SCHED, NodeOffline(last_seen_ns=7), {"node_id": "node-a"}),
+        E.NODE_SWEPT: (NODE_A, NodeSwept(reason="sweep", gpus=(scrub,)), {}),
+        E.ATTEST_ENROLL_REQUESTED: (NODE_A, EnrollRequested(ek_public="00", ak_public="11", ak_qualified_name="22",
+                                                            node_key=hexes), {}),
+        E.ATTEST_REQUESTED: (NODE_A, AttestRequested(purpose=AttestPurpose.INSTANCE, instance_id="i1", job_id="j1",
+                                                     key=hexes), {}),
+        E.ATTEST_CHALLENGE: (VERIFIER, AttestChallenge(challenge_id="1" * 32, purpose=AttestPurpose.NODE,
+                                                       nonce="ab" * 16, pcrs=(0, 7, 10), expires_ns=5),
+                             {"node_id": "node-a"}),
+        E.ATTEST_EVIDENCE: (NODE_A, _evidence(), {}),
+        E.ATTEST_VERIFIED: (VERIFIER, AttestationResult(**{**result, "purpose": AttestPurpose.NODE}),
+                            {"node_id": "node-a"}),
+        E.ATTEST_FAILED: (VERIFIER, AttestationFailed(purpose=AttestPurpose.ENROLL, reason="pcr_digest_mismatch"),
+                          {"node_id": "node-a"}),
+        E.ATTEST_REVOKED: (VERIFIER, NodeRevoked(reason="attestation_failed", last_verified_ns=3),
+                           {"node_id": "node-a"}),
+        E.KEY_RELEASED: (BROKER, KeyReleased(instance_id="i1", result_id="r1", suite="x25519", sealed="ab" * 40,
+                                             kek_version=1, released_ns=1, lease_expires_ns=2), jn),
+        E.KEY_RELEASE_REFUSED: (BROKER, KeyReleaseRefused(instance_id="i1", reason="result_expired"), jn),
+        E.KEYS_DESTROYED: (BROKER, KeysDestroyed(reason="job_failed", volume=keys, destroyed_ns=4), j),
+        E.SECRETS_RELEASED: (MARKET, SecretsReleased(
+            instance_id="i1", suite="x25519", sealed="ab" * 40,
+            verified=VerifiedClaims(result_id="r1", evidence_id="e1", node_id="node-a", image_manifest_sha256=hexes,
+                                    pcr_sha256=hexes, ak_name="00")), jn),
+        E.TEARDOWN_REQUESTED: (JANITOR, TeardownRequested(node_id="node-a", reason="done"), jn),
+        E.TEARDOWN_RECORD: (JANITOR, TeardownRecord(
+            node="node-a", instance_id="i1", outcome="done", complete=True, ram=ram, gpus=(scrub,), volume=volume,
+            keys=keys, steps=(TeardownStep(name="guest_ram", status="ok"), TeardownStep(name="x", status="not_needed")),
+            gpus_clean=("GPU-1",), ended_ns=1, recorded_ns=2, duration_ms=3.25), j),
+        E.EVENT_REJECTED: (NODE_A, EventRejected(consumer="c", subject="s", stream_seq=4, reason=Reason.MALFORMED,
+                                                 detail="", size=1), {}),
+    }
+
+
+def _output_fields() -> dict[str, Any]:
+    """`instance.output` as its current model wants it (only the fields it declares)."""
+    fields = InstanceOutput.model_fields
+    candidate = {"instance_id": "i1", "seq": 0, "suite": "x25519", "sealed": "ab" * 64, "data_b64": "aGk="}
+    return {k: v for k, v in candidate.items() if k in fields}
+
+
+def _exited_fields(hexes: str) -> dict[str, Any]:
+    fields = InstanceExited.model_fields
+    candidate = {"instance_id": "i1", "exit_code": 3, "runtime_ms": 1.5, "output_sha256": hexes, "output_bytes": 9,
+                 "output_chunks": 1, "output_truncated": True}
+    return {k: v for k, v in candidate.items() if k in fields}
+
+
+def test_every_catalogue_type_round_trips(pki: Pki, reader: Codec) -> None:
+    samples = _samples()
+    assert set(samples) == set(CATALOGUE), "add a sample for every new event type"
+    for etype, (ident, payload, ids) in samples.items():
+        assert CATALOGUE[etype].payload is type(payload), etype
+        out = codec_for(pki, ident).encode(payload, **ids)
+        ev = reader.decode(out.subject, out.data)
+        assert ev.spec.type is etype
+        assert type(ev.payload) is type(payload), etype
+        assert ev.payload == payload, etype
+        assert ev.payload.model_dump() == payload.model_dump(), etype
+        assert ev.envelope == out.envelope, etype

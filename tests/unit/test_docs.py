@@ -51,7 +51,7 @@ def test_streams_consumers_and_dead_letters_are_documented(rendered: str) -> Non
     for stream in STREAMS.values():
         assert f"`{stream.name}`" in rendered
     for consumer in CONSUMERS:
-        assert f"-{consumer.key}`" in rendered
+        assert f"-{consumer.key}`" in rendered or f"-{consumer.key}-" in rendered
     assert "## Dead letters" in rendered
     assert "## Consumers" in rendered
 

@@ -1,0 +1,165 @@
+"""Reading a stream's history without a consumer: batched JetStream message gets.
+
+`$JS.API.DIRECT.GET.<stream>` with `{"seq": N, "next_by_subj": F, "batch": K}` answers with up to K stored
+messages matching F from sequence N on, each with its sequence, subject and time in headers, then an
+end-of-batch status (204; 404 when nothing matched). A reader keeps its own position, so it needs no
+server-side state: no ephemeral or ordered consumer, whose unnamed create request could name (and so
+update) any durable in its body. That is what lets the permission generator grant readers one subject per
+stream (`shared/consumers.py` READERS) and nothing that touches a consumer.
+
+`read` walks what is stored now; `follow` keeps going and waits for new messages (polling, with a short
+sleep when it has caught up). `first` and `last` answer "where does this subject begin / end".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from shared.bus import map_nats_errors
+from shared.errors import BusError
+from shared.telemetry import get_logger
+
+__all__ = ["RawMessage", "first", "follow", "get_batch", "last", "read"]
+
+BATCH = 1000
+REPLY_TIMEOUT_S = 10.0
+IDLE_POLL_S = 0.1
+RETRY_S = 0.5
+log = get_logger("qvm.reader")
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    stream: str
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    messages: list[RawMessage]
+    last_seq: int  # the stream's last sequence when the batch was answered (0: unknown)
+    pending: int  # matching messages left after this batch
+
+
+async def get_batch(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 1, batch: int = BATCH,
+                    start_ns: int | None = None) -> Batch:
+    """Up to `batch` messages on `subject` from `seq` (or from `start_ns`, a time) on."""
+    request: dict[str, object] = {"next_by_subj": subject, "batch": batch}
+    if start_ns is not None:
+        request["start_time"] = datetime.fromtimestamp(max(0, start_ns) / 1e9, UTC).isoformat()
+    else:
+        request["seq"] = max(1, seq)
+    out: list[RawMessage] = []
+    done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    async def on_reply(msg: Msg) -> None:
+        headers = dict(msg.headers or {})
+        status = headers.get("Status")
+        if status is not None:
+            if not done.done():
+                last = int(headers.get("Nats-Last-Sequence", "0") or 0)
+                pending = int(headers.get("Nats-Num-Pending", "0") or 0)
+                if status not in ("204", "404"):
+                    done.set_exception(ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}"))
+                else:
+                    done.set_result((last, pending))
+            return
+        out.append(RawMessage(stream, int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""),
+                              msg.data, headers, _parse_time(headers.get("Nats-Time-Stamp", ""))))
+
+    with map_nats_errors(f"read {stream}"):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_reply)
+        try:
+            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+            last, pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
+        finally:
+            await sub.unsubscribe()
+    out.sort(key=lambda m: m.seq)
+    return Batch(out, max(last, out[-1].seq if out else 0), pending)
+
+
+async def read(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 1, start_ns: int | None = None,
+               batch: int = BATCH) -> AsyncIterator[list[RawMessage]]:
+    """Every stored message on `subject`, in stream order, in batches; ends at what is stored now."""
+    first_call = True
+    while True:
+        b = await get_batch(nc, stream, subject, seq=seq, batch=batch, start_ns=start_ns if first_call else None)
+        first_call = False
+        if b.messages:
+            yield b.messages
+            seq = b.messages[-1].seq + 1
+        if not b.messages or b.pending == 0:
+            return
+
+
+async def follow(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 1, stop: asyncio.Event,
+                 batch: int = BATCH, idle_s: float = IDLE_POLL_S) -> AsyncIterator[Batch]:
+    """Every message on `subject` from `seq` on, then new ones as they are stored, until `stop` is set.
+    Each batch says how much was pending after it (0: caught up with what was stored when it was read)."""
+    while not stop.is_set():
+        try:
+            b = await get_batch(nc, stream, subject, seq=seq, batch=batch)
+        except (BusError, ConnectionError, TimeoutError) as exc:  # a reconnect, a leader change: read again
+            log.warning("stream read failed; retrying", extra={"stream": stream, "error": str(exc)[:300]})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETRY_S)
+            continue
+        if b.messages:
+            seq = b.messages[-1].seq + 1
+        yield b
+        if not b.messages or b.pending == 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), idle_s)
+
+
+async def first(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
+    """The earliest stored message on `subject` (None when nothing matches)."""
+    b = await get_batch(nc, stream, subject, seq=1, batch=1)
+    return b.messages[0] if b.messages else None
+
+
+async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
+    """The latest stored message on `subject` (a literal subject: read by subject, not by scanning)."""
+    with map_nats_errors(f"read {stream}"):
+        inbox = nc.new_inbox()
+        got: asyncio.Future[RawMessage | None] = asyncio.get_running_loop().create_future()
+
+        async def on_reply(msg: Msg) -> None:
+            headers = dict(msg.headers or {})
+            if not got.done():
+                got.set_result(None if "Status" in headers else RawMessage(
+                    stream, int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""), msg.data,
+                    headers, _parse_time(headers.get("Nats-Time-Stamp", ""))))
+
+        sub = await nc.subscribe(inbox, cb=on_reply)
+        try:
+            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(),
+                             reply=inbox)
+            return await asyncio.wait_for(got, REPLY_TIMEOUT_S)
+        finally:
+            await sub.unsubscribe()
+
+
+def _parse_time(text: str) -> int:
+    """`Nats-Time-Stamp` (RFC 3339 with nanoseconds) as ns since the epoch; 0 when absent or odd."""
+    if not text:
+        return 0
+    try:
+        head, _, frac = text.rstrip("Z").partition(".")
+        secs = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
+        return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
+    except ValueError:
+        return 0
