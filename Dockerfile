@@ -1,23 +1,33 @@
-# One image for every qvm service; docker-compose.yml picks the service with its command, e.g.
-#   docker run --rm qvm services.scheduler      (runs `python -m services.scheduler`)
+# One Dockerfile for every qvm service. QVM_EXTRAS names the pyproject extras to install: a service's image
+# takes its own (docker-compose.yml gives each service its role, e.g. `scheduler`, `node-agent`), the one-shot
+# jobs take `cli`; the default, `all`, is one image with every service and the CLI. The command picks the
+# service, e.g.
+#   docker build --build-arg QVM_EXTRAS=scheduler -t qvm-scheduler .
+#   docker run --rm qvm-scheduler services.scheduler      (runs `python -m services.scheduler`)
 FROM python:3.11-slim
+
+ARG QVM_EXTRAS=all
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# tpm2-pytss (the node-agent's TPM access) builds against the TSS libraries; its runtime needs them too.
-RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends libtss2-dev pkg-config gcc \
- && rm -rf /var/lib/apt/lists/*
+# tpm2-pytss (in the node-agent's and the key-broker's extras: the node's TPM, a TPM-sealed KEK ring) builds
+# against the TSS libraries; its runtime needs them too. Images without it skip them.
+RUN case ",${QVM_EXTRAS}," in \
+      *,node-agent,*|*,key-broker,*|*,all,*) \
+        apt-get update -qq \
+        && apt-get install -y -qq --no-install-recommends libtss2-dev pkg-config gcc \
+        && rm -rf /var/lib/apt/lists/* ;; \
+    esac
 
 WORKDIR /src
 # Only what the package needs (no .venv, .git or state directories in the build).
 COPY pyproject.toml ./
 COPY shared ./shared
 COPY services ./services
-RUN pip install . \
+RUN pip install ".[${QVM_EXTRAS}]" \
  && rm -rf /src
 
 # An unprivileged user for the services; the PKI directory is created with its owner so that a fresh

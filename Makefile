@@ -38,11 +38,14 @@ bench: setup
 	$(PY) -m bench
 
 lint: setup
-	$(VENV)/bin/ruff check shared services tests $(wildcard bench)
+	$(VENV)/bin/ruff check shared services tests deploy/gpu-check $(wildcard bench)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy deploy/gpu-check
+	$(VENV)/bin/lint-imports
 
 docs: setup
 	$(PY) -m shared.docsgen > docs/events.md
+	$(PY) -m shared.archgen docs/architecture.md
 
 clean:
 	rm -rf .qvm $(VENV) *.egg-info

@@ -13,13 +13,13 @@ from typing import Any
 
 from bench.common import Figure, say, section
 from bench.stack import BenchStack, bench_stack, service_process
-from services.node_agent.attest.measure import code_digest
 from services.node_agent.service import NodeAgent, attester_for
 from shared.events import AttestationResult, AttestPurpose, AttestRequested
 from shared.identity import Identity, Role
 from shared.models import Inventory
 from shared.pki import Pki
 from shared.tpm.device import TpmDevice
+from shared.tpm.digests import code_digest
 from shared.tpm.measurements import AgentMeasurement, InstanceMeasurement, entry_digest
 from shared.tpm.policy import AttestationPolicy, ImageReference, appraise
 from shared.tpm.quote import binding, verify_quote

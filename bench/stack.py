@@ -13,14 +13,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.node_agent.settings import NodeAgentSettings
+from services.scheduler.settings import SchedulerSettings
 from shared.bus import Bus
-from shared.config import Settings
 from shared.identity import Identity, Role
 from shared.natsserver import EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
 
-__all__ = ["BenchStack", "bench_stack", "scheduler_process", "service_process"]
+__all__ = ["BenchSettings", "BenchStack", "bench_stack", "scheduler_process", "service_process"]
+
+
+class BenchSettings(NodeAgentSettings, SchedulerSettings):
+    """What the benchmarks configure: node-agents run in-process, schedulers get `offline_after_s`."""
 
 
 @dataclass
@@ -28,7 +33,7 @@ class BenchStack:
     root: Path
     pki: Pki
     server: EmbeddedNats
-    settings: Settings
+    settings: BenchSettings
     buses: list[Bus] = field(default_factory=list)
 
     async def bus(self, role: Role) -> Bus:
@@ -44,7 +49,7 @@ async def bench_stack(pki: Pki, root: Path, *, offline_after_s: float = 3600.0) 
     url = server.start()
     stack: BenchStack | None = None
     try:
-        settings = Settings(state_dir=root, nats_url=url, pki_dir=pki.root, offline_after_s=offline_after_s)
+        settings = BenchSettings(state_dir=root, nats_url=url, pki_dir=pki.root, offline_after_s=offline_after_s)
         stack = BenchStack(root, pki, server, settings)
         admin = await stack.bus(Role.ADMIN)
         await provision(admin.js, settings)

@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 from shared.codec import Codec
 from shared.errors import RejectedEvent, TransitionNotAllowed
 from shared.events import (
+    DEAD_LETTER_SUBJECT,
     STREAMS,
     Domain,
     EventRejected,
@@ -48,7 +49,7 @@ from shared.replay import RawMessage, read_stream
 __all__ = ["AuditReport", "AuditShard", "AuditWorkers", "Rejection", "ShardResult", "audit_replay"]
 
 Item = tuple[int, str, bytes]  # stream sequence, subject, data
-RAW_DEAD_PREFIX = "qvm.dead.raw."
+RAW_DEAD_PREFIX = DEAD_LETTER_SUBJECT.split("{", 1)[0]
 _SEQ = re.compile(r"(0|[1-9][0-9]{0,18})")
 _INSTANCE_EVENTS = frozenset(t for t in EventType if t.value.startswith("instance."))
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +32,19 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from shared import reader
 from shared.codec import Codec, Event
 from shared.consumers import ConsumerSpec, Durable
 from shared.errors import BusError, Reason, RejectedEvent
-from shared.events import DEAD_LETTER_SUBJECT, EventRejected
+from shared.events import DEAD_LETTER_SUBJECT, STREAMS, Domain, EventRejected
 from shared.identity import Identity
 from shared.ids import derive_event_id
+from shared.kv import Kv
 from shared.models import Frozen
 from shared.natsconf import inbox_prefix
+from shared.natserrors import map_nats_errors
 from shared.pki import Pki
+from shared.reader import RawMessage
 from shared.telemetry import current_job, extract_context, get_logger, inject_context, tracer
 
 __all__ = ["Bus", "Handler", "consumer_config", "map_nats_errors", "tls_context"]
@@ -48,17 +52,6 @@ __all__ = ["Bus", "Handler", "consumer_config", "map_nats_errors", "tls_context"
 log = get_logger("qvm.bus")
 Handler = Callable[[Event], Awaitable[None]]
 PUBLISH_TIMEOUT_S = 10.0
-
-
-@contextlib.contextmanager
-def map_nats_errors(what: str) -> Iterator[None]:
-    """Translate nats-py and socket errors into `BusError` at the boundary."""
-    try:
-        yield
-    except BusError:
-        raise
-    except (TimeoutError, nats.errors.Error, OSError, ssl.SSLError) as exc:
-        raise BusError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
 def consumer_config(spec: ConsumerSpec, d: Durable) -> ConsumerConfig:
@@ -276,6 +269,32 @@ class Bus:
             log.error("dead-letter publish failed", extra={"error": str(exc)[:300]})
             return
         await msg.ack()
+
+    # ------------------------------------------------------------ reading history, KV
+    async def kv(self, bucket: str) -> Kv:
+        """One of this identity's KV buckets (`shared/buckets.py`), typed."""
+        with map_nats_errors(f"open kv {bucket}"):
+            return Kv(await self.js.key_value(bucket))
+
+    def read(self, domain: Domain, subject: str = ">", *, seq: int = 1, start_ns: int | None = None
+             ) -> AsyncIterator[list[RawMessage]]:
+        """Every message stored now on `subject` in the domain's stream, in order (message gets, no consumer)."""
+        return reader.read(self.nc, STREAMS[domain].name, subject, seq=seq, start_ns=start_ns)
+
+    async def read_batch(self, domain: Domain, subject: str = ">", *, seq: int = 1, start_ns: int | None = None
+                         ) -> reader.Batch:
+        return await reader.get_batch(self.nc, STREAMS[domain].name, subject, seq=seq, start_ns=start_ns)
+
+    def follow(self, domain: Domain, subject: str, stop: asyncio.Event, *, seq: int = 1
+               ) -> AsyncIterator[reader.Batch]:
+        """`read`, then new messages as they are stored, until `stop`."""
+        return reader.follow(self.nc, STREAMS[domain].name, subject, seq=seq, stop=stop)
+
+    async def first(self, domain: Domain, subject: str) -> RawMessage | None:
+        return await reader.first(self.nc, STREAMS[domain].name, subject)
+
+    async def last(self, domain: Domain, subject: str) -> RawMessage | None:
+        return await reader.last(self.nc, STREAMS[domain].name, subject)
 
     # ------------------------------------------------------------ helpers
     async def stream_info(self, stream: str) -> Any:

@@ -31,7 +31,7 @@ from shared.events import CATALOGUE, STREAMS, Domain, EventType, subject_filter
 from shared.identity import Identity, Role
 
 __all__ = ["CONSUMERS", "READERS", "ConsumerSpec", "Durable", "ReaderSpec", "consumer_spec", "consumers_for",
-           "durables_for", "readable_streams"]
+           "consumers_of", "durables_for", "readable_streams"]
 
 
 @dataclass(frozen=True)
@@ -127,10 +127,12 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 
 @dataclass(frozen=True)
 class ReaderSpec:
-    """`role` may read the whole of `domain`'s stream by message gets (no consumer), for `why`."""
+    """`role` may read the whole of `domain`'s stream by message gets (no consumer), for `why`; `events` are
+    the ones it acts on (the permission covers the stream: what else is there is sealed or harmless)."""
 
     role: Role
     domain: Domain
+    events: tuple[EventType, ...]
     why: str
 
     @property
@@ -138,16 +140,25 @@ class ReaderSpec:
         return STREAMS[self.domain].name
 
 
+_FOLDED = tuple(e for e in EventType if CATALOGUE[e].domain is Domain.JOBS and e is not E.INSTANCE_OUTPUT)
+"""The job-stream events a fold of a job's state reads (`shared/lifecycle.py`)."""
+
 READERS: tuple[ReaderSpec, ...] = (
-    ReaderSpec(Role.SCHEDULER, Domain.JOBS,
+    ReaderSpec(Role.SCHEDULER, Domain.JOBS, (E.JOB_SUBMITTED,),
                "A job's submission read back when a node refuses it; a replayed submission told from the first."),
-    ReaderSpec(Role.JANITOR, Domain.JOBS, "Every job's history, folded: deadlines, lost nodes, late instances."),
-    ReaderSpec(Role.JANITOR, Domain.KEYS, "Key destruction reports, for the teardown records (releases are sealed)."),
-    ReaderSpec(Role.JANITOR, Domain.TEARDOWN, "Its own earlier teardown records (one per job, across restarts)."),
-    ReaderSpec(Role.MARKETPLACE, Domain.JOBS,
+    ReaderSpec(Role.JANITOR, Domain.JOBS, _FOLDED,
+               "Every job's history, folded: deadlines, lost nodes, late instances."),
+    ReaderSpec(Role.JANITOR, Domain.KEYS, (E.KEYS_DESTROYED,),
+               "Key destruction reports, for the teardown records (releases are sealed)."),
+    ReaderSpec(Role.JANITOR, Domain.TEARDOWN, (E.TEARDOWN_RECORD,),
+               "Its own earlier teardown records (one per job, across restarts)."),
+    ReaderSpec(Role.MARKETPLACE, Domain.JOBS, (*_FOLDED, E.INSTANCE_OUTPUT),
                "Its clients' jobs: state, attestation results and their output (sealed to each client's key)."),
     ReaderSpec(Role.MARKETPLACE, Domain.ATTESTATION,
+               (E.ATTEST_ENROLL_REQUESTED, E.ATTEST_CHALLENGE, E.ATTEST_EVIDENCE),
                "The challenge, quote, log and AK enrollment behind an instance's result, which clients check."),
+    ReaderSpec(Role.ADMIN, Domain.DEAD, (E.EVENT_REJECTED,),
+               "The operator's audit: every dead letter with the signed report that proves its origin."),
 )
 """Who may read which stream's history. Nodes read nothing but their own durables; the key-broker and the
 verifier work from their durables and KV buckets alone."""
@@ -163,6 +174,11 @@ def durables_for(ident: Identity) -> list[Durable]:
 
 def readable_streams(role: Role) -> list[str]:
     return [r.stream for r in READERS if r.role is role]
+
+
+def consumers_of(event: EventType) -> frozenset[Role]:
+    """Who consumes `event`: the roles whose durables or readers declare it (the catalogue's one answer)."""
+    return frozenset({c.role for c in CONSUMERS if event in c.events} | {r.role for r in READERS if event in r.events})
 
 
 def consumer_spec(role: Role, key: str) -> ConsumerSpec:

@@ -1,13 +1,17 @@
 """The event catalogue: the single source of truth for every event's schema, subject, stream and parties.
 
 Each lifecycle event is one `EventSpec`: its payload model, its subject template, the stream (domain)
-that stores it, the roles allowed to produce it and the roles that consume it. Nothing in qvm builds a
+that stores it and the roles allowed to produce it. Who consumes it is declared once, by the consumers and
+readers themselves (`shared/consumers.py`: `consumers_of`). Nothing in qvm builds a
 subject string by hand: services call `subject_for(...)`, the NATS permission generator and the docs
 generator read `CATALOGUE`, and the codec checks every received event against its spec.
 
 Subject templates use `{job_id}`, `{node_id}` and `{producer}`; `node_scoped` events carry the producing
 node's id in the subject, which is what lets the NATS server itself refuse a node-agent that publishes
 for another node.
+
+One module (over 700 lines) on purpose: every payload model sits next to the spec that publishes it, so the
+catalogue is the one place to read what any event carries, where it goes and who may send it.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ __all__ = [
     "TeardownRequested",
     "TeardownStep",
     "VerifiedClaims",
+    "scope_filter",
     "spec_for",
     "subject_for",
 ]
@@ -608,7 +613,6 @@ class EventSpec:
     domain: Domain
     subject: str  # template
     producers: frozenset[Role]
-    consumers: frozenset[Role]
     description: str
     version: int = 1
 
@@ -624,103 +628,89 @@ _ALL_SERVICES = frozenset(
 _R = Role
 
 
-def _spec(
-    t: EventType,
-    payload: type[Frozen],
-    subject: str,
-    producers: set[Role],
-    consumers: set[Role],
-    description: str,
-) -> EventSpec:
+def _spec(t: EventType, payload: type[Frozen], subject: str, producers: set[Role], description: str) -> EventSpec:
     domain = Domain(subject.split(".")[1])
-    return EventSpec(t, payload, domain, subject, frozenset(producers), frozenset(consumers), description)
+    return EventSpec(t, payload, domain, subject, frozenset(producers), description)
 
 
 _SPECS = [
     _spec(EventType.JOB_SUBMITTED, JobSubmitted, "qvm.jobs.{job_id}.submitted",
-          {_R.MARKETPLACE}, {_R.SCHEDULER, _R.JANITOR}, "A client job enters qvm."),
+          {_R.MARKETPLACE}, "A client job enters qvm."),
     _spec(EventType.JOB_PENDING, JobPending, "qvm.jobs.{job_id}.pending",
-          {_R.SCHEDULER}, {_R.JANITOR}, "No node fits now; the job waits for capacity."),
+          {_R.SCHEDULER}, "No node fits now; the job waits for capacity."),
     _spec(EventType.JOB_PLACED, JobPlaced, "qvm.jobs.{job_id}.placed.{node_id}",
-          {_R.SCHEDULER}, {_R.NODE_AGENT, _R.JANITOR},
-          "Capacity reserved on a node; the subject is that node's assignment queue."),
+          {_R.SCHEDULER}, "Capacity reserved on a node; the subject is that node's assignment queue."),
     _spec(EventType.JOB_ACCEPTED, JobAccepted, "qvm.jobs.{job_id}.accepted.{node_id}",
-          {_R.NODE_AGENT}, {_R.SCHEDULER, _R.JANITOR}, "The node's own hardware check passed."),
+          {_R.NODE_AGENT}, "The node's own hardware check passed."),
     _spec(EventType.JOB_REFUSED, JobRefused, "qvm.jobs.{job_id}.refused.{node_id}",
-          {_R.NODE_AGENT}, {_R.SCHEDULER, _R.JANITOR},
-          "The node's hardware check failed; the scheduler releases the claim and places again."),
+          {_R.NODE_AGENT}, "The node's hardware check failed; the scheduler releases the claim and places again."),
     _spec(EventType.JOB_CANCEL_REQUESTED, JobCancelRequested, "qvm.jobs.{job_id}.cancel_requested",
-          {_R.MARKETPLACE}, {_R.JANITOR}, "The client asks to stop the job."),
+          {_R.MARKETPLACE}, "The client asks to stop the job."),
     _spec(EventType.JOB_CANCELLED, JobCancelled, "qvm.jobs.{job_id}.cancelled",
-          {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job was cancelled."),
+          {_R.SCHEDULER, _R.JANITOR}, "The job was cancelled."),
     _spec(EventType.JOB_FAILED, JobFailed, "qvm.jobs.{job_id}.failed",
-          {_R.SCHEDULER, _R.JANITOR}, {_R.SCHEDULER}, "The job failed, with a reason code."),
+          {_R.SCHEDULER, _R.JANITOR}, "The job failed, with a reason code."),
     _spec(EventType.JOB_DONE, JobDone, "qvm.jobs.{job_id}.done",
-          {_R.JANITOR}, {_R.SCHEDULER}, "The job's instance exited and was torn down."),
+          {_R.JANITOR}, "The job's instance exited and was torn down."),
     _spec(EventType.INSTANCE_PROVISIONING, InstanceProvisioning, "qvm.jobs.{job_id}.instance.provisioning.{node_id}",
-          {_R.NODE_AGENT}, {_R.JANITOR}, "Image verified; a micro VM is being started (with its public key)."),
+          {_R.NODE_AGENT}, "Image verified; a micro VM is being started (with its public key)."),
     _spec(EventType.INSTANCE_BOOTED, InstanceBooted, "qvm.jobs.{job_id}.instance.booted.{node_id}",
-          {_R.NODE_AGENT}, {_R.JANITOR}, "The guest init answered over the host channel."),
+          {_R.NODE_AGENT}, "The guest init answered over the host channel."),
     _spec(EventType.INSTANCE_RUNNING, InstanceRunning, "qvm.jobs.{job_id}.instance.running.{node_id}",
-          {_R.NODE_AGENT}, {_R.JANITOR}, "The workload started inside the guest."),
+          {_R.NODE_AGENT}, "The workload started inside the guest."),
     _spec(EventType.INSTANCE_OUTPUT, InstanceOutput, "qvm.jobs.{job_id}.instance.output.{node_id}",
-          {_R.NODE_AGENT}, {_R.MARKETPLACE}, "Workload output, sealed to the client's output key."),
+          {_R.NODE_AGENT}, "Workload output, sealed to the client's output key."),
     _spec(EventType.INSTANCE_EXITED, InstanceExited, "qvm.jobs.{job_id}.instance.exited.{node_id}",
-          {_R.NODE_AGENT}, {_R.JANITOR}, "The workload ended: exit code, run time, output digest."),
+          {_R.NODE_AGENT}, "The workload ended: exit code, run time, output digest."),
     _spec(EventType.INSTANCE_FAILED, InstanceFailed, "qvm.jobs.{job_id}.instance.failed.{node_id}",
-          {_R.NODE_AGENT}, {_R.JANITOR}, "The instance could not start or run; nothing of it is left running."),
+          {_R.NODE_AGENT}, "The instance could not start or run; nothing of it is left running."),
     _spec(EventType.INSTANCE_DESTROYED, InstanceDestroyed, "qvm.jobs.{job_id}.instance.destroyed.{node_id}",
-          {_R.NODE_AGENT}, {_R.JANITOR, _R.SCHEDULER}, "VMM stopped, descriptors closed, work directory removed."),
+          {_R.NODE_AGENT}, "VMM stopped, descriptors closed, work directory removed."),
     _spec(EventType.INSTANCE_ATTESTED, InstanceAttested, "qvm.jobs.{job_id}.instance.attested.{node_id}",
-          {_R.ATTESTATION_VERIFIER}, {_R.NODE_AGENT, _R.JANITOR, _R.KEY_BROKER},
-          "The instance's quote verified: it may receive keys and run."),
+          {_R.ATTESTATION_VERIFIER}, "The instance's quote verified: it may receive keys and run."),
     _spec(EventType.INSTANCE_ATTESTATION_FAILED, InstanceAttestationFailed,
           "qvm.jobs.{job_id}.instance.attestation_failed.{node_id}",
-          {_R.ATTESTATION_VERIFIER}, {_R.NODE_AGENT, _R.JANITOR},
-          "The instance's quote did not verify (reason code); it never runs."),
+          {_R.ATTESTATION_VERIFIER}, "The instance's quote did not verify (reason code); it never runs."),
     _spec(EventType.NODE_REGISTERED, NodeRegistered, "qvm.nodes.{node_id}.registered",
-          {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent announces itself with its measured inventory."),
+          {_R.NODE_AGENT}, "A node-agent announces itself with its measured inventory."),
     _spec(EventType.NODE_HEARTBEAT, NodeHeartbeat, "qvm.nodes.{node_id}.heartbeat",
-          {_R.NODE_AGENT}, {_R.SCHEDULER}, "A node-agent is alive."),
+          {_R.NODE_AGENT}, "A node-agent is alive."),
     _spec(EventType.NODE_SWEPT, NodeSwept, "qvm.nodes.{node_id}.swept",
-          {_R.NODE_AGENT}, {_R.SCHEDULER}, "Leftovers no live job owns were reclaimed; GPUs scrubbed, with evidence."),
+          {_R.NODE_AGENT}, "Leftovers no live job owns were reclaimed; GPUs scrubbed, with evidence."),
     _spec(EventType.NODE_OFFLINE, NodeOffline, "qvm.nodes.{node_id}.offline",
-          {_R.SCHEDULER}, {_R.JANITOR}, "A node's heartbeats stopped."),
+          {_R.SCHEDULER}, "A node's heartbeats stopped."),
     _spec(EventType.ATTEST_ENROLL_REQUESTED, EnrollRequested, "qvm.attestation.{node_id}.enroll",
-          {_R.NODE_AGENT}, {_R.ATTESTATION_VERIFIER}, "A node presents its EK and a new AK."),
+          {_R.NODE_AGENT}, "A node presents its EK and a new AK."),
     _spec(EventType.ATTEST_REQUESTED, AttestRequested, "qvm.attestation.{node_id}.requested",
-          {_R.NODE_AGENT}, {_R.ATTESTATION_VERIFIER}, "A node asks for a challenge (schedule, or an instance)."),
+          {_R.NODE_AGENT}, "A node asks for a challenge (schedule, or an instance)."),
     _spec(EventType.ATTEST_CHALLENGE, AttestChallenge, "qvm.attestation.{node_id}.challenge",
-          {_R.ATTESTATION_VERIFIER}, {_R.NODE_AGENT}, "A single-use nonce, or an encrypted credential to activate."),
+          {_R.ATTESTATION_VERIFIER}, "A single-use nonce, or an encrypted credential to activate."),
     _spec(EventType.ATTEST_EVIDENCE, AttestEvidence, "qvm.attestation.{node_id}.evidence",
-          {_R.NODE_AGENT}, {_R.ATTESTATION_VERIFIER}, "A quote, its PCR values and the measurement log."),
+          {_R.NODE_AGENT}, "A quote, its PCR values and the measurement log."),
     _spec(EventType.ATTEST_VERIFIED, AttestationResult, "qvm.attestation.{node_id}.verified",
-          {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.NODE_AGENT},
-          "The node's quote verified: it is trusted until the result expires."),
+          {_R.ATTESTATION_VERIFIER}, "The node's quote verified: it is trusted until the result expires."),
     _spec(EventType.ATTEST_FAILED, AttestationFailed, "qvm.attestation.{node_id}.failed",
-          {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.NODE_AGENT},
-          "The node's enrollment or quote failed, with a reason code; it is untrusted."),
+          {_R.ATTESTATION_VERIFIER}, "The node's enrollment or quote failed, with a reason code; it is untrusted."),
     _spec(EventType.ATTEST_REVOKED, NodeRevoked, "qvm.attestation.{node_id}.revoked",
-          {_R.ATTESTATION_VERIFIER}, {_R.SCHEDULER, _R.JANITOR, _R.KEY_BROKER},
+          {_R.ATTESTATION_VERIFIER},
           "A node lost its trust (failed or missed re-attestation): stop its instances, revoke its keys."),
     _spec(EventType.KEY_RELEASED, KeyReleased, "qvm.keys.{job_id}.released.{node_id}",
-          {_R.KEY_BROKER}, {_R.NODE_AGENT},
+          {_R.KEY_BROKER},
           "The job's volume key, sealed to the attested instance's key (released to one instance at a time)."),
     _spec(EventType.KEY_RELEASE_REFUSED, KeyReleaseRefused, "qvm.keys.{job_id}.refused.{node_id}",
-          {_R.KEY_BROKER}, {_R.NODE_AGENT},
-          "No key for this instance (reason code); the instance never runs."),
+          {_R.KEY_BROKER}, "No key for this instance (reason code); the instance never runs."),
     _spec(EventType.KEYS_DESTROYED, KeysDestroyed, "qvm.keys.{job_id}.destroyed",
-          {_R.KEY_BROKER}, {_R.JANITOR}, "The job's keys are gone from the broker's memory and store, with evidence."),
+          {_R.KEY_BROKER}, "The job's keys are gone from the broker's memory and store, with evidence."),
     _spec(EventType.SECRETS_RELEASED, SecretsReleased, "qvm.keys.{job_id}.secrets.{node_id}",
-          {_R.MARKETPLACE}, {_R.NODE_AGENT},
+          {_R.MARKETPLACE},
           "A client verified the instance's evidence itself and sealed its secrets to the instance key."),
     _spec(EventType.TEARDOWN_REQUESTED, TeardownRequested, "qvm.teardown.{job_id}.requested.{node_id}",
-          {_R.JANITOR}, {_R.NODE_AGENT, _R.SCHEDULER}, "Tear a job down on its node and free its claim."),
+          {_R.JANITOR}, "Tear a job down on its node and free its claim."),
     _spec(EventType.TEARDOWN_RECORD, TeardownRecord, "qvm.teardown.{job_id}.record",
-          {_R.JANITOR}, {_R.SCHEDULER},
+          {_R.JANITOR},
           "One per finished job: what was wiped and how, verified or not; GPUs return to the pool only here."),
     _spec(EventType.EVENT_REJECTED, EventRejected, "qvm.dead.rejected.{producer}",
-          set(_ALL_SERVICES), {_R.ADMIN}, "A consumer dead-lettered a message, with the reason."),
+          set(_ALL_SERVICES), "A consumer dead-lettered a message, with the reason."),
 ]
 
 DEAD_LETTER_SUBJECT = "qvm.dead.raw.{producer}.{consumer}"
@@ -760,6 +750,14 @@ def subject_filter(spec: EventSpec, **fixed: str) -> str:
     values = {"job_id": "*", "node_id": "*", "producer": ">"}
     values.update(fixed)
     return spec.subject.format(**values)
+
+
+def scope_filter(domain: Domain, scope: str) -> str:
+    """Every event of one job (jobs, keys, teardown streams) or one node (nodes, attestation): the catalogue's
+    subjects all put that id right after the domain."""
+    if not scope or any(c in scope for c in ".*> "):
+        raise ValueError(f"invalid subject scope {scope[:80]!r}")
+    return f"{STREAMS[domain].subjects[0].removesuffix('>')}{scope}.>"
 
 
 def payload_field_node(payload: Frozen) -> str | None:

@@ -17,17 +17,26 @@ revision itself) is made by `shared.provision`; its owner erases each revision i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
 import msgpack
+import nats
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyDeletedError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from shared.bus import map_nats_errors
 from shared.codec import validate_wire
 from shared.models import Frozen
+from shared.natserrors import map_nats_errors
 
-__all__ = ["Kv", "Stale", "erase_msg"]
+__all__ = ["Kv", "KvEntry", "Stale", "erase_msg"]
+
+M = TypeVar("M", bound=Frozen)
 
 _GONE = ("no message found", "stream store eof")  # what a message delete answers for a sequence not stored
 
@@ -53,13 +62,35 @@ def _pack(model: Frozen) -> bytes:
     return out
 
 
+def _unpack(model: type[M], data: bytes) -> M | None:
+    try:
+        return validate_wire(model, msgpack.unpackb(data, raw=False))
+    except (ValueError, TypeError, ValidationError, msgpack.UnpackException):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry(Generic[M]):
+    """One key's value as a watch saw it; decoded only when asked (a watcher often skips its own writes)."""
+
+    key: str
+    revision: int
+    deleted: bool
+    raw: bytes
+    model: type[M]
+
+    def value(self) -> M | None:
+        """The decoded value (None when deleted, or when it does not decode)."""
+        return None if self.deleted or not self.raw else _unpack(self.model, self.raw)
+
+
 class Kv:
-    """Typed get / create / compare-and-set over one bucket."""
+    """Typed get / create / compare-and-set / watch over one bucket."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
 
-    async def get(self, key: str, model: type[Frozen]) -> tuple[Frozen | None, int, bool]:
+    async def get(self, key: str, model: type[M]) -> tuple[M | None, int, bool]:
         """(value, revision, deleted). A value that does not decode reads as absent."""
         with map_nats_errors(f"kv get {key}"):
             try:
@@ -68,10 +99,41 @@ class Kv:
                 return None, 0, True
             except NotFoundError:
                 return None, 0, False
+        return _unpack(model, entry.value or b""), entry.revision or 0, False
+
+    async def put(self, key: str, value: Frozen) -> int:
+        """Store unconditionally (last writer wins); the new revision. For values one writer owns."""
+        with map_nats_errors(f"kv put {key}"):
+            return int(await self.kv.put(key, _pack(value)))
+
+    async def delete(self, key: str, revision: int = 0) -> None:
+        """Delete the key; with `revision`, only if it is still that revision (else `Stale`)."""
+        with map_nats_errors(f"kv delete {key}"):
+            try:
+                await self.kv.delete(key, last=revision or None)
+            except KeyWrongLastSequenceError:
+                raise Stale(key) from None
+
+    async def watch(self, model: type[M], stop: asyncio.Event, keys: str = ">"
+                    ) -> AsyncIterator[KvEntry[M] | None]:
+        """Every stored key matching `keys` (current values), then None once they are all in, then each change
+        as it is written, until `stop` is set."""
+        with map_nats_errors("kv watch"):
+            watcher = await self.kv.watch(keys)
         try:
-            return validate_wire(model, msgpack.unpackb(entry.value or b"", raw=False)), entry.revision or 0, False
-        except (ValueError, TypeError, ValidationError, msgpack.UnpackException):
-            return None, entry.revision or 0, False
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                if entry is None:
+                    yield None
+                    continue
+                yield KvEntry(entry.key, entry.revision or 0, entry.operation in ("DEL", "PURGE"),
+                              entry.value or b"", model)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def create(self, key: str, value: Frozen) -> int:
         """Store only if absent; the new revision, or 0 (false) when the key exists."""

@@ -10,7 +10,8 @@
     attesting --instance.attestation_failed--> failed(reason)
     any non-terminal --failed / instance.failed--> failed(reason);  any non-terminal --cancelled--> cancelled
 
-`keys-released` (between attesting and running) is entered by the key-release phase. `apply` returns the new
+Key releases are not job states: they live on the keys stream (`key.released`, `key.secrets_released`) and
+the instance reports `instance.running` only once it holds what it waited for. `apply` returns the new
 view or raises `TransitionNotAllowed`; it never mutates. Re-applying an event already folded (same id,
 as on JetStream redelivery) is a no-op, which keeps every consumer idempotent.
 """
@@ -43,7 +44,6 @@ class JobState(StrEnum):
     PLACED = "placed"
     PROVISIONING = "provisioning"
     ATTESTING = "attesting"
-    KEYS_RELEASED = "keys-released"
     RUNNING = "running"
     STOPPING = "stopping"
     CLEANING = "cleaning"

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from shared.buckets import BUCKETS
 from shared.consumers import durables_for, readable_streams
 from shared.events import CATALOGUE, DEAD_LETTER_SUBJECT, subject_filter
 from shared.identity import Identity, Role
@@ -25,15 +26,9 @@ from shared.pki import Pki
 
 __all__ = ["inbox_prefix", "permissions_for", "render_server_config"]
 
-KV_BUCKETS: dict[str, tuple[Role, float]] = {
-    "qvm_nodes": (Role.SCHEDULER, 0.0),  # node registry + capacity
-    "qvm_jobs": (Role.SCHEDULER, 0.0),  # jobs waiting for capacity
-    "qvm_attest_challenges": (Role.ATTESTATION_VERIFIER, 3600.0),  # single-use challenges (expire on their own)
-    "qvm_attest_nodes": (Role.ATTESTATION_VERIFIER, 0.0),  # enrolled AKs, boot counters, revocations
-    "qvm_attest_eks": (Role.ATTESTATION_VERIFIER, 0.0),  # EK fingerprint -> node (one EK, one node)
-    "qvm_keys": (Role.KEY_BROKER, 0.0),  # wrapped (never plaintext) job keys, their holder; revoked nodes
-}
-"""JetStream KV buckets: owner role (the only identity that may read or write them) and max age (0: none)."""
+KV_BUCKETS: dict[str, tuple[Role, float]] = {name: (b.owner, b.max_age_s) for name, b in BUCKETS.items()}
+"""JetStream KV buckets (`shared/buckets.py`): owner role (the only identity that may read or write them) and
+max age (0: none)."""
 
 
 def inbox_prefix(ident: Identity) -> str:

@@ -39,7 +39,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shared.bus import consumer_config, map_nats_errors
-from shared.config import Settings
+from shared.config import CommonSettings
 from shared.consumers import CONSUMERS
 from shared.errors import BusError
 from shared.events import STREAMS, Domain
@@ -55,7 +55,7 @@ ERASABLE_HISTORY = 64  # the KV maximum: superseded revisions wait for their own
 COPY_WAIT_S = 60.0  # the most a move waits for one stream-to-stream copy
 
 
-def stream_configs(settings: Settings) -> list[StreamConfig]:
+def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
     out = []
     for domain, spec in STREAMS.items():
         dead = domain is Domain.DEAD
@@ -69,7 +69,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return out
 
 
-async def provision(js: JetStreamContext, settings: Settings) -> list[str]:
+async def provision(js: JetStreamContext, settings: CommonSettings) -> list[str]:
     """Ensure every stream and KV bucket exists with current settings; returns what was created/updated."""
     changed: list[str] = []
     for cfg in stream_configs(settings):

@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from shared.bus import map_nats_errors
 from shared.errors import BusError
+from shared.natserrors import map_nats_errors
 from shared.telemetry import get_logger
 
 __all__ = ["RawMessage", "first", "follow", "get_batch", "last", "read"]

@@ -11,10 +11,10 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from shared.bus import Bus
-from shared.config import Settings
+from shared.config import CommonSettings
 from shared.errors import BusError, QvmError
 from shared.identity import Identity
 from shared.pki import Pki
@@ -23,6 +23,8 @@ from shared.telemetry import get_logger, setup_logging, setup_tracing
 __all__ = ["Service", "connect_with_retry", "run_together", "serve"]
 
 log = get_logger("qvm.runtime")
+
+S = TypeVar("S", bound=CommonSettings)
 
 
 class Service(Protocol):
@@ -40,7 +42,7 @@ async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def connect_with_retry(settings: Settings, ident: Identity, stop: asyncio.Event | None = None,
+async def connect_with_retry(settings: CommonSettings, ident: Identity, stop: asyncio.Event | None = None,
                              attempts: int = 60) -> Bus:
     pki = Pki(settings.pki_path)
     delay = 0.2
@@ -56,13 +58,14 @@ async def connect_with_retry(settings: Settings, ident: Identity, stop: asyncio.
     raise BusError("unreachable")
 
 
-def serve(name: str, ident_of: Callable[[Settings], Identity],
-          build: Callable[[Bus, Settings], Awaitable[Service]]) -> None:
-    """Entry point body for `python -m services.<name>`."""
+def serve(name: str, settings_type: type[S], ident_of: Callable[[S], Identity],
+          build: Callable[[Bus, S], Awaitable[Service]]) -> None:
+    """Entry point body for `python -m services.<name>`: `settings_type` is the service's own settings class,
+    loaded from the environment."""
     setup_logging(name)
     setup_tracing(name)
     try:
-        settings = Settings()
+        settings = settings_type()
         asyncio.run(_main(settings, ident_of(settings), build))
     except QvmError as exc:
         log.error("service stopped", extra={"error": str(exc)[:1000]})
@@ -74,7 +77,7 @@ def serve(name: str, ident_of: Callable[[Settings], Identity],
         sys.exit(1)
 
 
-async def _main(settings: Settings, ident: Identity, build: Callable[[Bus, Settings], Awaitable[Service]]) -> None:
+async def _main(settings: S, ident: Identity, build: Callable[[Bus, S], Awaitable[Service]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,11 +24,13 @@ import random
 import time
 from dataclasses import dataclass
 
+from services.attestation_verifier.credential import make_credential
 from services.attestation_verifier.ek import check_ek_certificate, load_ek_cas
+from services.attestation_verifier.settings import VerifierSettings
 from services.attestation_verifier.state import Challenge, Kv, NodeAttestation, Stale
-from shared.bus import Bus, map_nats_errors
+from shared.buckets import ATTEST_CHALLENGES, ATTEST_EKS, ATTEST_NODES
+from shared.bus import Bus
 from shared.codec import Event
-from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.events import (
     AttestationFailed,
@@ -48,7 +50,6 @@ from shared.models import Frozen, TrustState
 from shared.pki import signing_key_digest
 from shared.runtime import run_together
 from shared.telemetry import get_logger
-from shared.tpm.credential import make_credential
 from shared.tpm.policy import Appraisal, AttestationPolicy, Counters, appraise, check_counters, load_policy
 from shared.tpm.quote import QuoteError, binding, check_ak, load_ak, verify_quote
 from shared.tpm.structures import Attest, PublicArea, TpmFormatError, parse_public
@@ -76,7 +77,7 @@ _BENIGN = frozenset({"nonce_expired", "nonce_unknown", "not_enrolled"})
 
 
 class Verifier:
-    def __init__(self, bus: Bus, settings: Settings, policy: AttestationPolicy, challenges: Kv, nodes: Kv,
+    def __init__(self, bus: Bus, settings: VerifierSettings, policy: AttestationPolicy, challenges: Kv, nodes: Kv,
                  eks: Kv) -> None:
         self.bus = bus
         self.settings = settings
@@ -89,11 +90,9 @@ class Verifier:
         self.failed = 0
 
     @classmethod
-    async def create(cls, bus: Bus, settings: Settings) -> Verifier:
+    async def create(cls, bus: Bus, settings: VerifierSettings) -> Verifier:
         policy = await asyncio.to_thread(load_policy, settings.attest_policy_path)
-        with map_nats_errors("open verifier buckets"):
-            kvs = [Kv(await bus.js.key_value(b)) for b in
-                   ("qvm_attest_challenges", "qvm_attest_nodes", "qvm_attest_eks")]
+        kvs = [await bus.kv(b) for b in (ATTEST_CHALLENGES, ATTEST_NODES, ATTEST_EKS)]
         return cls(bus, settings, policy, *kvs)
 
     async def run(self, stop: asyncio.Event) -> None:

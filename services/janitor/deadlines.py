@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.config import Settings
+from services.janitor.settings import JanitorSettings
 from shared.lifecycle import JobBook, JobState, JobView
 
 __all__ = ["Action", "due_actions", "jobs_on_node"]
@@ -25,7 +25,7 @@ class Action:
     detail: str = ""
 
 
-def _deadline(job: JobView, settings: Settings) -> float | None:
+def _deadline(job: JobView, settings: JanitorSettings) -> float | None:
     match job.state:
         case JobState.PENDING:
             return settings.deadline_pending_s
@@ -41,7 +41,7 @@ def _deadline(job: JobView, settings: Settings) -> float | None:
     return None
 
 
-def due_actions(book: JobBook, now_ns: int, settings: Settings) -> list[Action]:
+def due_actions(book: JobBook, now_ns: int, settings: JanitorSettings) -> list[Action]:
     out: list[Action] = []
     for job in book.active():
         if job.cancel_requested:

@@ -22,10 +22,9 @@ from collections.abc import Awaitable, Callable
 
 from services.janitor.deadlines import Action, due_actions, jobs_on_node
 from services.janitor.records import TeardownFacts, build_record
-from shared import reader
+from services.janitor.settings import JanitorSettings
 from shared.bus import Bus
 from shared.codec import Event
-from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent, TransitionNotAllowed
 from shared.events import (
@@ -57,7 +56,7 @@ log = get_logger("qvm.janitor")
 
 
 class Janitor:
-    def __init__(self, bus: Bus, settings: Settings) -> None:
+    def __init__(self, bus: Bus, settings: JanitorSettings) -> None:
         self.bus = bus
         self.settings = settings
         self.book = JobBook()
@@ -67,7 +66,7 @@ class Janitor:
         self._followed: dict[str, asyncio.Event] = {}
 
     @classmethod
-    async def create(cls, bus: Bus, settings: Settings) -> Janitor:
+    async def create(cls, bus: Bus, settings: JanitorSettings) -> Janitor:
         return cls(bus, settings)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -87,7 +86,7 @@ class Janitor:
         """Fold one stream's `subject` from its first message, then live; caught up once a read finds
         nothing more pending."""
         done = self._followed.setdefault(subject, asyncio.Event())
-        async for batch in reader.follow(self.bus.nc, STREAMS[domain].name, subject, stop=stop):
+        async for batch in self.bus.follow(domain, subject, stop):
             for msg in batch.messages:
                 try:
                     event = self.bus.codec.decode(msg.subject, msg.data)

@@ -4,8 +4,9 @@ Every replica loads the same KEK ring from the configured source (`QVM_KEK_SOURC
 """
 
 from services.key_broker.service import KeyBroker
+from services.key_broker.settings import KeyBrokerSettings
 from shared.identity import Identity, Role
 from shared.runtime import serve
 
 if __name__ == "__main__":
-    serve("key-broker", lambda s: Identity(Role.KEY_BROKER), KeyBroker.create)
+    serve("key-broker", KeyBrokerSettings, lambda s: Identity(Role.KEY_BROKER), KeyBroker.create)

@@ -7,7 +7,7 @@ decide   `release_policy.decide_release` on the job's stored record, the verifie
 act      make a job's data-encryption key (DEK) and store it only wrapped under the current KEK; unwrap it
          in RAM, seal it with HPKE to the attested instance's ephemeral key, overwrite the plaintext; mark
          the key destroyed (compare-and-set to a tombstone, then every earlier revision erased: the store
-         overwrites its bytes); each revision a later write supersedes is erased at once (`store`)
+         overwrites its bytes); a rewrap under a rotated KEK erases the old copies at once (`store`)
 emit     key.released (sealed, one instance at a time), key.release_refused (reason code),
          key.destroyed (evidence: digests and counts, never key material)
 
@@ -26,14 +26,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import TypeVar
 
-import msgpack
-import nats.errors
-
 from services.key_broker.release_policy import Decision, decide_release
+from services.key_broker.settings import KeyBrokerSettings
 from services.key_broker.store import BUCKET, MAX_SPENT, JobKeys, NodeRevocation, job_key, node_key
-from shared.bus import Bus, map_nats_errors
-from shared.codec import Event, validate_wire
-from shared.config import Settings
+from shared.bus import Bus
+from shared.codec import Event
 from shared.consumers import consumer_spec
 from shared.crypto import hpke
 from shared.crypto.kek import KekRing, WrappedKey, load_ring
@@ -76,7 +73,7 @@ def dek_aad(job_id: str) -> bytes:
 
 
 class KeyBroker:
-    def __init__(self, bus: Bus, settings: Settings, ring: KekRing, kv: Kv) -> None:
+    def __init__(self, bus: Bus, settings: KeyBrokerSettings, ring: KekRing, kv: Kv) -> None:
         self.bus = bus
         self.settings = settings
         self.ring = ring
@@ -88,10 +85,9 @@ class KeyBroker:
         self.revocations_loaded = asyncio.Event()
 
     @classmethod
-    async def create(cls, bus: Bus, settings: Settings) -> KeyBroker:
+    async def create(cls, bus: Bus, settings: KeyBrokerSettings) -> KeyBroker:
         ring = await asyncio.to_thread(load_ring, settings)
-        with map_nats_errors("open the key store"):
-            kv = Kv(await bus.js.key_value(BUCKET))
+        kv = await bus.kv(BUCKET)
         if not await kv.erasable():  # a destroyed key must not stay in the store's files
             raise ConfigError(f"the key store {BUCKET} cannot erase what it removes (made before erasure, or by "
                               f"hand): run `qvm provision`")
@@ -192,7 +188,9 @@ class KeyBroker:
             return cur.model_copy(update={"node_id": cur.node_id or node,
                                           "instance_keys": {**cur.instance_keys, p.instance_id: p.public_key}})
 
-        await self._cas(job_key(job_id), JobKeys, add, erase_superseded=True)
+        # The superseded revision holds the same wrapped copy: it is erased with all the others at destruction
+        # (an erase costs the store a synchronous overwrite; not on every announcement's path).
+        await self._cas(job_key(job_id), JobKeys, add)
 
     # ================================================================ decide + act: release
     async def on_attested(self, job_id: str, result: InstanceAttested, event: Event,
@@ -222,13 +220,16 @@ class KeyBroker:
                     "spent_challenges": (*record.spent_challenges, result.challenge_id)[-MAX_SPENT:],
                     "plaintext_buffers_zeroed": record.plaintext_buffers_zeroed + 1,
                 }
-                if record.kek_version != self.ring.current:  # KEK rotated since: store it under the current one
+                rewrap = record.kek_version != self.ring.current
+                if rewrap:  # KEK rotated since: store it under the current one
                     changes.update(await self._rewrapped(job_id, record))
                 updated = record.model_copy(update=changes)
-                try:  # the superseded revision (with the copy under the old KEK, after a rewrap) is erased
-                    await self.kv.update(job_key(job_id), updated, revision, erase_superseded=True)
+                try:
+                    new_revision = await self.kv.update(job_key(job_id), updated, revision)
                 except Stale:
                     continue  # another replica decided first: decide again on what it wrote
+                if rewrap:  # every copy under the old KEK is erased at once; copies of this one at destruction
+                    await self.kv.erase_before(job_key(job_id), new_revision)
                 record = updated
             await self._release(job_id, node, record, result, event)
             return
@@ -332,24 +333,15 @@ class KeyBroker:
     async def _follow_revocations(self, stop: asyncio.Event) -> None:
         """Every replica keeps every node revocation in memory, from the store (a KV watch: the stored
         ones first, then each new one as it is written), so a release decision reads none."""
-        with map_nats_errors("watch revocations"):
-            watcher = await self.kv.kv.watch("node.*")
-        try:
-            while not stop.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                if entry is None:
-                    self.revocations_loaded.set()  # the stored ones are in
-                    continue
-                try:
-                    self._remember(validate_wire(NodeRevocation, msgpack.unpackb(entry.value or b"", raw=False)))
-                except (ValueError, TypeError, msgpack.UnpackException):
-                    log.warning("unreadable revocation record in the key store", extra={"key": entry.key[:80]})
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        async for entry in self.kv.watch(NodeRevocation, stop, "node.*"):
+            if entry is None:
+                self.revocations_loaded.set()  # the stored ones are in
+                continue
+            rec = entry.value()
+            if rec is not None:
+                self._remember(rec)
+            elif not entry.deleted:
+                log.warning("unreadable revocation record in the key store", extra={"key": entry.key[:80]})
 
     def _remember(self, rec: NodeRevocation) -> None:
         cur = self.revocations.get(rec.node_id)

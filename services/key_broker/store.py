@@ -6,9 +6,10 @@
     node.<node_id>  NodeRevocation: when the node lost its trust (results verified before that count for nothing)
 
 Nothing the store removes is gone until it is erased (`shared.kv`): the bucket is erasable (message deletes
-allowed, 64 revisions per key, so the server never drops a superseded revision itself), and the broker
-erases each revision of a job's record as soon as a compare-and-set supersedes it (a rewrap under a new KEK
-included). Destroying a key writes a tombstone (no wrapped copy), erases every stored revision before it,
+allowed, 64 revisions per key, so the server never drops a superseded revision itself). Superseded
+revisions that hold the same wrapped copy wait for the destruction (an erase is a synchronous overwrite in
+the store, kept off the release path); a rewrap under a new KEK erases every copy under the old one at once.
+Destroying a key writes a tombstone (no wrapped copy), erases every stored revision before it,
 checks none is left, and only then publishes `key.destroyed`; the tombstone keeps what that evidence says
 (so a redelivery or a second replica publishes the same evidence once).
 """
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from shared.buckets import KEYS
 from shared.events import KeyReleasePolicy
 from shared.models import Frozen, SecurityLevel
 
 __all__ = ["BUCKET", "JobKeys", "NodeRevocation", "job_key", "node_key"]
 
-BUCKET = "qvm_keys"
+BUCKET = KEYS
 MAX_SPENT = 64  # results/challenges remembered per job (a job sees a handful of attestations)
 
 

@@ -1,21 +1,27 @@
-"""One micro VM instance, from verified image to exit code, with an explicit state machine.
+"""The provision, launch and run phases of one micro VM instance, from verified image to exit code, with an
+explicit state machine.
 
     created --verify--> verified --launch--> booting --READY--> running --EXIT--> exited --> destroyed
     any state before exited --(error)--> failed --> destroyed
 
 The instance owns its work directory (scratch disk, QMP socket, console log, VMM pid file, the data
 volume's ciphertext; never a secret), a fresh X25519 key pair held in memory only (its public key goes
-into the instance's events; attestation and key release bind to it), and the VMM process. `destroy()` is
-idempotent and reports what it removed.
+into the instance's events; attestation and key release bind to it), and the VMM process.
 
 Between READY and `run()` (state running) the agent may hand the guest its data-encryption key
 (`unlock_volume`: the guest formats and opens its LUKS2 volume, mounted at /data) and the client's secret
 files (`deliver_secrets`: a tmpfs at /run/secrets), over the channel only. Refused inputs raise
 `InstanceError` and change nothing (volume_bad_key, no_volume, secret_bad_name, secret_too_large,
 secrets_too_many, illegal_state); a guest that fails either step fails the instance (volume_failed,
-secret_rejected). `destroy()` scrubs the guest RAM once the VMM is gone (every page overwritten and read
-back: `ram_scrub`), erases the volume (LUKS2 keyslots, then the header area overwritten and read back:
-`volume_erasure`) before the work directory goes.
+secret_rejected).
+
+`tear_down()` hands everything the instance holds on the host to the teardown sequence
+(`services.node_agent.teardown`: VMM, guest RAM scrubbed into `ram_scrub`, network namespace, volume erased
+into `volume_erasure`, cgroup, work directory) and keeps what could not be released for a second call;
+`destroy()` is the same, returning what was removed. Idempotent.
+
+One module at about 400 lines, on purpose: each step makes its own state transitions, so the steps stay
+next to the table that allows them. The child's confinement is `isolation.confine`, the wipes `teardown`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,14 +40,14 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
+from services.node_agent import teardown
 from services.node_agent.channel import ChannelError, GuestChannel, RunOutput, check_key, check_secret
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
+from services.node_agent.isolation.confine import confinement
 from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
 from services.node_agent.isolation.seccomp import VIOLATION_SIGNAL
-from services.node_agent.isolation.seccomp import prepare as prepare_seccomp
-from services.node_agent.teardown.ram import scrub_memfd
 from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
-from services.node_agent.volume import MIN_VOLUME_MIB, VOLUME_FILE, erase_volume, make_volume
+from services.node_agent.volume import MIN_VOLUME_MIB, VOLUME_FILE, make_volume
 from shared.crypto import hpke
 from shared.errors import ReasonedError
 from shared.image.manifest import ImageError, ImageManifest
@@ -206,7 +211,7 @@ class Instance:
                 self._to(VmState.FAILED)
                 raise InstanceError(exc.reason, exc.detail) from None
         allow = (self.spec.seccomp_allow or self.vmm.seccomp_allow) if self.spec.seccomp else None
-        confine, to_close = _confinement(self.cgroup, self.net, allow)
+        confine, to_close = confinement(self.cgroup, self.net, allow)
         if self.vmm.ram_from_agent:  # a memfd with no path: after exit the agent still holds, and scrubs, every page
             self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
             os.ftruncate(self._memfd, self.spec.memory_mib << 20)
@@ -345,7 +350,29 @@ class Instance:
         raise InstanceError(reason, detail)
 
     async def destroy(self) -> list[str]:
-        """Stop the VMM, close every descriptor, remove the work directory. Idempotent."""
+        """Stop the VMM, close every descriptor, wipe and remove what the instance held. Idempotent."""
+        return (await self.tear_down()).removed
+
+    async def tear_down(self, gpus: teardown.GpuRelease | None = None) -> teardown.Evidence:
+        """`destroy()` with its evidence; `gpus`: the job's GPUs to give back and scrub after the VM is gone."""
+        remains = teardown.Remains(self.workdir, stop=self._stop_vmm, net=self.net, volume=self._volume,
+                                   cgroup=self.cgroup, gpus=gpus)
+        evidence = await teardown.tear_down(remains)
+        self.net, self._volume, self.cgroup = remains.net, remains.volume, remains.cgroup  # what is left, if any
+        if evidence.ram is not None:
+            self.ram_scrub = evidence.ram
+        if evidence.volume is not None:
+            self.volume_erasure = evidence.volume
+        if self.state is not VmState.DESTROYED:
+            if self.state in (VmState.CREATED, VmState.VERIFIED, VmState.EXITED, VmState.FAILED):
+                self._to(VmState.DESTROYED)
+            else:
+                self.state = VmState.DESTROYED  # torn down mid-flight (cancellation, agent stop)
+        return evidence
+
+    async def _stop_vmm(self) -> teardown.Stopped:
+        """The sequence's first step for a live instance: the VMM stopped, the channel and the image's
+        descriptors closed, the guest RAM's memfd handed over for its scrub."""
         removed: list[str] = []
         if self.vm is not None:
             if self.vm.proc.returncode is None:
@@ -356,58 +383,8 @@ class Instance:
         for f in self._files:
             f.close()
         self._files = []
-        if self._memfd is not None:  # the VMM has stopped: wipe the guest's RAM, prove it, then let it go
-            self.ram_scrub = await asyncio.to_thread(scrub_memfd, self._memfd)
-            os.close(self._memfd)
-            self._memfd = None
-            removed.append("guest-ram")
-        if self.net is not None and await self.net.remove():
-            removed.append(f"netns:{self.net.netns}")
-            self.net = None
-        if self._volume is not None:  # the VMM has stopped: nothing writes the file any more
-            erasure = await asyncio.to_thread(erase_volume, self._volume)
-            if self.vm is not None and self.vm.volume_erasure is not None:
-                erasure = self.vm.volume_erasure  # the guest wrote the jail's copy: that one's evidence counts
-            self.volume_erasure = erasure
-            if erasure.removed:
-                removed.append("volume")
-            self._volume = None
-        if self.cgroup is not None:
-            for _ in range(50):  # the kernel lets go of an exited VMM's cgroup a moment after reaping it
-                if self.cgroup.remove():
-                    removed.append(f"cgroup:v{self.cgroup.version}")
-                    self.cgroup = None
-                    break
-                await asyncio.sleep(0.02)
-        if self.workdir.exists():
-            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
-            removed.append(f"workdir:{self.workdir.name}")
-        if self.state is not VmState.DESTROYED:
-            if self.state in (VmState.CREATED, VmState.VERIFIED, VmState.EXITED, VmState.FAILED):
-                self._to(VmState.DESTROYED)
-            else:
-                self.state = VmState.DESTROYED  # torn down mid-flight (cancellation, agent stop)
-        return removed
-
-
-def _confinement(cgroup: VmCgroup | None, net: InstanceNetwork | None,
-                 allow: frozenset[str] | None) -> tuple[Callable[[], None] | None, list[int]]:
-    """(confine, descriptors to close after the launch)."""
-    if cgroup is None and net is None and allow is None:
-        return None, []
-
-    seccomp_filter = prepare_seccomp(allow) if allow is not None else None
-    join_netns, netns_fd = net.joiner() if net is not None else (None, -1)
-
-    def confine() -> None:  # in the VMM's child, between fork and exec; seccomp last (it forbids setns)
-        if cgroup is not None:
-            cgroup.join_self()
-        if join_netns is not None:
-            join_netns()
-        if seccomp_filter is not None:
-            seccomp_filter.load()
-
-    return confine, [netns_fd] if netns_fd >= 0 else []
+        ram_fd, self._memfd = self._memfd, None
+        return teardown.Stopped(tuple(removed), ram_fd, self.vm.volume_erasure if self.vm is not None else None)
 
 
 async def _none() -> None:

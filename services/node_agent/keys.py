@@ -5,7 +5,8 @@
 
 A release can arrive before the instance's run starts waiting for it (the broker answers the verdict as
 fast as the agent does), so whatever arrives first creates the slot. Only ciphertext passes through here:
-the instance's private key opens it (`Instance.open_sealed`), in RAM, just before the guest gets it.
+the instance's private key opens it (`Instance.open_sealed`), in RAM, just before the guest gets it: the
+job's keys phase, after the attestation verdict and before the workload runs (`KeyInbox.deliver`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
+from services.node_agent.instance import Instance, InstanceError
+from shared.client.bundle import BundleError, unpack_bundle
 from shared.codec import Event
+from shared.crypto.errors import CryptoError
+from shared.crypto.secret import zeroize
 from shared.errors import ReasonedError
 from shared.events import KeyReleased, KeyReleaseRefused, SecretsReleased
+from shared.telemetry import get_logger
 
 __all__ = ["KeyError_", "KeyInbox"]
 
+log = get_logger("qvm.node_agent.keys")
 T = TypeVar("T")
 MAX_PENDING = 4096  # slots for instances not (or no longer) waiting: bounded against a flood
 
@@ -48,6 +55,32 @@ class KeyInbox:
 
     async def wait_secrets(self, instance_id: str, timeout_s: float) -> SecretsReleased:
         return await _wait(self._secrets, instance_id, timeout_s, "secrets_timeout", "no client secrets")
+
+    async def deliver(self, instance: Instance, volume: bool, secrets: bool, key_timeout_s: float,
+                      secrets_timeout_s: float) -> None:
+        """After the verdict: the volume key from the key-broker, then the client's own secrets, each opened
+        with the instance's private key in RAM and handed to the guest over its channel only."""
+        instance_id = instance.spec.instance_id
+        try:
+            if volume:
+                release = await self.wait_key(instance_id, key_timeout_s)
+                dek = await asyncio.to_thread(instance.open_sealed, bytes.fromhex(release.sealed), "dek")
+                try:
+                    uuid = await instance.unlock_volume(dek)
+                finally:
+                    zeroize(dek)
+                log.info("volume opened in the guest", extra={"instance_id": instance_id, "luks_uuid": uuid})
+            if secrets:
+                sealed = await self.wait_secrets(instance_id, secrets_timeout_s)
+                raw = await asyncio.to_thread(instance.open_sealed, bytes.fromhex(sealed.sealed), "client-secrets")
+                try:
+                    files = unpack_bundle(raw)
+                finally:
+                    zeroize(raw)
+                await instance.deliver_secrets(files)
+                log.info("client secrets delivered", extra={"instance_id": instance_id, "files": len(files)})
+        except (KeyError_, CryptoError, BundleError) as exc:
+            raise InstanceError(exc.reason, exc.detail) from None
 
     def forget(self, instance_id: str) -> None:
         """The instance is gone: drop its slots (and anything that arrived for it)."""

@@ -30,13 +30,13 @@ from services.node_agent.isolation.network import NetworkError, parse_egress
 from services.node_agent.isolation.vfio import VfioError
 from services.node_agent.ledger import AssignmentLedger
 from services.node_agent.runtime import InstanceRuntime
+from services.node_agent.settings import NodeAgentSettings
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
 from services.node_agent.vmm.firecracker import Firecracker
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from shared.bus import Bus
 from shared.codec import Event
-from shared.config import Settings
 from shared.consumers import consumer_spec
 from shared.errors import ConfigError, Reason, RejectedEvent
 from shared.events import (
@@ -65,7 +65,7 @@ AGENT_VERSION = "0.1.0"
 log = get_logger("qvm.node_agent")
 
 
-def attester_for(bus: Bus, settings: Settings) -> Attester | None:
+def attester_for(bus: Bus, settings: NodeAgentSettings) -> Attester | None:
     """The node's attester when it has a TPM (`QVM_TPM`); its quotes bind the node's signing key."""
     if not settings.tpm:
         return None
@@ -77,7 +77,7 @@ def attester_for(bus: Bus, settings: Settings) -> Attester | None:
 
 
 class NodeAgent:
-    def __init__(self, bus: Bus, settings: Settings, host: HostReader | None = None,
+    def __init__(self, bus: Bus, settings: NodeAgentSettings, host: HostReader | None = None,
                  inventory: Inventory | None = None,
                  read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus,
                  vmm: Vmm | None = None, attester: Attester | None = None, gpus: GpuPassthrough | None = None
@@ -102,7 +102,7 @@ class NodeAgent:
                                        gpus=gpus or GpuPassthrough(self.inventory.gpus)) if vmm else None
 
     @classmethod
-    async def create(cls, bus: Bus, settings: Settings) -> NodeAgent:
+    async def create(cls, bus: Bus, settings: NodeAgentSettings) -> NodeAgent:
         drivers: dict[str, Callable[[], Vmm]] = {
             "qemu-microvm": lambda: QemuMicrovm(accel=settings.vm_accel),
             "firecracker": Firecracker,

@@ -10,29 +10,27 @@ reason (`job_exists`, `submission_stale`) and a signed `event.rejected`; the job
 
 from __future__ import annotations
 
-from nats.aio.client import Client as NatsClient
-
-from shared import reader
+from shared.bus import Bus
 from shared.codec import Event
 from shared.errors import Reason, RejectedEvent
-from shared.events import CATALOGUE, STREAMS, Domain, EventType, subject_for
+from shared.events import CATALOGUE, Domain, EventType, subject_for
+from shared.reader import RawMessage
 
 __all__ = ["first_submission", "refusal"]
 
 
-async def first_submission(nc: NatsClient, job_id: str) -> reader.RawMessage | None:
+async def first_submission(bus: Bus, job_id: str) -> RawMessage | None:
     """The job's first stored `job.submitted` (the only one that counts)."""
-    subject = subject_for(CATALOGUE[EventType.JOB_SUBMITTED], job_id=job_id)
-    return await reader.first(nc, STREAMS[Domain.JOBS].name, subject)
+    return await bus.first(Domain.JOBS, subject_for(CATALOGUE[EventType.JOB_SUBMITTED], job_id=job_id))
 
 
-async def refusal(nc: NatsClient, event: Event, now_ns: int, max_age_s: float) -> RejectedEvent | None:
+async def refusal(bus: Bus, event: Event, now_ns: int, max_age_s: float) -> RejectedEvent | None:
     """Why this `job.submitted` must not be placed, or None when it is the job's one submission."""
     age_s = (now_ns - event.envelope.time_ns) / 1e9
     if age_s > max_age_s:
         return RejectedEvent(Reason.SUBMISSION_STALE, f"submitted {age_s:.0f}s ago; the job stream keeps "
                                                       f"{max_age_s:.0f}s of history")
-    first = await first_submission(nc, event.job_id or "")
+    first = await first_submission(bus, event.job_id or "")
     if first is not None and event.stream_seq and first.seq < event.stream_seq:
         return RejectedEvent(Reason.JOB_EXISTS, f"job {event.job_id} was submitted at stream sequence {first.seq}; "
                                                 f"this copy (#{event.stream_seq}) is not placed")

@@ -1,6 +1,6 @@
 """The node registry: live node records in the `qvm_nodes` JetStream KV bucket, cached in memory.
 
-Every write is a compare-and-set on the key's revision (`kv.update(last=rev)`), so two scheduler
+Every write is a compare-and-set on the key's revision (`Kv.update`), so two scheduler
 replicas can never both take the same GPU: the loser's write fails, it re-reads and decides again.
 Inside one replica, decisions are synchronous against a view that includes claims still being written
 (tentative claims), so a burst of jobs spreads over nodes instead of queueing on the best one; writes
@@ -10,17 +10,10 @@ to one node are serialised by a per-node lock. A KV watch keeps the cache curren
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Iterator
 
-import msgpack
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from nats.js.kv import KeyValue
-from pydantic import ValidationError
-
 from services.scheduler.placement import Claim, NodeRecord, with_claims
-from shared.bus import map_nats_errors
-from shared.codec import validate_wire
+from shared.kv import Kv, Stale
 from shared.telemetry import get_logger
 
 __all__ = ["Conflict", "Registry"]
@@ -34,20 +27,8 @@ class Conflict(Exception):
     """A mutation found the node's current record no longer allows the change."""
 
 
-def _encode(rec: NodeRecord) -> bytes:
-    data: bytes = msgpack.packb(rec.model_dump(mode="json"), use_bin_type=True)
-    return data
-
-
-def _decode(data: bytes) -> NodeRecord | None:
-    try:
-        return validate_wire(NodeRecord, msgpack.unpackb(data, raw=False))
-    except (ValueError, TypeError, ValidationError, msgpack.UnpackException):
-        return None
-
-
 class Registry:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: Kv) -> None:
         self.kv = kv
         self._confirmed: dict[str, tuple[NodeRecord, int]] = {}
         self._tentative: dict[str, dict[str, Claim]] = {}
@@ -127,32 +108,18 @@ class Registry:
 
     async def load_and_watch(self, stop: asyncio.Event, ready: asyncio.Event) -> None:
         """Load every record, then follow changes until `stop`."""
-        with map_nats_errors("watch node registry"):
-            watcher = await self.kv.watchall()
-        try:
-            while not stop.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                except TimeoutError:
-                    continue
-                except Exception as exc:  # nats-py raises its own timeout type here
-                    if "Timeout" in type(exc).__name__:
-                        continue
-                    raise
-                if entry is None:
-                    ready.set()
-                    continue
-                cur = self._confirmed.get(entry.key)
-                if cur is not None and cur[1] >= (entry.revision or 0):
-                    continue  # our own write coming back: already applied, skip decoding it
-                rec = None if entry.operation in ("DEL", "PURGE") or not entry.value else _decode(entry.value)
-                if rec is None and entry.value and entry.operation not in ("DEL", "PURGE"):
-                    log.warning("unreadable registry record skipped", extra={"node_id": entry.key})
-                    continue
-                self._store(entry.key, rec, entry.revision or 0)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        async for entry in self.kv.watch(NodeRecord, stop):
+            if entry is None:
+                ready.set()
+                continue
+            cur = self._confirmed.get(entry.key)
+            if cur is not None and cur[1] >= entry.revision:
+                continue  # our own write coming back: already applied, skip decoding it
+            rec = entry.value()
+            if rec is None and not entry.deleted and entry.raw:
+                log.warning("unreadable registry record skipped", extra={"node_id": entry.key})
+                continue
+            self._store(entry.key, rec, entry.revision)
 
     # ------------------------------------------------------------ tentative claims
     def hold(self, node_id: str, job_id: str, claim: Claim) -> None:
@@ -181,15 +148,14 @@ class Registry:
                 new = mutate(rec)
                 if new is rec:
                     return rec
-                with map_nats_errors(f"registry write {node_id}"):
-                    try:
-                        if new is None:
-                            await self.kv.delete(node_id, last=rev)
-                        else:
-                            new_rev = await self.kv.update(node_id, _encode(new), last=rev)
-                    except KeyWrongLastSequenceError:  # another writer got there first: re-read, decide again
-                        await self._reload(node_id)
-                        continue
+                try:
+                    if new is None:
+                        await self.kv.delete(node_id, rev)
+                    else:
+                        new_rev = await self.kv.update(node_id, new, rev)
+                except Stale:  # another writer got there first: re-read, decide again
+                    await self._reload(node_id)
+                    continue
                 if new is None:
                     self._store(node_id, None, rev + 1)
                     return None
@@ -198,17 +164,9 @@ class Registry:
             raise Conflict(f"node {node_id}: too many concurrent writers")
 
     async def _reload(self, node_id: str) -> None:
-        with map_nats_errors(f"registry read {node_id}"):
-            try:
-                entry = await self.kv.get(node_id)
-            except NotFoundError:  # also KeyNotFoundError and KeyDeletedError: the record is gone
-                cur = self._confirmed.pop(node_id, None)
-                self._index_claims(node_id, cur[0] if cur else None, None)
-                self._refresh_view(node_id)
-                return
-        rec = _decode(entry.value) if entry.value else None
+        rec, rev, _ = await self.kv.get(node_id, NodeRecord)
         cur = self._confirmed.pop(node_id, None)
         self._index_claims(node_id, cur[0] if cur else None, rec)
         if rec is not None:
-            self._confirmed[node_id] = (rec, entry.revision or 0)
+            self._confirmed[node_id] = (rec, rev)
         self._refresh_view(node_id)

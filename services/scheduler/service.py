@@ -15,11 +15,6 @@ import asyncio
 import contextlib
 import time
 
-import msgpack
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
-from nats.js.kv import KeyValue
-from pydantic import ValidationError
-
 from services.scheduler import admission
 from services.scheduler.placement import (
     Claim,
@@ -31,9 +26,10 @@ from services.scheduler.placement import (
     with_claims,
 )
 from services.scheduler.registry import Conflict, Registry
-from shared.bus import Bus, Handler, map_nats_errors
-from shared.codec import Event, validate_wire
-from shared.config import Settings
+from services.scheduler.settings import SchedulerSettings
+from shared.buckets import NODES, PENDING_JOBS
+from shared.bus import Bus, Handler
+from shared.codec import Event
 from shared.consumers import consumer_spec
 from shared.errors import RejectedEvent
 from shared.events import (
@@ -54,6 +50,7 @@ from shared.events import (
 )
 from shared.identity import Role
 from shared.ids import derive_event_id
+from shared.kv import Kv
 from shared.models import Frozen, TrustState
 from shared.runtime import run_together
 from shared.telemetry import get_logger
@@ -82,7 +79,7 @@ async def _await(task: asyncio.Task[None]) -> None:
 
 
 class Scheduler:
-    def __init__(self, bus: Bus, settings: Settings, nodes_kv: KeyValue, jobs_kv: KeyValue) -> None:
+    def __init__(self, bus: Bus, settings: SchedulerSettings, nodes_kv: Kv, jobs_kv: Kv) -> None:
         self.bus = bus
         self.settings = settings
         self.registry = Registry(nodes_kv)
@@ -91,9 +88,8 @@ class Scheduler:
         self.ended: dict[str, None] = {}  # recently failed/cancelled jobs (bounded, insertion-ordered)
 
     @classmethod
-    async def create(cls, bus: Bus, settings: Settings) -> Scheduler:
-        with map_nats_errors("open scheduler buckets"):
-            return cls(bus, settings, await bus.js.key_value("qvm_nodes"), await bus.js.key_value("qvm_jobs"))
+    async def create(cls, bus: Bus, settings: SchedulerSettings) -> Scheduler:
+        return cls(bus, settings, await bus.kv(NODES), await bus.kv(PENDING_JOBS))
 
     async def run(self, stop: asyncio.Event) -> None:
         ready = asyncio.Event()
@@ -127,7 +123,7 @@ class Scheduler:
             self._mark_ended(job_id)  # before any await: a submission in the same batch sees it
         match event.payload:
             case JobSubmitted() as spec:
-                refused = await admission.refusal(self.bus.nc, event, time.time_ns(), self.settings.stream_max_age_s)
+                refused = await admission.refusal(self.bus, event, time.time_ns(), self.settings.stream_max_age_s)
                 if refused is not None:
                     log.warning("submission refused", extra={"reason": refused.reason.value})
                     raise refused  # dead-lettered with its reason by the bus; the job's history is untouched
@@ -315,7 +311,7 @@ class Scheduler:
 
     async def submitted_spec(self, job_id: str) -> JobSubmitted | None:
         """The job's spec, read back from its first (signed, verified) job.submitted event."""
-        raw = await admission.first_submission(self.bus.nc, job_id)
+        raw = await admission.first_submission(self.bus, job_id)
         if raw is None:
             log.error("submission not found; job cannot be placed again", extra={"job_id": job_id})
             return None
@@ -343,34 +339,21 @@ class Scheduler:
         await self.bus.publish(JobPending(reason=pending.reason, detail=detail[:1024]), job_id=job_id,
                                event_id=derive_event_id(pending.submitted_id, "JobPending", str(pending.attempt),
                                                         pending.reason))
-        with map_nats_errors("park job"):
-            await self.pending_kv.put(job_id, msgpack.packb(pending.model_dump(mode="json"), use_bin_type=True))
+        await self.pending_kv.put(job_id, pending)
 
     async def _unpark(self, job_id: str) -> None:
-        with contextlib.suppress(KeyNotFoundError), map_nats_errors("unpark job"):
-            await self.pending_kv.purge(job_id)
+        await self.pending_kv.purge(job_id)
 
     async def retry_pending(self) -> int:
         """Try every parked job again (after capacity appeared); returns how many were placed."""
-        with map_nats_errors("list pending jobs"):
-            try:
-                keys = await self.pending_kv.keys()
-            except NoKeysError:
-                return 0
         placed = 0
-        for job_id in keys:
-            try:
-                entry = await self.pending_kv.get(job_id)
-            except NotFoundError:  # also KeyNotFoundError and KeyDeletedError: placed meanwhile
-                continue
-            if not entry.value:
-                continue
-            try:
-                pending = validate_wire(PendingJob, msgpack.unpackb(entry.value, raw=False))
-            except (ValueError, TypeError, ValidationError):
-                log.warning("unreadable pending entry dropped", extra={"job_id": job_id})
-                await self._unpark(job_id)
-                continue
+        for job_id in await self.pending_kv.keys():
+            pending, revision, _ = await self.pending_kv.get(job_id, PendingJob)
+            if pending is None:
+                if revision:  # stored but unreadable
+                    log.warning("unreadable pending entry dropped", extra={"job_id": job_id})
+                    await self._unpark(job_id)
+                continue  # placed meanwhile (deleted)
             if await self.place(job_id, pending.spec, pending.submitted_id, attempt=pending.attempt,
                                 excluded=pending.excluded):
                 placed += 1

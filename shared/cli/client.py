@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -24,14 +23,16 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.bus import Bus
+from shared.cli import common
 from shared.client.bundle import MAX_FILE_BYTES, BundleError
 from shared.client.evidence import EvidenceError
 from shared.client.output import OutputError, new_output_key, open_output_events, with_output_key
 from shared.client.sdk import ConfidentialClient
 from shared.client.verify import ClientVerificationError, VerifiedInstance
 from shared.codec import Event
-from shared.config import Settings
+from shared.config import CommonSettings, MeasurementSettings
 from shared.errors import QvmError
+from shared.events import Domain, scope_filter
 from shared.identity import Identity, Role
 from shared.image.manifest import MANIFEST
 from shared.pki import Pki
@@ -113,14 +114,8 @@ def show_output(events: list[Event], job_id: str, private_key: x25519.X25519Priv
     return True
 
 
-async def _connect(settings: Settings) -> Bus:
+async def _connect(settings: CommonSettings) -> Bus:
     return await Bus.connect(settings.resolve_nats_url(), Pki(settings.pki_path), Identity(Role.MARKETPLACE))
-
-
-def _run_client(body: Callable[[], Awaitable[None]]) -> None:
-    from shared.cli.main import _run  # the CLI's one error policy (clean line, exit code 2)
-
-    _run(body)
 
 
 async def _verify(client: ConfidentialClient, job_id: str, expected: list[str], timeout_s: float) -> VerifiedInstance:
@@ -152,7 +147,7 @@ def run(job_file: Path,
         if job.output_key is None:  # an ephemeral key, in memory only: the output is sealed to it
             output_key = new_output_key()
             job = with_output_key(job, output_key)
-        settings = Settings()
+        settings = MeasurementSettings()
         bus = await _connect(settings)
         try:
             client = ConfidentialClient(bus, settings.measurement_pcr)
@@ -171,7 +166,7 @@ def run(job_file: Path,
         finally:
             await bus.close()
 
-    _run_client(body)
+    common.run(body)
 
 
 @client_app.command("verify")
@@ -181,7 +176,7 @@ def verify(job_id: str,
     """Check a job's instance evidence here (nothing is released)."""
 
     async def body() -> None:
-        settings = Settings()
+        settings = MeasurementSettings()
         bus = await _connect(settings)
         try:
             verified = await _verify(ConfidentialClient(bus, settings.measurement_pcr), job_id,
@@ -190,14 +185,14 @@ def verify(job_id: str,
         finally:
             await bus.close()
 
-    _run_client(body)
+    common.run(body)
 
 
 async def _follow_output(bus: Bus, job_id: str, private_key: x25519.X25519PrivateKey | None,
                          seconds: float = 600.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        book, events = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>")
+        book, events = await fold_jobs(bus.js, bus.codec, scope_filter(Domain.JOBS, job_id))
         view = book.get(job_id)
         if view is not None and view.terminal:
             opened = show_output(events, job_id, private_key, console)

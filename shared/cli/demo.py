@@ -27,25 +27,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 from cryptography.hazmat.primitives.asymmetric import x25519
-from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
 
 from shared.audit import AuditWorkers, audit_replay
+from shared.buckets import NODES
 from shared.bus import Bus
 from shared.cli.client import image_digest, show_output, show_verified
+from shared.cli.common import local_node_id
 from shared.cli.render import summarize
 from shared.cli.stack import LocalStack
 from shared.client.output import new_output_key, with_output_key
 from shared.client.sdk import ConfidentialClient
 from shared.codec import Event
-from shared.config import Settings
+from shared.config import StackSettings
 from shared.errors import QvmError
 from shared.events import (
     CATALOGUE,
-    STREAMS,
     AttestationFailed,
     AttestationResult,
     Domain,
@@ -57,6 +56,8 @@ from shared.events import (
     KeysDestroyed,
     SecretsReleased,
     TeardownRecord,
+    scope_filter,
+    subject_filter,
     subject_for,
 )
 from shared.identity import Identity, Role
@@ -64,15 +65,15 @@ from shared.image.demo import ensure_demo_image
 from shared.jobspec import load_job
 from shared.lifecycle import JobState
 from shared.models import TrustState
-from shared.replay import fold_jobs, read_stream
+from shared.registry import NodeRecord
+from shared.replay import fold_jobs
 
 __all__ = ["run_demo"]
 
 
 async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
     await asyncio.to_thread(shutil.rmtree, state_dir, True)  # a fresh demo every time
-    settings = Settings(state_dir=state_dir, heartbeat_interval_s=2.0)
-    from shared.cli.main import local_node_id
+    settings = StackSettings(state_dir=state_dir)
 
     node_id = settings.node_id or local_node_id()
     stack = LocalStack(settings, node_id, TrustState.TRUSTED)
@@ -157,9 +158,9 @@ DEMO_SECRETS = {"api-token": b"demo-token: only the attested instance can read t
 
 async def _key_events(admin: Bus, job_id: str) -> list[Event]:
     events: list[Event] = []
-    for domain, subject in ((Domain.KEYS, f"qvm.keys.{job_id}.>"),
-                            (Domain.JOBS, f"qvm.jobs.{job_id}.instance.destroyed.*")):
-        async for batch in read_stream(admin.js, STREAMS[domain].name, subject):
+    for domain, subject in ((Domain.KEYS, scope_filter(Domain.KEYS, job_id)),
+                            (Domain.JOBS, subject_filter(CATALOGUE[EventType.INSTANCE_DESTROYED], job_id=job_id))):
+        async for batch in admin.read(domain, subject):
             events += [admin.codec.decode(m.subject, m.data) for m in batch]
     return events
 
@@ -191,8 +192,9 @@ def _show_keys(events: list[Event], console: Console) -> None:
 
 async def _teardown_record(admin: Bus, job_id: str, seconds: float) -> TeardownRecord:
     deadline = time.monotonic() + seconds
+    record = subject_for(CATALOGUE[EventType.TEARDOWN_RECORD], job_id=job_id)
     while time.monotonic() < deadline:
-        async for batch in read_stream(admin.js, STREAMS[Domain.TEARDOWN].name, f"qvm.teardown.{job_id}.record"):
+        async for batch in admin.read(Domain.TEARDOWN, record):
             for m in batch:
                 ev = admin.codec.decode(m.subject, m.data)
                 if isinstance(ev.payload, TeardownRecord):
@@ -214,17 +216,13 @@ def _show_record(rec: TeardownRecord, console: Console) -> None:
 
 
 async def _wait_node(admin: Bus, node_id: str, seconds: float) -> dict[str, Any]:
-    kv = await admin.js.key_value("qvm_nodes")
+    kv = await admin.kv(NODES)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            entry = await kv.get(node_id)
-            if entry.value:
-                rec: dict[str, Any] = msgpack.unpackb(entry.value, raw=False)
-                return rec
-        except NotFoundError:  # not registered yet
-            pass
-        await asyncio.sleep(0.2)
+        rec, _, _ = await kv.get(node_id, NodeRecord)
+        if rec is not None:
+            return rec.model_dump(mode="json")
+        await asyncio.sleep(0.2)  # not registered yet
     raise QvmError(f"node {node_id} did not register within {seconds:g}s (see the node-agent log)")
 
 
@@ -233,7 +231,7 @@ async def _wait_enrolled(admin: Bus, node_id: str, seconds: float) -> Attestatio
     subject = subject_for(CATALOGUE[EventType.ATTEST_VERIFIED], node_id=node_id)
     failed = subject_for(CATALOGUE[EventType.ATTEST_FAILED], node_id=node_id)
     while time.monotonic() < deadline:
-        async for batch in read_stream(admin.js, STREAMS[Domain.ATTESTATION].name, f"qvm.attestation.{node_id}.>"):
+        async for batch in admin.read(Domain.ATTESTATION, scope_filter(Domain.ATTESTATION, node_id)):
             for m in batch:
                 ev = admin.codec.decode(m.subject, m.data)
                 if m.subject == subject and isinstance(ev.payload, AttestationResult):
@@ -254,7 +252,7 @@ async def _wait_trusted(admin: Bus, node_id: str, seconds: float) -> None:
 
 
 async def _instance_verdict(admin: Bus, job_id: str) -> InstanceAttested | None:
-    async for batch in read_stream(admin.js, STREAMS[Domain.JOBS].name, f"qvm.jobs.{job_id}.instance.attested.*"):
+    async for batch in admin.read(Domain.JOBS, subject_filter(CATALOGUE[EventType.INSTANCE_ATTESTED], job_id=job_id)):
         for m in batch:
             ev = admin.codec.decode(m.subject, m.data)
             if isinstance(ev.payload, InstanceAttested):
@@ -267,7 +265,7 @@ async def _wait_job(admin: Bus, job_id: str, output_key: x25519.X25519PrivateKey
     """The job's end state, and whether its output opened and verified with the client's key."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        book, events = await fold_jobs(admin.js, admin.codec, f"qvm.jobs.{job_id}.>")
+        book, events = await fold_jobs(admin.js, admin.codec, scope_filter(Domain.JOBS, job_id))
         view = book.get(job_id)
         if view and view.terminal:
             table = Table(title=f"job {job_id}")

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from shared.config import Settings
+from shared.config import KekSettings
 from shared.crypto.kek import KekSource, ManagedKekSource, source_for
 from shared.crypto.secret import zeroize
 from shared.errors import QvmError
@@ -47,7 +47,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _needs_prompt(s: Settings) -> bool:
+def _needs_prompt(s: KekSettings) -> bool:
     """A file: source with no passphrase configured, run by a person at a terminal."""
     return (s.kek_source.startswith("file:") and s.kek_passphrase_file is None
             and "QVM_KEK_PASSPHRASE" not in os.environ and sys.stdin.isatty())
@@ -56,7 +56,7 @@ def _needs_prompt(s: Settings) -> bool:
 @contextmanager
 def _source(spec: str | None, confirm: bool) -> Iterator[KekSource]:
     """The configured (or given) source; its passphrase copy is wiped when the command ends."""
-    s = Settings()
+    s = KekSettings()
     if spec is not None:
         s = s.model_copy(update={"kek_source": spec})
     passphrase: bytearray | None = None

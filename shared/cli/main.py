@@ -6,30 +6,25 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
-import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import msgpack
 import typer
 from cryptography.hazmat.primitives.asymmetric import x25519
-from rich.console import Console
 from rich.table import Table
 
-from shared.bus import Bus
 from shared.cli.attest import attest_app
 from shared.cli.client import client_app, show_output
+from shared.cli.common import connect, console, err, local_node_id, run
 from shared.cli.keys import keys_app
+from shared.cli.observe import audit_app, events, nodes, status
 from shared.cli.render import summarize
-from shared.codec import validate_wire
-from shared.config import Settings
-from shared.errors import QvmError, RejectedEvent
-from shared.events import STREAMS
+from shared.config import CommonSettings, NodeSettings, StackSettings
+from shared.errors import QvmError
+from shared.events import Domain, scope_filter
 from shared.identity import Identity, Role
 from shared.models import TrustState
 from shared.natsconf import permissions_for
@@ -41,7 +36,6 @@ logging.getLogger("asyncio").setLevel(logging.ERROR)  # ssl eof_received chatter
 app = typer.Typer(help="qvm: attested micro VMs for GPU marketplace jobs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 pki_app = typer.Typer(help="Development PKI: CA, TLS and signing certificates.", no_args_is_help=True)
-audit_app = typer.Typer(help="Audit the event streams.", no_args_is_help=True)
 image_app = typer.Typer(help="Signed guest images: keys, build, verify.", no_args_is_help=True)
 
 
@@ -54,41 +48,19 @@ def _configure() -> None:
 
 app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
+app.command()(status)
+app.command()(nodes)
+app.command()(events)
 app.add_typer(image_app, name="image")
 app.add_typer(attest_app, name="attest")
 app.add_typer(client_app, name="client")
 app.add_typer(keys_app, name="keys")
-console = Console()
-err = Console(stderr=True)
-T = TypeVar("T")
-
-
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a command body; qvm errors become one clear line and exit code 2, never a traceback."""
-    try:
-        return asyncio.run(coro_fn())  # type: ignore[arg-type]
-    except QvmError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-def local_node_id() -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:63] or "node"
-
-
-async def _connect(role: Role, settings: Settings | None = None) -> Bus:
-    s = settings or Settings()
-    return await Bus.connect(s.resolve_nats_url(), Pki(s.pki_path), Identity(role))
-
-
 # ------------------------------------------------------------------ pki
 @pki_app.command("init")
 def pki_init(nodes: Annotated[str, typer.Option(help="Comma-separated node ids to issue node-agent identities for")]
              = "") -> None:
     """Create the CA and every service identity (idempotent)."""
-    s = Settings()
+    s = NodeSettings()
     node_list = [n for n in nodes.split(",") if n] or [s.node_id or local_node_id()]
     try:
         issued = Pki(s.pki_path).init(nodes=node_list)
@@ -101,7 +73,7 @@ def pki_init(nodes: Annotated[str, typer.Option(help="Comma-separated node ids t
 @pki_app.command("add-node")
 def pki_add_node(node_id: str) -> None:
     """Issue a node-agent identity (then `qvm pki nats-config` / restart NATS to grant it)."""
-    s = Settings()
+    s = CommonSettings()
     try:
         Pki(s.pki_path).issue(Identity(Role.NODE_AGENT, node_id))
     except (QvmError, ValueError) as exc:
@@ -115,7 +87,7 @@ def pki_nats_config() -> None:
     """Print the NATS `authorization` block (users + permissions) for every issued identity."""
     import json
 
-    pki = Pki(Settings().pki_path)
+    pki = Pki(CommonSettings().pki_path)
     lines = ["authorization {", "  users = ["]
     for ident in pki.identities():
         lines.append(f"    {{ user: {json.dumps(str(ident))}, permissions: {json.dumps(permissions_for(ident))} }}")
@@ -166,7 +138,7 @@ def image_build(
             table.add_row(part.file, f"{part.size:,}", part.sha256)
         console.print(table)
 
-    _run(body)
+    run(body)
 
 
 @image_app.command("verify")
@@ -183,7 +155,7 @@ def image_verify(bundle: Path, pubkey: Annotated[list[Path], typer.Option(help="
         console.print(f"[green]verified[/green] {manifest.name}: publisher {manifest.publisher}, "
                       f"{size:,} bytes in {secs:.2f}s ({size / secs / 1e9:.2f} GB/s)")
 
-    _run(body)
+    run(body)
 
 
 # ------------------------------------------------------------------ stack
@@ -193,13 +165,13 @@ def provision() -> None:
     from shared.provision import provision as do_provision
 
     async def body() -> list[str]:
-        bus = await _connect(Role.ADMIN)
+        bus = await connect(Role.ADMIN)
         try:
-            return await do_provision(bus.js, Settings())
+            return await do_provision(bus.js, CommonSettings())
         finally:
             await bus.close()
 
-    console.print("\n".join(_run(body)) or "everything up to date")
+    console.print("\n".join(run(body)) or "everything up to date")
 
 
 @app.command()
@@ -210,7 +182,7 @@ def up(
     """Run the embedded stack (NATS + services) in the foreground until Ctrl-C."""
     from shared.cli.stack import LocalStack
 
-    s = Settings()
+    s = StackSettings()
     stack = LocalStack(s, s.node_id or local_node_id(), min_trust)
 
     async def body() -> None:
@@ -233,7 +205,7 @@ def up(
             await asyncio.to_thread(stack.stop)
             console.print("qvm stack stopped")
 
-    _run(body)
+    run(body)
 
 
 # ------------------------------------------------------------------ jobs
@@ -254,7 +226,7 @@ def submit(job_file: Path, wait: Annotated[float, typer.Option(help="Seconds to 
         if wait and job.output_key is None:
             output_key = new_output_key()
             job = with_output_key(job, output_key)
-        bus = await _connect(Role.MARKETPLACE)
+        bus = await connect(Role.MARKETPLACE)
         try:
             await bus.publish(job, job_id=job_id)
         finally:
@@ -265,7 +237,7 @@ def submit(job_file: Path, wait: Annotated[float, typer.Option(help="Seconds to 
         if wait:
             await _follow_job(job_id, wait, output_key)
 
-    _run(body)
+    run(body)
 
 
 @app.command()
@@ -274,25 +246,25 @@ def cancel(job_id: str, reason: str = "client_request") -> None:
     from shared.events import JobCancelRequested
 
     async def body() -> None:
-        bus = await _connect(Role.MARKETPLACE)
+        bus = await connect(Role.MARKETPLACE)
         try:
             await bus.publish(JobCancelRequested(reason=reason), job_id=job_id)
         finally:
             await bus.close()
 
-    _run(body)
+    run(body)
     console.print(f"cancel requested for {job_id}")
 
 
 async def _follow_job(job_id: str, seconds: float, output_key: x25519.X25519PrivateKey | None = None) -> None:
     """Print the job's events until it ends, then its output: opened with `output_key` (the private half of
     the job's output key), or, without one, only said to be sealed."""
-    bus = await _connect(Role.ADMIN)
+    bus = await connect(Role.ADMIN)
     try:
         deadline = time.monotonic() + seconds
         shown = 0
         while time.monotonic() < deadline:
-            book, timeline = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>")
+            book, timeline = await fold_jobs(bus.js, bus.codec, scope_filter(Domain.JOBS, job_id))
             for ev in timeline[shown:]:
                 console.print(f"  {ev.spec.type:<22} {summarize(ev.payload)}")
             shown = len(timeline)
@@ -307,151 +279,12 @@ async def _follow_job(job_id: str, seconds: float, output_key: x25519.X25519Priv
 
 
 @app.command()
-def status(job_id: Annotated[str | None, typer.Argument()] = None) -> None:
-    """Jobs and their states, folded from the job stream."""
-
-    async def body() -> None:
-        bus = await _connect(Role.ADMIN)
-        try:
-            book, timeline = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>" if job_id else ">")
-        finally:
-            await bus.close()
-        if job_id:
-            view = book.get(job_id)
-            if view is None:
-                err.print(f"no job {job_id}")
-                raise typer.Exit(1)
-            table = Table(title=f"job {job_id}: {view.state}")
-            for col in ("time", "event", "producer", "details"):
-                table.add_column(col)
-            for ev in timeline:
-                table.add_row(time.strftime("%H:%M:%S", time.localtime(ev.envelope.time_ns / 1e9)),
-                              str(ev.spec.type), ev.envelope.producer, summarize(ev.payload))
-            console.print(table)
-            return
-        table = Table(title="jobs")
-        for col in ("job", "state", "node", "attempt", "reason"):
-            table.add_column(col)
-        for v in book.jobs.values():
-            table.add_row(v.job_id, str(v.state), v.node_id or "", str(v.attempt), v.reason)
-        console.print(table)
-
-    _run(body)
-
-
-@app.command()
-def nodes() -> None:
-    """Registered nodes, their inventory, trust, liveness and claims; GPUs held back until a verified scrub."""
-    from services.scheduler.placement import NodeRecord
-
-    async def body() -> None:
-        bus = await _connect(Role.ADMIN)
-        try:
-            kv = await bus.js.key_value("qvm_nodes")
-            try:
-                keys = await kv.keys()
-            except Exception:
-                keys = []
-            table = Table(title="nodes")
-            for col in ("node", "status", "trust", "cpu", "ram MiB", "gpus", "awaiting scrub", "claims", "vmms"):
-                table.add_column(col)
-            for k in sorted(keys):
-                entry = await kv.get(k)
-                if not entry.value:
-                    continue
-                rec = validate_wire(NodeRecord, msgpack.unpackb(entry.value, raw=False))
-                inv = rec.inventory
-                table.add_row(rec.node_id, str(rec.status), str(rec.trust), f"{rec.free_cpu()}/{inv.cpu_cores}",
-                              f"{rec.free_ram()}/{inv.ram_mib}", f"{len(rec.free_gpus())}/{len(inv.gpus)}",
-                              ", ".join(f"{u} ({j})" for u, j in sorted(rec.scrubbing.items())) or "-",
-                              str(len(rec.claims)), ",".join(inv.vmms))
-            console.print(table)
-        finally:
-            await bus.close()
-
-    _run(body)
-
-
-@app.command()
-def events(follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> None:
-    """Print every event, decoded and signature-checked (with --follow, live)."""
-    from nats.js.api import DeliverPolicy
-
-    async def body() -> None:
-        bus = await _connect(Role.ADMIN)
-        stop = asyncio.Event()
-        subs = []
-
-        async def show(msg: Any) -> None:
-            try:
-                ev = bus.codec.decode(msg.subject, msg.data)
-                console.print(f"[green]✓[/green] {ev.spec.type:<20} job={ev.job_id or '-'} node={ev.node_id or '-'} "
-                              f"by {ev.envelope.producer}: {summarize(ev.payload)}")
-            except RejectedEvent as exc:
-                console.print(f"[red]✗[/red] {msg.subject[:80]}: {exc.reason.value}: {exc.detail[:120]}")
-
-        try:
-            for spec in STREAMS.values():
-                subs.append(await bus.js.subscribe(spec.subjects[0], stream=spec.name, ordered_consumer=True,
-                                                   deliver_policy=DeliverPolicy.ALL, cb=show))
-            if follow:
-                loop = asyncio.get_running_loop()
-                loop.add_signal_handler(signal.SIGINT, stop.set)
-                await stop.wait()
-            else:
-                await asyncio.sleep(1.0)
-        finally:
-            for sub in subs:
-                await sub.unsubscribe()
-            await bus.close()
-
-    _run(body)
-
-
-@audit_app.command("replay")
-def audit_replay(workers: Annotated[int | None, typer.Option(help="Verifier processes (default: cores)")] = None
-                 ) -> None:
-    """Replay every stream from the first message; verify signatures and transitions."""
-    from shared.audit import AuditWorkers
-    from shared.audit import audit_replay as replay
-
-    async def body() -> bool:
-        s = Settings()
-        pki = Pki(s.pki_path)
-        bus = await _connect(Role.ADMIN, s)
-        verifier = AuditWorkers(pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes(), workers)
-        try:
-            report = await replay(bus.js, verifier)
-        finally:
-            verifier.close()
-            await bus.close()
-        table = Table(title=f"audit replay: {report.events} events in {report.seconds:.2f}s "
-                            f"({report.rate:,.0f}/s)")
-        table.add_column("stream")
-        table.add_column("events", justify="right")
-        for k, v in sorted(report.per_stream.items()):
-            table.add_row(k, str(v))
-        console.print(table)
-        console.print("job states: " + ", ".join(f"{k}={v}" for k, v in sorted(report.job_states.items())))
-        for d in report.dead_letters[:20]:
-            console.print(f"[yellow]dead letter[/yellow] {d}")
-        for violation in report.violations[:50]:
-            console.print(f"[red]violation[/red] {violation}")
-        console.print("[green]audit clean[/green]" if report.ok else
-                      f"[red]audit failed: {len(report.violations)} violation(s)[/red]")
-        return report.ok
-
-    if not _run(body):
-        raise typer.Exit(1)
-
-
-@app.command()
 def demo(state_dir: Annotated[Path, typer.Option(help="Where the demo stack keeps its state")] = Path(".qvm/demo"),
          job_file: Path = Path("deploy/examples/confidential-job.yaml")) -> None:
     """Bring the embedded stack up, register this host, place and accept a job, audit, stop."""
     from shared.cli.demo import run_demo
 
-    raise typer.Exit(_run(lambda: run_demo(state_dir, job_file, console)))
+    raise typer.Exit(run(lambda: run_demo(state_dir, job_file, console)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bus import Bus
-from shared.config import Settings
+from shared.config import StackSettings
 from shared.identity import Identity, Role
 from shared.models import TrustState
 from shared.natsserver import EmbeddedNats
@@ -45,7 +45,7 @@ class Child:
 
 @dataclass
 class LocalStack:
-    settings: Settings
+    settings: StackSettings
     node_id: str
     min_trust: TrustState
     services: tuple[str, ...] = tuple(SERVICE_MODULES)
@@ -83,7 +83,7 @@ class LocalStack:
         under the state dir (a development TPM: its EK certificate comes from a local CA). The embedded
         verifier's policy is written for what is here: this checkout's agent, the images under the state
         dir, this machine's QEMU (a real deployment reviews and ships its own)."""
-        from services.attestation_verifier.policy_gen import local_policy
+        from shared.tpm.policy_gen import local_policy
 
         ek_ca = None
         if not self.settings.tpm:

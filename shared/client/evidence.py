@@ -18,21 +18,21 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared import reader
 from shared.bus import Bus
 from shared.codec import Event
 from shared.errors import ReasonedError, RejectedEvent
 from shared.events import (
     CATALOGUE,
-    STREAMS,
     AttestChallenge,
     AttestEvidence,
     Domain,
     EnrollRequested,
     EventType,
     InstanceAttested,
+    subject_filter,
     subject_for,
 )
+from shared.reader import RawMessage
 
 __all__ = ["EvidenceError", "InstanceEvidence", "collect_evidence", "wait_for"]
 
@@ -64,16 +64,15 @@ async def wait_for(bus: Bus, domain: Domain, subject: str, match: Callable[[Even
     """The first event on `subject` that `match`es; with `follow`, wait for new ones until `timeout_s`,
     else stop at the end of what is stored. Messages that do not verify are skipped (the consumers that
     own them dead-letter them)."""
-    stream = STREAMS[domain].name
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     if last_per_subject:
-        msg = await reader.last(bus.nc, stream, subject)
+        msg = await bus.last(domain, subject)
         event = _decoded(bus, msg) if msg is not None else None
         return event if event is not None and match(event) else None
     seq, start = 1, start_ns
     while True:
-        batch = await reader.get_batch(bus.nc, stream, subject, seq=seq, start_ns=start)
+        batch = await bus.read_batch(domain, subject, seq=seq, start_ns=start)
         for msg in batch.messages:
             event = _decoded(bus, msg)
             if event is not None and match(event):
@@ -87,7 +86,7 @@ async def wait_for(bus: Bus, domain: Domain, subject: str, match: Callable[[Even
         await asyncio.sleep(min(POLL_S, max(0.0, deadline - loop.time())))
 
 
-def _decoded(bus: Bus, msg: reader.RawMessage) -> Event | None:
+def _decoded(bus: Bus, msg: RawMessage) -> Event | None:
     try:
         return dataclasses.replace(bus.codec.decode(msg.subject, msg.data), stream_seq=msg.seq)
     except RejectedEvent:
@@ -97,7 +96,7 @@ def _decoded(bus: Bus, msg: reader.RawMessage) -> Event | None:
 async def collect_evidence(bus: Bus, job_id: str, timeout_s: float = 120.0) -> InstanceEvidence:
     """Wait for the job's instance to be attested, then gather what the verifier saw."""
     attested = await wait_for(
-        bus, Domain.JOBS, f"qvm.jobs.{job_id}.instance.attested.*",
+        bus, Domain.JOBS, subject_filter(CATALOGUE[EventType.INSTANCE_ATTESTED], job_id=job_id),
         lambda e: isinstance(e.payload, InstanceAttested), timeout_s)
     if attested is None:
         raise EvidenceError("not_attested", f"no attestation result for job {job_id} within {timeout_s:g}s")

@@ -28,7 +28,7 @@ from shared.codec import Event
 from shared.crypto import CryptoError
 from shared.crypto.output import open_chunk, sealed_digest
 from shared.errors import ReasonedError
-from shared.events import InstanceExited, InstanceOutput, JobPlaced, JobSubmitted
+from shared.events import Domain, InstanceExited, InstanceOutput, JobPlaced, JobSubmitted, scope_filter
 from shared.replay import fold_jobs
 
 __all__ = ["JobOutput", "OutputError", "new_output_key", "open_output", "open_output_events", "public_key_hex",
@@ -143,6 +143,6 @@ def open_output_events(events: Iterable[Event], job_id: str, private_key: x25519
 async def open_output(bus: Bus, job_id: str, private_key: x25519.X25519PrivateKey, *,
                       require_complete: bool = True) -> JobOutput:
     """Read the job's events from the bus and open its output (see `open_output_events`)."""
-    _, events = await fold_jobs(bus.js, bus.codec, f"qvm.jobs.{job_id}.>")
+    _, events = await fold_jobs(bus.js, bus.codec, scope_filter(Domain.JOBS, job_id))
     return await asyncio.to_thread(open_output_events, events, job_id, private_key,
                                    require_complete=require_complete)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from services.node_agent.service import NodeAgent, attester_for
+from services.node_agent.settings import NodeAgentSettings
 from services.node_agent.vmm.base import Vmm
 from shared.bus import Bus
 from shared.codec import Event
-from shared.config import Settings
 from shared.events import STREAMS, Domain
 from shared.lifecycle import JobBook
 from shared.models import GpuInfo, Inventory
@@ -72,7 +72,7 @@ async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0,
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def attested_agent(stack: Any, settings: Settings, node: str = "node-a", vmm: Vmm | None = None,
+async def attested_agent(stack: Any, settings: NodeAgentSettings, node: str = "node-a", vmm: Vmm | None = None,
                          cores: int = 4) -> NodeAgent:
     """A node-agent with the TPM `settings.tpm` names (it enrolls and quotes), no GPUs, optionally a VMM."""
     bus = await stack.bus("node-agent", node)

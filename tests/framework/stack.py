@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bus import Bus
-from shared.config import Settings
 from shared.identity import Identity, Role
 from shared.natsserver import EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
+from tests.framework.settings import AllSettings
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Stack:
     root: Path
     pki: Pki
     server: EmbeddedNats
-    settings: Settings
+    settings: AllSettings
     buses: list[Bus] = field(default_factory=list)
 
     @property
@@ -48,7 +48,7 @@ async def running_stack(root: Path, nodes: tuple[str, ...] = ("node-a", "node-b"
     pki.init(nodes=nodes)
     server = EmbeddedNats(pki, root / "nats")
     server.start()
-    settings = Settings(state_dir=root, nats_url=server.url, pki_dir=pki.root, **overrides)  # type: ignore[arg-type]
+    settings = AllSettings(state_dir=root, nats_url=server.url, pki_dir=pki.root, **overrides)  # type: ignore[arg-type]
     stack = Stack(root, pki, server, settings)
     try:
         admin = await stack.bus(Role.ADMIN)

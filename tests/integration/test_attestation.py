@@ -41,7 +41,7 @@ INSTANCE = dict(image_manifest_sha256="33" * 32, kernel_sha256="44" * 32, initrd
 
 
 def _settings(stack: Stack, tmp_path: Path, swtpm: Swtpm, **extra: Any) -> Any:
-    from services.node_agent.attest.measure import code_digest
+    from shared.tpm.digests import code_digest
 
     policy = AttestationPolicy(
         agents=(code_digest(),), images={"33" * 32: ImageReference(name="img", kernel_sha256="44" * 32,

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from services.attestation_verifier.policy_gen import local_policy
 from services.attestation_verifier.service import Verifier
 from services.janitor.service import Janitor
 from services.key_broker.service import KeyBroker, dek_aad
@@ -41,6 +40,7 @@ from shared.kv import Kv
 from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
 from shared.replay import read_stream
+from shared.tpm.policy_gen import local_policy
 from shared.tpm.swtpm import Swtpm
 from tests.framework.flow import attested_agent, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
 
-from shared.config import Settings
+from shared.config import KekSettings
 from shared.crypto import CryptoError
 from shared.crypto.kek import TpmSealedSource, load_source, seal_kek_file_tpm
 from shared.crypto.secret import random_secret
@@ -123,7 +123,7 @@ def test_sealed_ring_lifecycle(swtpm: Swtpm, tmp_path: Path) -> None:
     assert err.value.reason == "kek_file_exists"
 
     # The spec form the key-broker is configured with.
-    spec_source = load_source(f"tpm:{path}?pcrs=0,7,16", settings=Settings(tpm=swtpm.tcti))
+    spec_source = load_source(f"tpm:{path}?pcrs=0,7,16", settings=KekSettings(tpm=swtpm.tcti))
     assert spec_source.load().unwrap(w, b"job") == bytearray(b"D" * 32)
 
 

@@ -201,7 +201,9 @@ async def test_destroyed_key_is_erased_from_the_store(stack: Stack, tmp_path: Pa
 
         # Before: the admin reads the wrapped copy back, and the scan finds it in the store's block files
         # (and it opens under the KEK ring): the scan sees what the store keeps.
-        assert await stored_blobs(env, job) == [made]  # the release's superseded revisions erased already
+        # Superseded revisions hold the same wrapped copy until the destruction erases them all.
+        assert set(await stored_blobs(env, job)) == {made}
+        stored = len(await env.kv.revisions(job_key(job)))
         wrapped = {"wrapped key": made}
         hits = await until_found(stack, wrapped)
         assert any(h.startswith("wrapped key as hex in ") and ".blk" in h for h in hits), hits
@@ -211,7 +213,7 @@ async def test_destroyed_key_is_erased_from_the_store(stack: Stack, tmp_path: Pa
         gone = await destroyed(env, job)
         ev = gone.volume
         assert gone.reason == "instance_destroyed" and ev is not None
-        assert ev.wrapped_deleted and ev.revisions_erased == 1 and ev.released_to == "i-1"
+        assert ev.wrapped_deleted and ev.revisions_erased == stored and ev.released_to == "i-1"
         assert ev.wrapped_sha256 == hashlib.sha256(made).hexdigest()
         await assert_erased(env, job, wrapped)
 
@@ -282,14 +284,14 @@ async def test_an_interrupted_destruction_is_finished_by_the_redelivery(stack: S
         async def fails_once(key: str, revision: int) -> int:
             calls.append(revision)
             if len(calls) == 1:
-                assert await stored_blobs(env, job) == [wrapped["wrapped key"]]  # tombstone written, copy kept
+                assert set(await stored_blobs(env, job)) == {wrapped["wrapped key"]}  # tombstone written, copies kept
                 raise ConnectionError("the broker went away")
             return await real(key, revision)
 
         monkeypatch.setattr(env.kv, "erase_before", fails_once)
         ev = (await destroyed(env, job)).volume
         assert len(calls) == 2 and calls[0] == calls[1]  # the same tombstone, resumed
-        assert ev is not None and ev.revisions_erased == 1 and ev.store_revision == calls[0]
+        assert ev is not None and ev.revisions_erased >= 1 and ev.store_revision == calls[0]
         await assert_erased(env, job, wrapped)
         await asyncio.sleep(0.5)
         assert len([e for e in await env.events(f"qvm.keys.{job}.>") if isinstance(e.payload, KeysDestroyed)]) == 1
@@ -349,7 +351,7 @@ async def test_a_bucket_made_before_erasure_is_recreated_erasable(stack: Stack, 
         wrapped = {"live key": bytes.fromhex(live.wrapped)}
         assert await until_found(stack, wrapped)
         ev = (await destroyed(env, "live-1")).volume
-        assert ev is not None and ev.revisions_erased == 1
+        assert ev is not None and ev.revisions_erased >= 1
         await assert_erased(env, "live-1", wrapped)
         hits = in_store(stack, {}, ring, ("old-1", "live-1"))
         assert not hits, hits

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.nats
 
 async def _registry(stack) -> tuple[Registry, asyncio.Event, asyncio.Task[None]]:
     bus = await stack.bus(Role.SCHEDULER)
-    reg = Registry(await bus.js.key_value("qvm_nodes"))
+    reg = Registry(await bus.kv("qvm_nodes"))
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(reg.load_and_watch(stop, ready))
     await asyncio.wait_for(ready.wait(), 10)

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from services.attestation_verifier.policy_gen import local_policy
 from services.attestation_verifier.service import Verifier
 from services.janitor.service import Janitor
 from services.node_agent.service import NodeAgent
@@ -36,6 +35,7 @@ from shared.events import (
     TeardownRecord,
 )
 from shared.models import HardwareProfile, TrustState
+from shared.tpm.policy_gen import local_policy
 from shared.tpm.swtpm import Swtpm
 from tests.framework.flow import agent_process, attested_agent, events_of, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from shared.cli.attest import (
+from shared.cli.attest_files import (
     InputError,
     parse_pcr_list,
     parse_pcr_serialized,

@@ -1,9 +1,9 @@
 """Structural checks of the deployment files (no Docker engine needed).
 
-docker-compose.yml must run every service role from the one Dockerfile, reference only files that exist,
-and the NATS configs under deploy/nats must be accepted by the real `nats-server -t` once their
-/etc/qvm/pki paths point at a freshly generated PKI and an `authorization.conf` generated from the
-catalogue's permissions sits next to them.
+docker-compose.yml must run every service role from the one Dockerfile, each image with its own pyproject
+extra (build arg QVM_EXTRAS), and reference only files that exist; the NATS configs under deploy/nats must
+be accepted by the real `nats-server -t` once their /etc/qvm/pki paths point at a freshly generated PKI and
+an `authorization.conf` generated from the catalogue's permissions sits next to them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from shared.identity import SERVICE_ROLES, Identity, Role
 from shared.natsconf import permissions_for
 from shared.natsserver import nats_server_binary
 from shared.pki import Pki
+from tests.framework.extras import distributions, extras
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -81,9 +82,45 @@ def test_every_service_role_has_a_compose_service(compose: dict[str, Any]) -> No
         assert "nats" in _depends_on(svc)
 
 
-def test_services_share_one_image(compose: dict[str, Any]) -> None:
-    builds = {json.dumps(s["build"], sort_keys=True) for s in _services(compose).values() if "build" in s}
-    assert len(builds) == 1, f"services are built in different ways: {builds}"
+def _extras_of(svc: dict[str, Any]) -> set[str]:
+    return {e.strip() for e in str(svc["build"].get("args", {}).get("QVM_EXTRAS", "all")).split(",")}
+
+
+def test_services_build_from_one_dockerfile(compose: dict[str, Any]) -> None:
+    builds = {json.dumps({k: v for k, v in s["build"].items() if k != "args"}, sort_keys=True)
+              for s in _services(compose).values() if "build" in s}
+    assert len(builds) == 1, f"services are built from different Dockerfiles: {builds}"
+    by_image: dict[str, set[str]] = {}
+    for svc in _services(compose).values():
+        if "build" in svc:
+            by_image.setdefault(svc["image"], set()).add(json.dumps(svc["build"], sort_keys=True))
+    assert all(len(b) == 1 for b in by_image.values()), f"one image tag built in two ways: {by_image}"
+
+
+def test_each_image_installs_its_own_extra(compose: dict[str, Any]) -> None:
+    """A service's image installs its role's extra (and only the CLI's besides); the one-shot jobs the CLI's."""
+    services = _services(compose)
+    known = set(extras())
+    for role in SERVICE_ROLES:
+        got = _extras_of(services[role.value])
+        assert role.value in got and got <= {role.value, "cli"}, f"{role.value} installs qvm[{','.join(got)}]"
+    for name in ("pki", "provision"):
+        assert _extras_of(services[name]) == {"cli"}
+    for name, svc in services.items():
+        if "build" in svc:
+            assert _extras_of(svc) <= known, f"{name}: unknown extra in {_extras_of(svc)}"
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG QVM_EXTRAS=all$", text, re.M)
+    assert re.search(r'^RUN pip install "\.\[\$\{QVM_EXTRAS\}\]"', text, re.M)
+
+
+def test_dockerfile_installs_the_tss_for_the_extras_that_need_it() -> None:
+    """tpm2-pytss builds against libtss2-dev: the Dockerfile installs it for exactly the extras that pull it in."""
+    m = re.search(r'case ",\$\{QVM_EXTRAS\}," in\s*\\?\s*(\S+)\)', DOCKERFILE.read_text())
+    assert m, "the Dockerfile no longer chooses the TSS packages by QVM_EXTRAS"
+    chosen = {p.strip("*,") for p in m.group(1).split("|")}
+    needing = {e for e in extras() if e != "dev" and "tpm2-pytss" in distributions(e)}
+    assert chosen == needing
 
 
 def test_nats_service(compose: dict[str, Any]) -> None:

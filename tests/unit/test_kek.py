@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.config import Settings
+from shared.config import KekSettings
 from shared.crypto import CryptoError
 from shared.crypto.kek import (
     KEK_BYTES,
@@ -354,13 +354,13 @@ def test_protocols() -> None:
 
 def test_file_spec_passphrase_from_env(kek_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QVM_KEK_PASSPHRASE", PASS.decode())
-    source = load_source(f"file:{kek_file}", settings=Settings())
+    source = load_source(f"file:{kek_file}", settings=KekSettings())
     assert isinstance(source, PassphraseFileSource) and str(kek_file) in source.describe()
     assert PASS.decode() not in source.describe() and PASS.decode() not in repr(source)
     assert source.load().versions == (1,)
     monkeypatch.setenv("OTHER_ENV", "nope nope nope")
     with pytest.raises(CryptoError) as err:
-        load_source(f"file:{kek_file}", "OTHER_ENV", settings=Settings()).load()
+        load_source(f"file:{kek_file}", "OTHER_ENV", settings=KekSettings()).load()
     assert reason(err) == "bad_passphrase"
 
 
@@ -368,7 +368,7 @@ def test_file_spec_passphrase_file_wins(kek_file: Path, tmp_path: Path, monkeypa
     monkeypatch.setenv("QVM_KEK_PASSPHRASE", "the wrong one entirely")
     pf = tmp_path / "pass"
     pf.write_bytes(PASS + b"\n")
-    s = Settings(kek_passphrase_file=pf)
+    s = KekSettings(kek_passphrase_file=pf)
     assert read_passphrase(pf) == bytearray(PASS)
     assert load_source(f"file:{kek_file}", settings=s).load().versions == (1,)
 
@@ -376,17 +376,17 @@ def test_file_spec_passphrase_file_wins(kek_file: Path, tmp_path: Path, monkeypa
 def test_file_spec_without_passphrase(kek_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("QVM_KEK_PASSPHRASE", raising=False)
     with pytest.raises(ConfigError):
-        load_source(f"file:{kek_file}", settings=Settings())
+        load_source(f"file:{kek_file}", settings=KekSettings())
     with pytest.raises(ConfigError):
-        load_source(f"file:{kek_file}", settings=Settings(kek_passphrase_file=kek_file.parent / "absent"))
+        load_source(f"file:{kek_file}", settings=KekSettings(kek_passphrase_file=kek_file.parent / "absent"))
 
 
 def test_tpm_spec_parsing() -> None:
-    s = Settings(tpm="swtpm:host=127.0.0.1,port=2321")
+    s = KekSettings(tpm="swtpm:host=127.0.0.1,port=2321")
     src = load_source("tpm:/var/lib/qvm/kek.tpm.json?pcrs=7,0", settings=s)
     assert isinstance(src, TpmSealedSource)
     assert (src.tcti, src.path, src.pcrs) == ("swtpm:host=127.0.0.1,port=2321", Path("/var/lib/qvm/kek.tpm.json"), (0, 7))
-    src = load_source("tpm:/k.json?pcrs=15&tcti=swtpm:host=127.0.0.1,port=9", settings=Settings())
+    src = load_source("tpm:/k.json?pcrs=15&tcti=swtpm:host=127.0.0.1,port=9", settings=KekSettings())
     assert isinstance(src, TpmSealedSource) and src.tcti == "swtpm:host=127.0.0.1,port=9" and src.pcrs == (15,)
     assert isinstance(src, TpmSealedSource) and "sha256:15" in src.describe()
     src = load_source("tpm:/k.json", settings=s)
@@ -397,12 +397,12 @@ def test_tpm_spec_parsing() -> None:
                                   "tpm:?pcrs=0", "tpm:/k.json?pcrs=1&pcrs=2", "tpm:/k.json?pcrs=-1"])
 def test_tpm_spec_refused(spec: str) -> None:
     with pytest.raises(ConfigError):
-        load_source(spec, settings=Settings(tpm="swtpm:port=1"))
+        load_source(spec, settings=KekSettings(tpm="swtpm:port=1"))
 
 
 def test_tpm_spec_needs_a_tpm() -> None:
     with pytest.raises(ConfigError):
-        load_source("tpm:/k.json?pcrs=7", settings=Settings(tpm=None))
+        load_source("tpm:/k.json?pcrs=7", settings=KekSettings(tpm=None))
 
 
 def test_kms_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,7 +416,7 @@ def test_kms_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
     again = load_source("kms:tests.unit.kek_kms_plugin:factory").load()
     assert again.unwrap(w, b"job") == bytearray(b"k" * 32)
     monkeypatch.setenv("QVM_KEK_SOURCE", "kms:tests.unit.kek_kms_plugin:factory")
-    assert load_ring(Settings()).versions == (1, 2, 3)
+    assert load_ring(KekSettings()).versions == (1, 2, 3)
 
 
 @pytest.mark.parametrize("spec", [
@@ -428,14 +428,14 @@ def test_kms_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_specs_are_config_errors(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QVM_KEK_PASSPHRASE", PASS.decode())
     with pytest.raises(ConfigError):
-        load_source(spec, settings=Settings())
+        load_source(spec, settings=KekSettings())
 
 
 # ====================================================================== development default
 def test_development_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("QVM_KEK_PASSPHRASE", raising=False)
     monkeypatch.delenv("QVM_KEK_SOURCE", raising=False)
-    s = Settings(state_dir=tmp_path / "state")
+    s = KekSettings(state_dir=tmp_path / "state")
     assert s.kek_source == "" and s.kek_passphrase_file is None
     kek_path, pass_path = default_kek_paths(s.state_dir)
     assert "development" in source_for(s).describe()

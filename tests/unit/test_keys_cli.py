@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shared.cli.main import app
-from shared.config import Settings
+from shared.config import KekSettings
 from shared.crypto.kek import default_kek_paths, load_ring
 from shared.tpm.swtpm import Swtpm
 
@@ -46,7 +46,7 @@ def test_development_default(tmp_path: Path) -> None:
     code, out = qvm(env, "show")
     assert code == 0, out
     assert shown_versions(out) == [(1, False), (2, True)]
-    ring = load_ring(Settings(state_dir=tmp_path / "state"))
+    ring = load_ring(KekSettings(state_dir=tmp_path / "state"))
     for v in ring.versions:  # never the key material
         assert ring._keys[v].hex() not in out.replace("\n", "") and ring._keys[v].hex()[:16] not in out
     assert pass_file.read_text().strip() not in out

@@ -1,5 +1,5 @@
 """Workload output is the client's: sealed chunk by chunk to the job's output key (shared.crypto.output),
-published only for jobs that give one (services.node_agent.runtime.run_workload), opened and verified by
+published only for jobs that give one (services.node_agent.output.run_workload), opened and verified by
 the client (shared.client.output)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from pydantic import ValidationError
 
 from services.node_agent.channel import RunOutput
-from services.node_agent.runtime import OUTPUT_PUBLISHED_MAX, run_workload
+from services.node_agent.output import OUTPUT_PUBLISHED_MAX, run_workload
 from shared.cli.render import summarize
 from shared.client.output import (
     OutputError,

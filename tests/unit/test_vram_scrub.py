@@ -4,10 +4,9 @@ PTX, real allocation behaviour and speed (`deploy/gpu-check`)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
-import importlib.machinery
-import importlib.util
 import io
 import json
 import random
@@ -21,14 +20,15 @@ from typing import Any
 
 import pytest
 
+from services.node_agent.gpu import check as gpu_check
 from services.node_agent.gpu import cuda as cuda_mod
 from services.node_agent.gpu import nvml as nvml_mod
+from services.node_agent.gpu import session as session_mod
 from services.node_agent.gpu import vram as vram_mod
 from services.node_agent.gpu.cuda import CudaDriver, CudaError, format_uuid, load_libcuda
 from services.node_agent.gpu.nvml import read_inventory
+from services.node_agent.gpu.ptx import KERNELS, PTX
 from services.node_agent.gpu.vram import (
-    KERNELS,
-    PTX,
     SCRUB_METHOD,
     fill_vram,
     scrub_vram,
@@ -206,7 +206,7 @@ def test_error_names_fall_back_when_cuGetErrorName_is_missing() -> None:
 
 
 def test_invalid_ptx_carries_the_jit_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vram_mod, "PTX", ".version 6.0\n.target sm_50\n// no address size, no entry\n")
+    monkeypatch.setattr(session_mod, "PTX", ".version 6.0\n.target sm_50\n// no address size, no entry\n")
     lib = FakeLibcuda([FakeDevice()])
     with pytest.raises(CudaError) as err:
         scrub_vram(0, lib=lib, **SIZES)
@@ -394,15 +394,6 @@ def test_ptx_interpreted_scrub_catches_a_skipped_memset() -> None:
 GPU_CHECK = Path(__file__).resolve().parents[2] / "deploy" / "gpu-check"
 
 
-def _load_gpu_check() -> Any:
-    loader = importlib.machinery.SourceFileLoader("qvm_gpu_check", str(GPU_CHECK))
-    spec = importlib.util.spec_from_loader("qvm_gpu_check", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_check_without_a_driver_says_so() -> None:
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
@@ -415,12 +406,28 @@ def test_gpu_check_without_a_driver_says_so() -> None:
     assert r.returncode == 2 and "no GPU" in r.stdout, r.stdout + r.stderr
 
 
+def test_gpu_check_runs_each_step_as_its_own_process() -> None:
+    """A step is `python -m services.node_agent.gpu.check --child ...` from the repository root; without
+    libcuda here it reports `no_libcuda`, and the parent records the failure with the child's result."""
+    try:
+        load_libcuda()
+    except CudaError:
+        pass
+    else:  # pragma: no cover - a machine with the NVIDIA driver runs the real thing instead
+        pytest.skip("libcuda is present here")
+    chk = gpu_check.Check(60)
+    args = argparse.Namespace(pattern=gpu_check.DEFAULT_PATTERN, chunk_mib=8)
+    assert chk.run_child("info", None, args) is None
+    (failure,) = chk.failures
+    assert failure.startswith("info: child exited 3: {'error': 'no_libcuda'"), failure
+
+
 @pytest.mark.parametrize("broken_memset", [False, True])
 def test_gpu_check_end_to_end_over_the_fakes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              tmp_path: Path, broken_memset: bool) -> None:
     """The whole script, each child step run in-process over a fake libcuda on one shared FakeDevice (a
     child's exit is `process_exit()`), the NVML inventory from the fake NVML: sections, pass/fail, JSON."""
-    mod = _load_gpu_check()
+    mod = gpu_check
     dev = FakeDevice(total=64 * MiB, reserved=2 * MiB)
     nvml_gpu = FakeNvmlGpu(uuid=format_uuid(dev.uuid), memory_total=dev.total)
     monkeypatch.setattr(nvml_mod, "read_inventory", lambda _nvml: read_inventory(FakeNvml([nvml_gpu])))

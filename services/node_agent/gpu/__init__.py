@@ -1,7 +1,8 @@
 """The node-agent's GPU side: NVML inventory (`nvml`), a ctypes binding to the CUDA driver (`cuda`), and the
-VRAM scrub that wipes and verifies a GPU's memory between jobs (`vram`). Nothing here needs the CUDA
-toolkit: only the NVIDIA driver's libnvidia-ml and libcuda, and on a host without them every entry point
-fails cleanly (an empty inventory, a `CudaError` with reason `no_libcuda`).
+VRAM scrub that wipes and verifies a GPU's memory between jobs (`vram`, over one device `session` and the
+PTX kernels in `ptx`). Nothing here needs the CUDA toolkit: only the NVIDIA driver's libnvidia-ml and
+libcuda, and on a host without them every entry point fails cleanly (an empty inventory, a `CudaError` with
+reason `no_libcuda`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ handed to the next tenant's first `cudaMalloc`. The node-agent therefore claims 
 zeroes it and checks it before the GPU takes another job.
 
 How (`scrub_vram`): cuInit, the device (by ordinal, UUID or PCI bus id: NVML and CUDA ordinals can differ,
-so callers pass the UUID NVML reported), a fresh context, the PTX module below, a self-test of the kernels,
+so callers pass the UUID NVML reported), a fresh context, the PTX kernels (`gpu.ptx`), their self-test,
 then all free memory claimed in chunks (a chunk that does not fit is halved, down to a floor, so all but
 less than one floor of free memory is claimed), each chunk zeroed with cuMemsetD32, then every 8-byte word
 of every chunk counted on the GPU by a kernel (`qvm_count_ne` against 0) with one counter per chunk: not a
@@ -28,6 +28,8 @@ agent should prefer it).
 optionally keep it claimed so the process exits without freeing it), and claim all free VRAM raw (no
 memset) to count, on the GPU, how much of a pattern a new tenant would read.
 
+This module holds the operations and their evidence; the device work under them (context, claim in
+chunks, counts on the GPU, the kernels' self-test, release) is `gpu.session`, the kernels' text `gpu.ptx`.
 All of it is blocking driver work: the node-agent calls it off the event loop, on one thread.
 """
 
@@ -36,29 +38,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.node_agent.gpu.cuda import (
-    CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-    CudaDriver,
-    CudaError,
-    load_libcuda,
-)
+from services.node_agent.gpu.cuda import CudaDriver, CudaError, load_libcuda
+from services.node_agent.gpu.session import BLOCK_THREADS, Session
 from shared.models import VramScrub
 from shared.telemetry import get_logger
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
-    "KERNELS",
     "MIN_CHUNK_BYTES",
-    "PTX",
     "SCRUB_METHOD",
     "ScrubReport",
     "VramFill",
@@ -75,129 +70,6 @@ log = get_logger("qvm.node_agent.gpu.vram")
 SCRUB_METHOD = "cuda-memset-verify"
 DEFAULT_CHUNK_BYTES = 1 << 30
 MIN_CHUNK_BYTES = 2 << 20  # the driver's large-page granularity: smaller chunks would not claim more
-BLOCK_THREADS = 256
-BLOCKS_PER_SM = 8  # 8 x 256 threads: one full wave on every SM since Maxwell
-SELFTEST_BYTES = 4097 * 16  # an odd number of 16-byte units, so the kernels' tail loops are exercised
-_SELFTEST_BYTE = 0xA5
-_SELFTEST_PATTERN = 0x0123456789ABCDEF
-
-KERNELS = ("qvm_count_ne", "qvm_count_eq", "qvm_fill")
-
-
-def _count_kernel(name: str, cmp: str) -> str:
-    """A grid-stride count of the 8-byte words that are `cmp` (ne/eq) to `value`, over `n16` 16-byte units
-    (two words each); each thread adds its count to `*result` with one 64-bit atomic. The main loop loads
-    four units per thread before comparing (more loads in flight), the tail loop takes the rest."""
-    def tally(reg: str) -> str:
-        return (f"\tsetp.{cmp}.u64 \t%p2, {reg}, %rd3;\n\tselp.u64 \t%rd30, 1, 0, %p2;\n"
-                "\tadd.s64 \t%rd10, %rd10, %rd30;\n")
-    main = "".join(tally(f"%rd{r}") for r in range(20, 28))
-    tail = tally("%rd20") + tally("%rd21")
-    return f""".visible .entry {name}(
-\t.param .u64 {name}_buf,
-\t.param .u64 {name}_n16,
-\t.param .u64 {name}_value,
-\t.param .u64 {name}_result
-)
-{{
-\t.reg .pred \t%p<4>;
-\t.reg .b32 \t%r<5>;
-\t.reg .b64 \t%rd<32>;
-
-\tld.param.u64 \t%rd1, [{name}_buf];
-\tld.param.u64 \t%rd2, [{name}_n16];
-\tld.param.u64 \t%rd3, [{name}_value];
-\tld.param.u64 \t%rd4, [{name}_result];
-\tcvta.to.global.u64 \t%rd1, %rd1;
-\tcvta.to.global.u64 \t%rd4, %rd4;
-\tmov.u32 \t%r1, %ctaid.x;
-\tmov.u32 \t%r2, %ntid.x;
-\tmov.u32 \t%r3, %tid.x;
-\tmov.u32 \t%r4, %nctaid.x;
-\tcvt.u64.u32 \t%rd5, %r3;
-\tmad.wide.u32 \t%rd5, %r1, %r2, %rd5;
-\tmul.wide.u32 \t%rd6, %r4, %r2;
-\tshl.b64 \t%rd7, %rd6, 4;
-\tmul.lo.u64 \t%rd8, %rd6, 3;
-\tshl.b64 \t%rd9, %rd6, 2;
-\tmov.u64 \t%rd10, 0;
-$L_{name}_main:
-\tadd.s64 \t%rd11, %rd5, %rd8;
-\tsetp.ge.u64 \t%p1, %rd11, %rd2;
-\t@%p1 bra \t$L_{name}_tail;
-\tshl.b64 \t%rd12, %rd5, 4;
-\tadd.s64 \t%rd12, %rd1, %rd12;
-\tadd.s64 \t%rd13, %rd12, %rd7;
-\tadd.s64 \t%rd14, %rd13, %rd7;
-\tadd.s64 \t%rd15, %rd14, %rd7;
-\tld.global.v2.u64 \t{{%rd20, %rd21}}, [%rd12];
-\tld.global.v2.u64 \t{{%rd22, %rd23}}, [%rd13];
-\tld.global.v2.u64 \t{{%rd24, %rd25}}, [%rd14];
-\tld.global.v2.u64 \t{{%rd26, %rd27}}, [%rd15];
-{main}\tadd.s64 \t%rd5, %rd5, %rd9;
-\tbra.uni \t$L_{name}_main;
-$L_{name}_tail:
-\tsetp.ge.u64 \t%p1, %rd5, %rd2;
-\t@%p1 bra \t$L_{name}_done;
-\tshl.b64 \t%rd12, %rd5, 4;
-\tadd.s64 \t%rd12, %rd1, %rd12;
-\tld.global.v2.u64 \t{{%rd20, %rd21}}, [%rd12];
-{tail}\tadd.s64 \t%rd5, %rd5, %rd6;
-\tbra.uni \t$L_{name}_tail;
-$L_{name}_done:
-\tsetp.eq.u64 \t%p1, %rd10, 0;
-\t@%p1 bra \t$L_{name}_end;
-\tatom.global.add.u64 \t%rd31, [%rd4], %rd10;
-$L_{name}_end:
-\tret;
-}}
-"""
-
-
-_FILL_KERNEL = """.visible .entry qvm_fill(
-\t.param .u64 qvm_fill_buf,
-\t.param .u64 qvm_fill_n16,
-\t.param .u64 qvm_fill_value
-)
-{
-\t.reg .pred \t%p<2>;
-\t.reg .b32 \t%r<5>;
-\t.reg .b64 \t%rd<8>;
-
-\tld.param.u64 \t%rd1, [qvm_fill_buf];
-\tld.param.u64 \t%rd2, [qvm_fill_n16];
-\tld.param.u64 \t%rd3, [qvm_fill_value];
-\tcvta.to.global.u64 \t%rd1, %rd1;
-\tmov.u32 \t%r1, %ctaid.x;
-\tmov.u32 \t%r2, %ntid.x;
-\tmov.u32 \t%r3, %tid.x;
-\tmov.u32 \t%r4, %nctaid.x;
-\tcvt.u64.u32 \t%rd5, %r3;
-\tmad.wide.u32 \t%rd5, %r1, %r2, %rd5;
-\tmul.wide.u32 \t%rd6, %r4, %r2;
-$L_qvm_fill_loop:
-\tsetp.ge.u64 \t%p1, %rd5, %rd2;
-\t@%p1 bra \t$L_qvm_fill_done;
-\tshl.b64 \t%rd7, %rd5, 4;
-\tadd.s64 \t%rd7, %rd1, %rd7;
-\tst.global.v2.u64 \t[%rd7], {%rd3, %rd3};
-\tadd.s64 \t%rd5, %rd5, %rd6;
-\tbra.uni \t$L_qvm_fill_loop;
-$L_qvm_fill_done:
-\tret;
-}
-"""
-
-# PTX ISA 6.0 for sm_50: every driver since CUDA 9 JIT-compiles it for the GPU at hand (Maxwell to Blackwell).
-PTX = ("//\n// qvm VRAM kernels (services/node_agent/gpu/vram.py): count and fill 8-byte words, grid-stride.\n//\n"
-       ".version 6.0\n.target sm_50\n.address_size 64\n\n"
-       + _count_kernel("qvm_count_ne", "ne") + "\n" + _count_kernel("qvm_count_eq", "eq") + "\n" + _FILL_KERNEL)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    ptr: int
-    size: int
 
 
 @dataclass(frozen=True)
@@ -373,7 +245,7 @@ def fill_vram(device: int | str, pattern: int, lib: Any = None, chunk_bytes: int
     exits without freeing anything, the way a job's process ends, and the driver reclaims it on exit.
     """
     t0 = time.monotonic()
-    s = _Session.open(_driver(lib), device, min_chunk_bytes, block_threads)
+    s = Session.open(_driver(lib), device, min_chunk_bytes, block_threads)
     try:
         chunks = [s.scratch, *s.claim_all(chunk_bytes, min_chunk_bytes)]
         for c in chunks:
@@ -415,177 +287,14 @@ def _driver(lib: Any) -> CudaDriver:
 
 
 @contextlib.contextmanager
-def _session(lib: Any, device: int | str, min_chunk_bytes: int, block_threads: int) -> Iterator[_Session]:
-    s = _Session.open(_driver(lib), device, min_chunk_bytes, block_threads)
+def _session(lib: Any, device: int | str, min_chunk_bytes: int, block_threads: int) -> Iterator[Session]:
+    s = Session.open(_driver(lib), device, min_chunk_bytes, block_threads)
     try:
         yield s
     except BaseException:
         s.close(quiet=True)
         raise
     s.close()
-
-
-class _Session:
-    """One device, one context, the kernels loaded and warmed up, a counter buffer and a scratch buffer (for
-    the self-test), both whole granules (`min_chunk_bytes`) so no one else's data shares their pages.
-
-    Everything the claim needs on the device is set up before the claim: after it, the device is full, and
-    lazy module loading (the default since CUDA 12.2) would fail at the first launch.
-    """
-
-    def __init__(self, drv: CudaDriver, dev: int, block_threads: int) -> None:
-        self.drv = drv
-        self.dev = dev
-        self.block_threads = block_threads
-        self.uuid = drv.device_uuid(dev)
-        self.pci_bus_id = drv.device_pci_bus_id(dev)
-        self.name = drv.device_name(dev)
-        self.total = drv.device_total_mem(dev)
-        self.max_blocks = max(1, drv.device_attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev) * BLOCKS_PER_SM)
-        self.ctx: Any = None
-        self.module: Any = None
-        self.functions: dict[str, Any] = {}
-        self.free_at_open = 0
-        self.slots = 0
-        self.counters = Chunk(0, 0)
-        self.scratch = Chunk(0, 0)
-        self.live: list[Chunk] = []
-
-    @classmethod
-    def open(cls, drv: CudaDriver, device: int | str, min_chunk_bytes: int, block_threads: int) -> _Session:
-        if min_chunk_bytes < 16 or min_chunk_bytes % 16 or not 1 <= block_threads <= 1024:
-            raise CudaError("invalid_argument", f"chunk floor {min_chunk_bytes} (a multiple of 16 bytes), "
-                                                f"block {block_threads} threads (1..1024)")
-        drv.init()
-        s = cls(drv, _resolve(drv, device), block_threads)
-        s.ctx = drv.ctx_create(s.dev)
-        try:
-            s.module = drv.module_load_data(PTX.encode())
-            s.functions = {k: drv.module_get_function(s.module, k) for k in KERNELS}
-            s.free_at_open, _ = drv.mem_get_info()
-            s.slots = s.free_at_open // min_chunk_bytes + 16  # one counter per possible chunk
-            s.counters = s.alloc(_round_up(8 * s.slots, min_chunk_bytes))
-            s.scratch = s.alloc(_round_up(SELFTEST_BYTES, min_chunk_bytes))
-            for k in KERNELS:  # warm-up: forces the lazy module load while there is room for it
-                s.launch(k, s.scratch.ptr, 0, 0, s.counters.ptr)
-            drv.ctx_synchronize()
-        except BaseException:
-            s.close(quiet=True)
-            raise
-        return s
-
-    def alloc(self, size: int) -> Chunk:
-        chunk = Chunk(self.drv.mem_alloc(size), size)
-        self.live.append(chunk)
-        return chunk
-
-    def launch(self, kernel: str, ptr: int, n16: int, value: int, result: int | None = None) -> None:
-        blocks = max(1, min(self.max_blocks, -(-n16 // self.block_threads)))
-        args = [ptr, n16, value] + ([] if result is None else [result])
-        self.drv.launch(self.functions[kernel], blocks, self.block_threads, args)
-
-    def claim_all(self, chunk_bytes: int, floor: int) -> list[Chunk]:
-        """Allocate until the device is full: chunks of `chunk_bytes`, halved on out-of-memory down to
-        `floor` (all multiples of `floor`, hence of 16 bytes as the kernels need)."""
-        size = max(floor, chunk_bytes // floor * floor)
-        chunks: list[Chunk] = []
-        while len(chunks) < self.slots - 1:
-            ptr = self.drv.try_mem_alloc(size)
-            if ptr is None:
-                if size == floor:
-                    break
-                size = max(floor, size // 2 // floor * floor)
-                continue
-            chunk = Chunk(ptr, size)
-            chunks.append(chunk)
-            self.live.append(chunk)
-        return chunks
-
-    def count(self, kernel: str, chunks: Sequence[Chunk], value: int) -> list[int]:
-        """Per-chunk counts from `kernel` (`qvm_count_ne` / `qvm_count_eq` against `value`)."""
-        counts: list[int] = []
-        for start in range(0, len(chunks), self.slots):
-            batch = chunks[start:start + self.slots]
-            self.drv.memset_d32(self.counters.ptr, 0, 2 * len(batch))
-            for i, c in enumerate(batch):
-                self.launch(kernel, c.ptr, c.size // 16, value, self.counters.ptr + 8 * i)
-            self.drv.ctx_synchronize()
-            raw = self.drv.memcpy_dtoh(self.counters.ptr, 8 * len(batch))
-            counts.extend(struct.unpack(f"<{len(batch)}Q", raw))
-        return counts
-
-    def selftest(self) -> str:
-        """Check the kernels on the scratch buffer with known contents; '' when every answer is right."""
-        buf, size, words = self.scratch.ptr, SELFTEST_BYTES, SELFTEST_BYTES // 8
-        test = [Chunk(buf, size)]
-        d = self.drv
-        problems = []
-
-        def expect(what: str, kernel: str, value: int, want: int) -> None:
-            got = self.count(kernel, test, value)[0]
-            if got != want:
-                problems.append(f"{what}: {kernel} counted {got}, expected {want}")
-
-        d.memset_d8(buf, _SELFTEST_BYTE, size)
-        expect("all 0xA5", "qvm_count_ne", 0, words)
-        expect("all 0xA5", "qvm_count_eq", int.from_bytes(bytes([_SELFTEST_BYTE]) * 8, "little"), words)
-        d.memset_d32(buf, 0, size // 4)
-        for offset in (0, size // 2 + 3, size - 1):  # first, a middle and the very last byte
-            d.memcpy_htod(buf + offset, b"\x01")
-        expect("three planted bytes", "qvm_count_ne", 0, 3)
-        self.launch("qvm_fill", buf, size // 16, _SELFTEST_PATTERN)
-        expect("filled pattern", "qvm_count_eq", _SELFTEST_PATTERN, words)
-        d.memset_d32(buf, 0, size // 4)
-        expect("zeroed", "qvm_count_ne", 0, 0)
-        return "; ".join(problems)
-
-    def release(self, chunks: Sequence[Chunk]) -> None:
-        for c in chunks:
-            self.drv.mem_free(c.ptr)
-            self.live.remove(c)
-
-    def close(self, quiet: bool = False) -> None:
-        """Free what is left and destroy the context (which would free it all anyway). With `quiet`, on an
-        error path, cleanup failures are logged so the first error is the one raised."""
-        steps: list[tuple[str, Any]] = [(f"free {c.ptr:#x}", lambda c=c: self.drv.mem_free(c.ptr))
-                                        for c in self.live]
-        if self.module is not None:
-            steps.append(("unload module", lambda m=self.module: self.drv.module_unload(m)))
-        if self.ctx is not None:
-            steps.append(("destroy context", lambda c=self.ctx: self.drv.ctx_destroy(c)))
-        self.live, self.module, self.ctx = [], None, None
-        first: CudaError | None = None
-        for name, step in steps:
-            try:
-                step()
-            except CudaError as exc:
-                log.warning("vram cleanup step failed", extra={"step": name, "error": str(exc)[:200]})
-                first = first or exc
-        if first is not None and not quiet:
-            raise first
-
-
-def _resolve(drv: CudaDriver, device: int | str) -> int:
-    """A CUDA device handle from an ordinal, an NVML-style UUID (`GPU-…`) or a PCI bus id."""
-    if isinstance(device, int):
-        n = drv.device_count()
-        if not 0 <= device < n:
-            raise CudaError("gpu_not_found", f"CUDA device {device} does not exist ({n} visible)")
-        return drv.device(device)
-    if device.upper().startswith("GPU-"):
-        for i in range(drv.device_count()):
-            dev = drv.device(i)
-            if drv.device_uuid(dev).lower() == device.lower():
-                return dev
-        raise CudaError("gpu_not_found", f"no CUDA device has UUID {device}")
-    try:
-        return drv.device_by_pci_bus_id(device)
-    except CudaError as exc:
-        raise CudaError("gpu_not_found", f"no CUDA device at PCI {device}: {exc.reason}", exc.code) from exc
-
-
-def _round_up(n: int, granule: int) -> int:
-    return -(-n // granule) * granule
 
 
 def _human(n: int) -> str:

@@ -59,6 +59,14 @@ class VmCgroup:
         except OSError as exc:
             raise CgroupError(f"{exc.filename}: {exc.strerror}") from None
 
+    @classmethod
+    def leftover(cls, name: str, root: Path = Path("/sys/fs/cgroup")) -> VmCgroup | None:
+        """The instance's cgroup if it is still on the host (a teardown after an agent crash)."""
+        dirs = tuple(d for d in leftover_cgroups(root) if d.name == name)
+        if not dirs:
+            return None
+        return cls(dirs, 2 if dirs[0].parent == root / "qvm" else 1)
+
     def join_self(self) -> None:
         """Move the calling process in (runs in the VMM's child before exec)."""
         pid = str(os.getpid())

@@ -106,7 +106,7 @@ class InstanceNetwork:
         rules = list(egress)
         if rules and not uplink:
             raise NetworkError("egress_unsupported", "this node has no uplink namespace for egress")
-        net = cls(PREFIX + instance_id[-40:])
+        net = cls(_netns_name(instance_id))
         await _run("ip", "netns", "add", net.netns)
         try:
             await _run("ip", "-n", net.netns, "-batch", "-",
@@ -177,12 +177,22 @@ table inet qvm {{
         words = out.split()
         return sum(int(n) for w, n in itertools.pairwise(words) if w == "packets")
 
+    @classmethod
+    def leftover(cls, instance_id: str) -> InstanceNetwork | None:
+        """The instance's namespace if it is still on the host (a teardown after an agent crash)."""
+        net = cls(_netns_name(instance_id))
+        return net if net.netns in leftover_namespaces() else None
+
     async def remove(self) -> bool:
         try:
             await _run("ip", "netns", "del", self.netns)
         except NetworkError:
             return False
         return True
+
+
+def _netns_name(instance_id: str) -> str:
+    return PREFIX + instance_id[-40:]
 
 
 def leftover_namespaces() -> list[str]:

@@ -2,7 +2,8 @@
 node-agent code, the VMM binaries on this machine, the instance security policies the agent enforces.
 
 Operators run it (`qvm attest policy`) where they build a release, review the result, and ship it to
-the verifiers; the embedded stack writes one for itself at `qvm up`.
+the verifiers; the embedded stack writes one for itself at `qvm up`. It predicts the agent's measurements
+with the agent's own definitions (`shared.tpm.digests`), never a copy of them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.node_agent.attest.measure import code_digest, file_digest, security_policy_digest
-from services.node_agent.vmm.qemu_microvm import QEMU
 from shared.errors import ConfigError
 from shared.image.manifest import MANIFEST, ImageManifest
+from shared.tpm.digests import QEMU, code_digest, file_digest, security_policy_digest
 from shared.tpm.policy import AttestationPolicy, ImageReference
 
 __all__ = ["generate_policy", "local_policy"]
