@@ -209,6 +209,10 @@ class InstanceRuntime:
             running.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.shield(running.task)
+        if self.jobs.get(job_id) is running:  # cancelled before it began: nothing of it exists to tear down
+            self.jobs.pop(job_id, None)
+            if self.on_destroyed:
+                self.on_destroyed(job_id)
         return True
 
     async def stop_all(self) -> None:

@@ -12,6 +12,7 @@ import time
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shared.buckets import NODES
@@ -148,10 +149,15 @@ def audit_replay(workers: Annotated[int | None, typer.Option(help="Verifier proc
             table.add_row(k, str(v))
         console.print(table)
         console.print("job states: " + ", ".join(f"{k}={v}" for k, v in sorted(report.job_states.items())))
+        # Subjects, details and headers in these lines come from the bus: printed as text, never as markup.
         for d in report.dead_letters[:20]:
-            console.print(f"[yellow]dead letter[/yellow] {d}")
+            console.print(f"[yellow]dead letter[/yellow] {escape(d)}")
+        if len(report.dead_letters) > 20:
+            console.print(f"[yellow]… {len(report.dead_letters) - 20} more dead letters[/yellow]")
         for violation in report.violations[:50]:
-            console.print(f"[red]violation[/red] {violation}")
+            console.print(f"[red]violation[/red] {escape(violation)}")
+        if len(report.violations) > 50:
+            console.print(f"[red]… {len(report.violations) - 50} more violations[/red]")
         console.print("[green]audit clean[/green]" if report.ok else
                       f"[red]audit failed: {len(report.violations)} violation(s)[/red]")
         return report.ok
