@@ -27,6 +27,9 @@ class NodeAgentSettings(NodeSettings):
                                      "unset: such jobs are refused.")
     vm_network: str = Field("netns", pattern="^(netns|none)$",
                             description="netns: a tap in the instance's netns, nftables default-deny; none: no NIC.")
+    node_doctor: str = Field("warn", pattern="^(off|warn|enforce)$",
+                             description="Host checks at start (`qvm node doctor`): enforce refuses to start on a "
+                                         "failed hard requirement, warn logs it, off skips them.")
     instances_dir: Path | None = Field(None, description="Per-instance work dirs; default <state_dir>/instances.")
 
     tpm_ak_algorithm: str = Field("ecc-p256", pattern="^(ecc-p256|rsa-2048)$", description="Attestation key type.")

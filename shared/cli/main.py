@@ -20,6 +20,7 @@ from shared.cli.attest import attest_app
 from shared.cli.client import client_app, show_output
 from shared.cli.common import connect, console, err, local_node_id, run
 from shared.cli.keys import keys_app
+from shared.cli.node import node_app
 from shared.cli.observe import audit_app, events, nodes, status
 from shared.cli.render import summarize
 from shared.config import CommonSettings, NodeSettings, StackSettings
@@ -55,6 +56,7 @@ app.add_typer(image_app, name="image")
 app.add_typer(attest_app, name="attest")
 app.add_typer(client_app, name="client")
 app.add_typer(keys_app, name="keys")
+app.add_typer(node_app, name="node")
 # ------------------------------------------------------------------ pki
 @pki_app.command("init")
 def pki_init(nodes: Annotated[str, typer.Option(help="Comma-separated node ids to issue node-agent identities for")]

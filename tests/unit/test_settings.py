@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "key_release_timeout_s": 30.0, "client_secrets_timeout_s": 300.0, "kek_source": "",
     "kek_passphrase_file": None, "deadline_pending_s": 3600, "deadline_placed_s": 60,
     "deadline_provisioning_s": 900, "deadline_run_grace_s": 300, "deadline_teardown_s": 300,
-    "min_trust": TrustState.TRUSTED, "offline_after_s": 20.0,
+    "min_trust": TrustState.TRUSTED, "offline_after_s": 20.0, "node_doctor": "warn",
 }
 
 
