@@ -26,9 +26,6 @@ from shared.pki import Pki
 
 __all__ = ["inbox_prefix", "permissions_for", "render_server_config"]
 
-KV_BUCKETS: dict[str, tuple[Role, float]] = {name: (b.owner, b.max_age_s) for name, b in BUCKETS.items()}
-"""JetStream KV buckets (`shared/buckets.py`): owner role (the only identity that may read or write them) and
-max age (0: none)."""
 
 
 def inbox_prefix(ident: Identity) -> str:
@@ -60,8 +57,8 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
         ]
     for stream in readable_streams(ident.role):
         pub.append(f"$JS.API.DIRECT.GET.{stream}")  # batched message gets: reads, no server-side state
-    for bucket, (owner, _) in KV_BUCKETS.items():
-        if ident.role is owner:
+    for bucket, held in BUCKETS.items():  # a bucket's owner is the only identity that may read or write it
+        if ident.role is held.owner:
             # A bucket is private to its owner: the watchers it creates there (unnamed consumers on the
             # bucket's own stream) can touch nothing of anyone else's.
             pub += [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}",

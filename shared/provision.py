@@ -38,6 +38,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shared.buckets import BUCKETS
 from shared.bus import consumer_config, map_nats_errors
 from shared.config import CommonSettings
 from shared.consumers import CONSUMERS
@@ -45,7 +46,6 @@ from shared.errors import BusError
 from shared.events import STREAMS, Domain
 from shared.identity import Identity
 from shared.kv import erase_msg
-from shared.natsconf import KV_BUCKETS
 
 __all__ = ["ERASABLE_BUCKETS", "ERASABLE_HISTORY", "erasable_kv_config", "provision"]
 
@@ -103,7 +103,8 @@ async def provision(js: JetStreamContext, settings: CommonSettings) -> list[str]
                 await js.add_consumer(d.stream, config=consumer_config(spec, d))  # creates, or updates in place
             if not current:
                 changed.append(f"created consumer {d.name}")
-    for bucket, (_, max_age) in KV_BUCKETS.items():
+    for bucket, held in BUCKETS.items():
+        max_age = held.max_age_s
         if bucket in ERASABLE_BUCKETS:
             with map_nats_errors(f"provision kv {bucket}"):
                 done = await _erasable_bucket(js, erasable_kv_config(bucket, max_age, settings.stream_replicas))

@@ -76,8 +76,7 @@ async def get_batch(nc: NatsClient, stream: str, subject: str = ">", *, seq: int
                 else:
                     done.set_result((last, pending))
             return
-        out.append(RawMessage(stream, int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""),
-                              msg.data, headers, _parse_time(headers.get("Nats-Time-Stamp", ""))))
+        out.append(_stored(stream, msg, headers))
 
     with map_nats_errors(f"read {stream}"):
         inbox = nc.new_inbox()
@@ -140,9 +139,7 @@ async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
         async def on_reply(msg: Msg) -> None:
             headers = dict(msg.headers or {})
             if not got.done():
-                got.set_result(None if "Status" in headers else RawMessage(
-                    stream, int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""), msg.data,
-                    headers, _parse_time(headers.get("Nats-Time-Stamp", ""))))
+                got.set_result(None if "Status" in headers else _stored(stream, msg, headers))
 
         sub = await nc.subscribe(inbox, cb=on_reply)
         try:
@@ -151,6 +148,12 @@ async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
             return await asyncio.wait_for(got, REPLY_TIMEOUT_S)
         finally:
             await sub.unsubscribe()
+
+
+def _stored(stream: str, msg: Msg, headers: dict[str, str]) -> RawMessage:
+    """A message-get answer: the stored message, its sequence, subject and time from the headers."""
+    return RawMessage(stream, int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""), msg.data,
+                      headers, _parse_time(headers.get("Nats-Time-Stamp", "")))
 
 
 def _parse_time(text: str) -> int:

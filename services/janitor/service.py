@@ -63,18 +63,22 @@ class Janitor:
         self.facts: defaultdict[str, TeardownFacts] = defaultdict(TeardownFacts)
         self.unrecorded: set[str] = set()  # ended jobs still without a teardown record
         self.caught_up = asyncio.Event()
-        self._followed: dict[str, asyncio.Event] = {}
 
     @classmethod
     async def create(cls, bus: Bus, settings: JanitorSettings) -> Janitor:
         return cls(bus, settings)
 
     async def run(self, stop: asyncio.Event) -> None:
+        follows = [
+            (Domain.JOBS, STREAMS[Domain.JOBS].subjects[0], self._on_job_event),
+            (Domain.KEYS, subject_filter(CATALOGUE[EventType.KEYS_DESTROYED]), self._on_fact),
+            (Domain.TEARDOWN, subject_filter(CATALOGUE[EventType.TEARDOWN_RECORD]), self._on_fact),
+        ]
+        caught_up = [asyncio.Event() for _ in follows]
         await run_together(
-            self._follow(Domain.JOBS, STREAMS[Domain.JOBS].subjects[0], self._on_job_event, stop),
-            self._follow(Domain.KEYS, subject_filter(CATALOGUE[EventType.KEYS_DESTROYED]), self._on_fact, stop),
-            self._follow(Domain.TEARDOWN, subject_filter(CATALOGUE[EventType.TEARDOWN_RECORD]), self._on_fact, stop),
-            self._all_caught_up(),
+            *(self._follow(domain, subject, handle, stop, done)
+              for (domain, subject, handle), done in zip(follows, caught_up, strict=True)),
+            self._all_caught_up(caught_up),
             self.bus.consume(consumer_spec(Role.JANITOR, "offline"), self.on_offline, stop),
             self.bus.consume(consumer_spec(Role.JANITOR, "revocations"), self.on_revoked, stop),
             self._sweeper(stop),
@@ -82,10 +86,9 @@ class Janitor:
 
     # ------------------------------------------------------------ consume
     async def _follow(self, domain: Domain, subject: str, handle: Callable[[Event], Awaitable[None]],
-                      stop: asyncio.Event) -> None:
-        """Fold one stream's `subject` from its first message, then live; caught up once a read finds
-        nothing more pending."""
-        done = self._followed.setdefault(subject, asyncio.Event())
+                      stop: asyncio.Event, done: asyncio.Event) -> None:
+        """Fold one stream's `subject` from its first message, then live; `done` once a read finds nothing
+        more pending."""
         async for batch in self.bus.follow(domain, subject, stop):
             for msg in batch.messages:
                 try:
@@ -98,9 +101,8 @@ class Janitor:
             if batch.pending == 0:
                 done.set()
 
-    async def _all_caught_up(self) -> None:
-        await asyncio.sleep(0)  # let the three followers register first
-        await asyncio.gather(*(e.wait() for e in self._followed.values()))
+    async def _all_caught_up(self, followed: list[asyncio.Event]) -> None:
+        await asyncio.gather(*(e.wait() for e in followed))
         self.caught_up.set()
 
     async def _on_job_event(self, event: Event) -> None:

@@ -21,11 +21,12 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from shared.buckets import BUCKETS
 from shared.bus import tls_context
 from shared.consumers import CONSUMERS, READERS, Durable, durables_for
 from shared.events import CATALOGUE, STREAMS, subject_filter, subject_for
 from shared.identity import Identity, Role
-from shared.natsconf import KV_BUCKETS, inbox_prefix
+from shared.natsconf import inbox_prefix
 from tests.framework.stack import Stack
 
 pytestmark = pytest.mark.nats
@@ -69,7 +70,7 @@ def _widened(d: Durable) -> str:
 def api_probes() -> list[Probe]:
     probes: list[Probe] = []
     event_streams = [s.name for s in STREAMS.values()]
-    kv_streams = {f"KV_{b}": owner for b, (owner, _) in KV_BUCKETS.items()}
+    kv_streams = {f"KV_{b}": spec.owner for b, spec in BUCKETS.items()}
     # Stream-level calls: configuration, listings, reads.
     for stream in [*event_streams, *kv_streams]:
         kv_owner = kv_streams.get(stream)
@@ -95,7 +96,7 @@ def api_probes() -> list[Probe]:
             Probe(f"$JS.FC.{stream}.x", _api(owns), f"flow control {stream}"),
             Probe(f"$JS.API.CONSUMER.INFO.{stream}.evil", _api(owns), f"consumer info on {stream}"),
         ]
-    for bucket, (owner, _) in KV_BUCKETS.items():
+    for bucket, owner in ((b, spec.owner) for b, spec in BUCKETS.items()):
         probes += [
             Probe(f"$KV.{bucket}.k", lambda i, o=owner: i.role is o, f"write kv {bucket}"),
             Probe(f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.k", _api(lambda i, o=owner: i.role is o),
