@@ -61,22 +61,34 @@ async def get_batch(nc: NatsClient, stream: str, subject: str = ">", *, seq: int
         request["start_time"] = datetime.fromtimestamp(max(0, start_ns) / 1e9, UTC).isoformat()
     else:
         request["seq"] = max(1, seq)
+    out, last, pending = await _direct_get(nc, stream, request, batched=True)
+    out.sort(key=lambda m: m.seq)
+    return Batch(out, max(last, out[-1].seq if out else 0), pending)
+
+
+async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *, batched: bool
+                      ) -> tuple[list[RawMessage], int, int]:
+    """One `$JS.API.DIRECT.GET` request: the stored messages it answers with, and the stream's last
+    sequence and the matching messages left (from the end-of-batch status). A batched request ends at that
+    status; a single one at its one answer. Nothing stored is a 404 (no messages); any other status is an
+    error, never read as "nothing there"."""
     out: list[RawMessage] = []
     done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
 
     async def on_reply(msg: Msg) -> None:
+        if done.done():
+            return
         headers = dict(msg.headers or {})
         status = headers.get("Status")
-        if status is not None:
-            if not done.done():
-                last = int(headers.get("Nats-Last-Sequence", "0") or 0)
-                pending = int(headers.get("Nats-Num-Pending", "0") or 0)
-                if status not in ("204", "404"):
-                    done.set_exception(ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}"))
-                else:
-                    done.set_result((last, pending))
-            return
-        out.append(_stored(stream, msg, headers))
+        if status is None:
+            out.append(_stored(stream, msg, headers))
+            if not batched:
+                done.set_result((0, 0))
+        elif status in ("204", "404"):
+            done.set_result((int(headers.get("Nats-Last-Sequence", "0") or 0),
+                             int(headers.get("Nats-Num-Pending", "0") or 0)))
+        else:
+            done.set_exception(ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}"))
 
     with map_nats_errors(f"read {stream}"):
         inbox = nc.new_inbox()
@@ -86,8 +98,7 @@ async def get_batch(nc: NatsClient, stream: str, subject: str = ">", *, seq: int
             last, pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
         finally:
             await sub.unsubscribe()
-    out.sort(key=lambda m: m.seq)
-    return Batch(out, max(last, out[-1].seq if out else 0), pending)
+    return out, last, pending
 
 
 async def read(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 1, start_ns: int | None = None,
@@ -132,22 +143,8 @@ async def first(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
 
 async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
     """The latest stored message on `subject` (a literal subject: read by subject, not by scanning)."""
-    with map_nats_errors(f"read {stream}"):
-        inbox = nc.new_inbox()
-        got: asyncio.Future[RawMessage | None] = asyncio.get_running_loop().create_future()
-
-        async def on_reply(msg: Msg) -> None:
-            headers = dict(msg.headers or {})
-            if not got.done():
-                got.set_result(None if "Status" in headers else _stored(stream, msg, headers))
-
-        sub = await nc.subscribe(inbox, cb=on_reply)
-        try:
-            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps({"last_by_subj": subject}).encode(),
-                             reply=inbox)
-            return await asyncio.wait_for(got, REPLY_TIMEOUT_S)
-        finally:
-            await sub.unsubscribe()
+    out, _, _ = await _direct_get(nc, stream, {"last_by_subj": subject}, batched=False)
+    return out[0] if out else None
 
 
 def _stored(stream: str, msg: Msg, headers: dict[str, str]) -> RawMessage:

@@ -272,7 +272,7 @@ async def test_dead_letters_only_through_ones_own_durables(stack: Stack) -> None
     with pytest.raises(DENIED):  # the marketplace consumes nothing, so it dead-letters nothing
         await market.js.publish("qvm.dead.raw.marketplace.x", forged, timeout=0.5)
     with pytest.raises(DENIED):  # nor under another identity's durable
-        await market.js.publish("qvm.dead.raw.scheduler.scheduler-jobs-job_submitted", forged, timeout=0.5)
+        await market.js.publish("qvm.dead.raw.scheduler.scheduler-jobs", forged, timeout=0.5)
     with pytest.raises(DENIED):  # a service only under its own durables' names
         await sched.js.publish("qvm.dead.raw.scheduler.janitor-offline-node_offline", forged, timeout=0.5)
     info = await admin.js.stream_info("QVM_DEAD")

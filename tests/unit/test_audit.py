@@ -17,6 +17,7 @@ import pytest
 
 from shared.audit import AuditReport, AuditWorkers
 from shared.codec import Codec
+from shared.consumers import consumer_spec
 from shared.errors import Reason
 from shared.events import (
     STREAMS,
@@ -47,8 +48,8 @@ SCHED = Identity(Role.SCHEDULER)
 JANITOR = Identity(Role.JANITOR)
 NODE_A = Identity(Role.NODE_AGENT, "node-a")
 HEX = "ab" * 32
-SCHED_DURABLE = "scheduler-jobs-job_submitted"
-NODE_DURABLE = "node-agent_node-a-assignments-job_placed"
+SCHED_DURABLE = consumer_spec(Role.SCHEDULER, "jobs").durables(SCHED)[0].name  # "scheduler-jobs"
+NODE_DURABLE = consumer_spec(Role.NODE_AGENT, "assignments").durables(NODE_A)[0].name  # its real name
 
 
 @pytest.fixture(scope="module")
