@@ -43,13 +43,11 @@ class RawMessage:
     subject: str
     data: bytes
     headers: dict[str, str]
-    time_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     messages: list[RawMessage]
-    last_seq: int  # the stream's last sequence when the batch was answered (0: unknown)
     pending: int  # matching messages left after this batch
 
 
@@ -61,19 +59,19 @@ async def get_batch(nc: NatsClient, stream: str, subject: str = ">", *, seq: int
         request["start_time"] = datetime.fromtimestamp(max(0, start_ns) / 1e9, UTC).isoformat()
     else:
         request["seq"] = max(1, seq)
-    out, last, pending = await _direct_get(nc, stream, request, batched=True)
+    out, pending = await _direct_get(nc, stream, request, batched=True)
     out.sort(key=lambda m: m.seq)
-    return Batch(out, max(last, out[-1].seq if out else 0), pending)
+    return Batch(out, pending)
 
 
 async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *, batched: bool
-                      ) -> tuple[list[RawMessage], int, int]:
-    """One `$JS.API.DIRECT.GET` request: the stored messages it answers with, and the stream's last
-    sequence and the matching messages left (from the end-of-batch status). A batched request ends at that
+                      ) -> tuple[list[RawMessage], int]:
+    """One `$JS.API.DIRECT.GET` request: the stored messages it answers with, and how many matching
+    messages are left (from the end-of-batch status). A batched request ends at that
     status; a single one at its one answer. Nothing stored is a 404 (no messages); any other status is an
     error, never read as "nothing there"."""
     out: list[RawMessage] = []
-    done: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def on_reply(msg: Msg) -> None:
         if done.done():
@@ -83,10 +81,9 @@ async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *
         if status is None:
             out.append(_stored(stream, msg, headers))
             if not batched:
-                done.set_result((0, 0))
+                done.set_result(0)
         elif status in ("204", "404"):
-            done.set_result((int(headers.get("Nats-Last-Sequence", "0") or 0),
-                             int(headers.get("Nats-Num-Pending", "0") or 0)))
+            done.set_result(int(headers.get("Nats-Num-Pending", "0") or 0))
         else:
             done.set_exception(ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}"))
 
@@ -95,10 +92,10 @@ async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *
         sub = await nc.subscribe(inbox, cb=on_reply)
         try:
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-            last, pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
+            pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
         finally:
             await sub.unsubscribe()
-    return out, last, pending
+    return out, pending
 
 
 async def read(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 1, start_ns: int | None = None,
@@ -143,23 +140,11 @@ async def first(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
 
 async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
     """The latest stored message on `subject` (a literal subject: read by subject, not by scanning)."""
-    out, _, _ = await _direct_get(nc, stream, {"last_by_subj": subject}, batched=False)
+    out, _ = await _direct_get(nc, stream, {"last_by_subj": subject}, batched=False)
     return out[0] if out else None
 
 
 def _stored(stream: str, msg: Msg, headers: dict[str, str]) -> RawMessage:
-    """A message-get answer: the stored message, its sequence, subject and time from the headers."""
+    """A message-get answer: the stored message, its sequence and subject from the headers."""
     return RawMessage(stream, int(headers.get("Nats-Sequence", "0")), headers.get("Nats-Subject", ""), msg.data,
-                      headers, _parse_time(headers.get("Nats-Time-Stamp", "")))
-
-
-def _parse_time(text: str) -> int:
-    """`Nats-Time-Stamp` (RFC 3339 with nanoseconds) as ns since the epoch; 0 when absent or odd."""
-    if not text:
-        return 0
-    try:
-        head, _, frac = text.rstrip("Z").partition(".")
-        secs = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
-        return int(secs) * 1_000_000_000 + int((frac + "000000000")[:9])
-    except ValueError:
-        return 0
+                      headers)
