@@ -2,7 +2,8 @@
 
 Wire format (msgpack): `[1, envelope_bytes, signer_identity, signature]` where `envelope_bytes` is the
 msgpack map of an `Envelope` and `signature = Ed25519(signer_key, envelope_bytes)`. Signing the exact
-bytes avoids any canonicalisation question.
+bytes avoids any canonicalisation question. Node-agents append a fifth element, their signing certificate
+(DER): nodes join while the platform runs, and the CA's signature on it is how every reader knows their key.
 
 `decode` runs every check before a handler may see the event, in this order: size, outer shape, wire
 version, known signer, signature, envelope schema, signer == producer, known type and schema version,
@@ -22,11 +23,12 @@ from typing import Any, TypeVar
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import SchemaValidator
 from pydantic_core import core_schema as cs
 
-from shared.errors import Reason, RejectedEvent
+from shared.errors import PkiError, Reason, RejectedEvent
 from shared.events import EventSpec, payload_field_node, spec_for, spec_of_payload, subject_for
 from shared.identity import ID_PATTERN, NODE_ID_PATTERN, Identity, Role, valid_id
 from shared.ids import new_event_id
@@ -134,7 +136,10 @@ class Codec:
         envelope = Envelope.model_construct(**fields)  # type: ignore[arg-type]
         subject = subject_for(spec, job_id=job_id, node_id=node_id, producer=producer)
         env_bytes = msgpack.packb(fields, use_bin_type=True)
-        data = msgpack.packb([WIRE_VERSION, env_bytes, producer, self.signer.sign(env_bytes)], use_bin_type=True)
+        wire = [WIRE_VERSION, env_bytes, producer, self.signer.sign(env_bytes)]
+        if self.signer.certificate is not None:
+            wire.append(self.signer.certificate)
+        data = msgpack.packb(wire, use_bin_type=True)
         return Outgoing(subject, data, envelope.id, envelope)
 
     # ------------------------------------------------------------ decode
@@ -142,16 +147,25 @@ class Codec:
         if len(data) > MAX_MESSAGE_BYTES:
             raise RejectedEvent(Reason.TOO_LARGE, f"{len(data)} bytes")
         outer = _unpack(data)
-        if not (isinstance(outer, list) and len(outer) == 4):
-            raise RejectedEvent(Reason.MALFORMED, "wire message is not a 4-element array")
-        version, env_bytes, signer, signature = outer
+        if not (isinstance(outer, list) and len(outer) in (4, 5)):
+            raise RejectedEvent(Reason.MALFORMED, "wire message is not a 4- or 5-element array")
+        version, env_bytes, signer, signature = outer[:4]
+        certificate = outer[4] if len(outer) == 5 else None
         if not isinstance(version, int) or isinstance(version, bool):
             raise RejectedEvent(Reason.MALFORMED, "wire version is not an integer")
         if version != WIRE_VERSION:
             raise RejectedEvent(Reason.UNSUPPORTED_VERSION, f"wire version {version}")
-        if not (isinstance(env_bytes, bytes) and isinstance(signer, str) and isinstance(signature, bytes)):
+        if not (isinstance(env_bytes, bytes) and isinstance(signer, str) and isinstance(signature, bytes)
+                and (certificate is None or isinstance(certificate, bytes))):
             raise RejectedEvent(Reason.MALFORMED, "wire fields have the wrong types")
-        key = self.trust.key_for(signer)
+        key: Ed25519PublicKey | None
+        if certificate is not None:
+            try:
+                key = self.trust.key_from(signer, certificate)
+            except PkiError as exc:
+                raise RejectedEvent(Reason.UNKNOWN_SIGNER, f"signer {signer[:128]!r}: {exc}") from None
+        else:
+            key = self.trust.key_for(signer)
         if key is None:
             raise RejectedEvent(Reason.UNKNOWN_SIGNER, f"signer {signer[:128]!r} is not in the trust bundle")
         try:

@@ -35,6 +35,8 @@ __all__ = [
     "Pki",
     "Signer",
     "TrustBundle",
+    "check_csr",
+    "make_csr",
     "signing_key_digest",
 ]
 
@@ -46,10 +48,15 @@ DEFAULT_IDENTITIES: tuple[Identity, ...] = tuple(
 
 @dataclass(frozen=True)
 class Signer:
-    """An identity and the private key that signs its events (held in memory)."""
+    """An identity and the private key that signs its events (held in memory).
+
+    `certificate` (DER) travels with every event the identity signs when set: node-agents join while the
+    platform runs, so the services that check their events cannot have their keys in a bundle loaded at
+    start; the CA's signature on the certificate is what they check instead (`TrustBundle.key_from`)."""
 
     identity: Identity
     key: ed25519.Ed25519PrivateKey
+    certificate: bytes | None = None
 
     def sign(self, data: bytes) -> bytes:
         return self.key.sign(data)
@@ -62,13 +69,46 @@ def signing_key_digest(key: ed25519.Ed25519PublicKey) -> bytes:
 
 
 class TrustBundle:
-    """Signing keys of every identity our CA vouches for, looked up by identity string."""
+    """Signing keys of every identity our CA vouches for, looked up by identity string.
 
-    def __init__(self, keys: dict[str, ed25519.Ed25519PublicKey]) -> None:
+    The bundle loaded at start holds the platform's services (and nodes issued before it); a node that
+    joined later is known from the certificate its events carry (`key_from`), checked against the CA once
+    and remembered, so `key_for` answers for it afterwards too."""
+
+    def __init__(self, keys: dict[str, ed25519.Ed25519PublicKey], ca: x509.Certificate | None = None) -> None:
         self._keys = keys
+        self._ca = ca
+        self._checked: dict[bytes, tuple[str, ed25519.Ed25519PublicKey]] = {}
 
     def key_for(self, identity: str) -> ed25519.Ed25519PublicKey | None:
         return self._keys.get(identity)
+
+    def key_from(self, identity: str, certificate: bytes) -> ed25519.Ed25519PublicKey:
+        """The signing key in `certificate` (DER) if our CA issued it for `identity` and it is valid now;
+        raises `PkiError` otherwise. Checked certificates are cached by content."""
+        cached = self._checked.get(certificate)
+        if cached is None:
+            if self._ca is None:
+                raise PkiError("no CA to check a presented certificate against")
+            if len(certificate) > 4096:
+                raise PkiError("presented certificate is too large")
+            try:
+                cert = x509.load_der_x509_certificate(certificate)
+            except ValueError:
+                raise PkiError("presented certificate is not DER") from None
+            try:
+                key = _check_signing_cert(cert, self._ca, dt.datetime.now(dt.UTC))
+                named = _identity_of(cert)
+            except (ValueError, x509.ExtensionNotFound) as exc:
+                raise PkiError(f"presented certificate is not a qvm identity: {str(exc)[:200]}") from None
+            if len(self._checked) > 65536:  # bounded: a flood of distinct certificates cannot grow it
+                self._checked.clear()
+            cached = self._checked[certificate] = (named, key)
+        named, key = cached
+        if named != identity:
+            raise PkiError(f"the presented certificate names {named}, not {identity[:128]}")
+        self._keys[identity] = key  # the node's current key (a re-joined node replaces its old one)
+        return key
 
     def identities(self) -> list[str]:
         return sorted(self._keys)
@@ -79,18 +119,22 @@ class TrustBundle:
         ca = x509.load_pem_x509_certificate(ca_pem)
         now = now or dt.datetime.now(dt.UTC)
         keys: dict[str, ed25519.Ed25519PublicKey] = {}
-        for cert in x509.load_pem_x509_certificates(bundle_pem):
-            try:
-                cert.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature) as exc:
-                raise PkiError(f"signing certificate {cert.subject.rfc4514_string()} not issued by CA") from exc
-            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-                raise PkiError(f"signing certificate {cert.subject.rfc4514_string()} is expired")
-            key = cert.public_key()
-            if not isinstance(key, ed25519.Ed25519PublicKey):
-                raise PkiError("signing certificates must hold Ed25519 keys")
-            keys[_identity_of(cert)] = key
-        return cls(keys)
+        for cert in x509.load_pem_x509_certificates(bundle_pem) if bundle_pem.strip() else []:
+            keys[_identity_of(cert)] = _check_signing_cert(cert, ca, now)
+        return cls(keys, ca)
+
+
+def _check_signing_cert(cert: x509.Certificate, ca: x509.Certificate, now: dt.datetime) -> ed25519.Ed25519PublicKey:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise PkiError(f"signing certificate {cert.subject.rfc4514_string()[:200]} not issued by CA") from exc
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise PkiError(f"signing certificate {cert.subject.rfc4514_string()[:200]} is expired")
+    key = cert.public_key()
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise PkiError("signing certificates must hold Ed25519 keys")
+    return key
 
 
 def _identity_of(cert: x509.Certificate) -> str:
@@ -100,6 +144,47 @@ def _identity_of(cert: x509.Certificate) -> str:
         raise PkiError("a qvm certificate names exactly one identity")
     Identity.parse(names[0])  # validates
     return names[0]
+
+
+def check_csr(pem: str | bytes, ident: Identity, key_type: type[ec.EllipticCurvePublicKey] |
+              type[ed25519.Ed25519PublicKey]) -> x509.CertificateSigningRequest:
+    """A certificate request from untrusted hands: PEM, self-signed by its key, of the expected key type
+    (P-256 for TLS), naming exactly `ident`. Raises `PkiError` saying which check failed."""
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode() if isinstance(pem, str) else pem)
+    except ValueError:
+        raise PkiError("the certificate request is not PEM") from None
+    if not csr.is_signature_valid:
+        raise PkiError("the certificate request's signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, key_type) or (isinstance(key, ec.EllipticCurvePublicKey)
+                                         and not isinstance(key.curve, ec.SECP256R1)):
+        raise PkiError(f"the certificate request holds a {type(key).__name__}, not the expected key type")
+    try:
+        names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if names != [str(ident)]:
+        raise PkiError(f"the certificate request names {', '.join(names)[:200] or 'nothing'}, not {ident}")
+    return csr
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, ident: Identity) -> str:
+    """A certificate request for `ident` (the node's side of a join: the key never leaves the node)."""
+    builder = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(ident))]))
+               .add_extension(x509.SubjectAlternativeName([x509.DNSName(str(ident))]), critical=False))
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    """An IP address SAN for an address, else a DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -150,13 +235,21 @@ class Pki:
         return sorted((Identity.parse(p.name) for p in base.iterdir() if p.is_dir()), key=str)
 
     # ---- creation
-    def init(self, nodes: Iterable[str] = (), extra: Iterable[Identity] = ()) -> list[Identity]:
-        """Create the CA and server certificate once, then issue any identity not yet issued."""
+    def init(self, nodes: Iterable[str] = (), extra: Iterable[Identity] = (),
+             server_names: Iterable[str] = ()) -> list[Identity]:
+        """Create the CA and server certificate once, then issue any identity not yet issued.
+
+        `server_names` (DNS names or IP addresses) are added to the server certificate beside localhost:
+        the address nodes dial (a WireGuard address, the control plane's DNS name). The certificate is
+        re-issued when a name is missing from it."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        names = list(server_names)
         if not self.exists():
             self._create_ca()
-            self._issue_server()
+            self._issue_server(names)
+        elif names and not self._server_names_cover(names):
+            self._issue_server(names)
         wanted = [*DEFAULT_IDENTITIES, *(Identity(Role.NODE_AGENT, n) for n in nodes), *extra]
         issued = [i for i in wanted if not (self.identity_dir(i) / "sign.pem").exists()]
         for ident in issued:
@@ -216,7 +309,13 @@ class Pki:
             builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
         return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
-    def _issue_server(self) -> None:
+    def _server_names_cover(self, names: list[str]) -> bool:
+        cert = x509.load_pem_x509_certificate(self.server_cert.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        have = set(san.get_values_for_type(x509.DNSName)) | {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+        return all(str(_general_name(n).value) in have for n in names)
+
+    def _issue_server(self, names: Iterable[str] = ()) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         san: list[x509.GeneralName] = [
             x509.DNSName("localhost"),
@@ -224,6 +323,7 @@ class Pki:
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("::1")),
         ]
+        san += [g for g in map(_general_name, names) if g not in san]
         pem = self._build(key.public_key(), "qvm nats", san, [ExtendedKeyUsageOID.SERVER_AUTH,
                                                                 ExtendedKeyUsageOID.CLIENT_AUTH])
         _write_private(self.server_key, _pem_key(key))
@@ -246,6 +346,38 @@ class Pki:
         if write_bundle:
             self.write_trust_bundle()
 
+    def issue_from_csrs(self, ident: Identity, tls_csr: x509.CertificateSigningRequest,
+                        sign_csr: x509.CertificateSigningRequest) -> tuple[x509.Certificate, x509.Certificate]:
+        """Issue `ident`'s TLS (P-256) and signing (Ed25519) certificates for keys made elsewhere (a joining
+        node keeps its private keys). Only the certificates are stored here, which is what the NATS config
+        (a user per identity directory) and the trust bundle are made from. The CSRs must be checked first
+        (`check_csr`)."""
+        d = self.identity_dir(ident)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        san: list[x509.GeneralName] = [x509.DNSName(str(ident))]
+        tls_key, sign_key = tls_csr.public_key(), sign_csr.public_key()
+        if not isinstance(tls_key, ec.EllipticCurvePublicKey) or not isinstance(sign_key, ed25519.Ed25519PublicKey):
+            raise PkiError("a node's TLS key is ECDSA P-256 and its signing key Ed25519")
+        tls = self._build(tls_key, str(ident), san, [ExtendedKeyUsageOID.CLIENT_AUTH])
+        sign = self._build(sign_key, str(ident), san, None)
+        (d / "tls.pem").write_bytes(tls)
+        (d / "sign.pem").write_bytes(sign)
+        self.write_trust_bundle()
+        return x509.load_pem_x509_certificate(tls), x509.load_pem_x509_certificate(sign)
+
+    def withdraw(self, ident: Identity) -> bool:
+        """Move `ident`'s certificates out of the identities (into `withdrawn/`): the next NATS config has no
+        user for it, so its TLS certificate maps to no one. False when it was not there."""
+        d = self.identity_dir(ident)
+        if not d.is_dir():
+            return False
+        gone = self.root / "withdrawn"
+        gone.mkdir(exist_ok=True, mode=0o700)
+        d.rename(gone / f"{ident}.{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}")
+        self.write_trust_bundle()
+        return True
+
     def write_trust_bundle(self) -> None:
         certs = [self.identity_dir(i) / "sign.pem" for i in self.identities()]
         self.trust_bundle.write_bytes(b"".join(p.read_bytes() for p in certs if p.exists()))
@@ -258,7 +390,11 @@ class Pki:
         key = serialization.load_pem_private_key(path.read_bytes(), None)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise PkiError(f"signing key of {ident} is not Ed25519")
-        return Signer(ident, key)
+        cert = None
+        if ident.role is Role.NODE_AGENT:  # nodes join while the platform runs: their events carry the cert
+            cert = x509.load_pem_x509_certificate((path.parent / "sign.pem").read_bytes()).public_bytes(
+                serialization.Encoding.DER)
+        return Signer(ident, key, cert)
 
     def load_trust(self) -> TrustBundle:
         if not self.trust_bundle.exists() or not self.ca_cert.exists():

@@ -224,7 +224,7 @@ def _forged(stack: Stack, tmp_path: Path, kind: str, job_id: str) -> tuple[str, 
         return subject, codec.encode(payload, job_id=job_id).data, Reason.PRODUCER_NOT_ALLOWED
     if kind == "forged_producer":  # node-b's key, envelope claims node-a
         codec = Codec(stack.pki.signer(Identity(Role.NODE_AGENT, "node-a")), stack.pki.load_trust())
-        _, env_bytes, _, _ = msgpack.unpackb(codec.encode(payload, job_id=job_id).data, raw=False)
+        _, env_bytes, _, _ = msgpack.unpackb(codec.encode(payload, job_id=job_id).data, raw=False)[:4]
         signer = stack.pki.signer(Identity(Role.NODE_AGENT, "node-b"))
         data = msgpack.packb([1, env_bytes, "node-agent.node-b", signer.sign(env_bytes)], use_bin_type=True)
         return subject, data, Reason.PRODUCER_NOT_ALLOWED

@@ -50,6 +50,7 @@ from shared.events import (
     NodeRegistered,
     NodeRevoked,
     NodeSwept,
+    NodeWithdrawn,
     SecretsReleased,
     TeardownRecord,
     TeardownRequested,
@@ -100,7 +101,7 @@ def codec_for(pki: Pki, ident: Identity) -> Codec:
 
 
 def unwrap(data: bytes) -> tuple[int, bytes, str, bytes]:
-    version, env_bytes, signer, sig = msgpack.unpackb(data, raw=False)
+    version, env_bytes, signer, sig = msgpack.unpackb(data, raw=False)[:4]  # node-agents add their certificate
     return version, env_bytes, signer, sig
 
 
@@ -560,6 +561,8 @@ def _samples() -> dict[EventType, tuple[Identity, Any, dict[str, str]]]:
         E.NODE_HEARTBEAT: (NODE_A, NodeHeartbeat(seq=3, jobs=("j1",)), {}),
         E.NODE_OFFLINE: (SCHED, NodeOffline(last_seen_ns=7), {"node_id": "node-a"}),
         E.NODE_SWEPT: (NODE_A, NodeSwept(reason="sweep", gpus=(scrub,)), {}),
+        E.NODE_REVOKED: (Identity(Role.ADMIN), NodeWithdrawn(reason="operator_revoked", detail="sold the host"),
+                         {"node_id": "node-a"}),
         E.ATTEST_ENROLL_REQUESTED: (NODE_A, EnrollRequested(ek_public="00", ak_public="11", ak_qualified_name="22",
                                                             node_key=hexes), {}),
         E.ATTEST_REQUESTED: (NODE_A, AttestRequested(purpose=AttestPurpose.INSTANCE, instance_id="i1", job_id="j1",
@@ -618,3 +621,48 @@ def test_every_catalogue_type_round_trips(pki: Pki, reader: Codec) -> None:
         assert ev.payload == payload, etype
         assert ev.payload.model_dump() == payload.model_dump(), etype
         assert ev.envelope == out.envelope, etype
+
+
+# ---------------------------------------------------------------- nodes that joined after the bundle was loaded
+
+def test_a_node_issued_after_start_is_known_by_the_certificate_its_events_carry(tmp_path: Path) -> None:
+    """A node that joined while the platform ran is not in any service's bundle: the CA-issued certificate
+    on its events is what makes its signature count, and it is remembered for `key_for` afterwards."""
+    pki = Pki(tmp_path / "pki")
+    pki.init(nodes=())
+    reader = Codec(None, pki.load_trust())  # loaded before the node existed
+    late = Identity(Role.NODE_AGENT, "late-node")
+    pki.issue(late)
+    out = Codec(pki.signer(late), pki.load_trust()).encode(NodeHeartbeat(seq=1), node_id="late-node")
+    assert len(msgpack.unpackb(out.data, raw=False)) == 5
+    assert reader.trust.key_for(str(late)) is None
+    event = reader.decode(out.subject, out.data)
+    assert event.envelope.producer == str(late)
+    assert reader.trust.key_for(str(late)) is not None
+
+
+def test_a_presented_certificate_must_be_the_cas_and_name_the_signer(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.init(nodes=("node-a", "node-b"))
+    other = Pki(tmp_path / "other")
+    other.init(nodes=("node-a",))
+    reader = Codec(None, pki.load_trust())
+    hb = NodeHeartbeat(seq=1)
+    b = pki.signer(NODE_B)
+    a_by_other_ca = other.signer(NODE_A)
+
+    def five(signer: Signer, cert: object, claimed: str) -> bytes:
+        env = envelope_of(Codec(signer, pki.load_trust()).encode(hb, node_id=signer.identity.node_id).data)
+        env_bytes = msgpack.packb(env, use_bin_type=True)
+        return msgpack.packb([WIRE_VERSION, env_bytes, claimed, signer.sign(env_bytes), cert], use_bin_type=True)
+
+    subject = "qvm.nodes.node-a.heartbeat"
+    # another CA's certificate for node-a, signed with that CA's node-a key
+    assert rejected(reader, subject, five(a_by_other_ca, a_by_other_ca.certificate, "node-agent.node-a")
+                    ).reason is Reason.UNKNOWN_SIGNER
+    # node-b's real certificate presented for node-a
+    assert rejected(reader, subject, five(b, b.certificate, "node-agent.node-a")).reason is Reason.UNKNOWN_SIGNER
+    # garbage and wrong types
+    assert rejected(reader, subject, five(b, b"\x30\x03junk", "node-agent.node-b")).reason is Reason.UNKNOWN_SIGNER
+    assert rejected(reader, subject, five(b, "pem text", "node-agent.node-b")).reason is Reason.MALFORMED
+    assert reader.trust.key_for("node-agent.node-a") == pki.load_trust().key_for("node-agent.node-a")

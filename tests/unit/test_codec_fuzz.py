@@ -213,6 +213,9 @@ def test_mutated_signed_envelopes(keys: Keys, base: int, mutations: list[tuple[s
 KEEP = object()
 
 
+DROP = object()  # the certificate element left out
+
+
 def keep_or(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """The base message's element about half the time, else a random one."""
     return st.tuples(st.booleans(), strategy).map(lambda t: KEEP if t[0] else t[1])
@@ -225,18 +228,25 @@ def keep_or(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     signer=keep_or(st.one_of(st.sampled_from([str(i) for i in IDENTITIES] + ["node-agent.node-z"]), scalars,
                              structures)),
     sig=keep_or(st.one_of(st.binary(min_size=64, max_size=64), scalars, structures)),
+    cert=keep_or(st.one_of(st.just(DROP), st.binary(max_size=600), scalars, structures)),
     base=st.integers(min_value=0, max_value=7),
 )
-def test_wire_arrays_with_random_elements(keys: Keys, version: Any, env: Any, signer: Any, sig: Any,
+def test_wire_arrays_with_random_elements(keys: Keys, version: Any, env: Any, signer: Any, sig: Any, cert: Any,
                                           base: int) -> None:
-    """The right outer shape (a 4-element array), with any element replaced by a random value."""
+    """The right outer shape (a 4-element array, or 5 with a node's certificate), with any element replaced
+    by a random value (or the certificate dropped or added)."""
     subject, base_data = keys.bases[base]
     original = msgpack.unpackb(base_data, raw=False)
-    elements = [o if e is KEEP else e for o, e in zip(original, (version, env, signer, sig), strict=True)]
+    padded = [*original, None] if len(original) == 4 else original
+    elements = [o if e is KEEP else e for o, e in zip(padded, (version, env, signer, sig, cert), strict=True)]
+    if elements[4] is None or elements[4] is DROP:
+        elements = elements[:4]
     data = _pack(elements)
     if data is None:
         return
     ev = check(keys.reader, subject, data)
     if ev is not None:
-        # Only the original elements (or equal values) can pass.
-        assert elements == original
+        # Only the original elements (or equal values) can pass; a node's certificate may be left out
+        # where the reader's bundle already knows its key.
+        assert elements[:4] == original[:4]
+        assert len(elements) == 4 or elements[4] == original[4]
