@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -35,7 +35,7 @@ from opentelemetry.trace import SpanKind
 from shared import reader
 from shared.codec import Codec, Event
 from shared.consumers import ConsumerSpec, Durable
-from shared.errors import BusError, Reason, RejectedEvent
+from shared.errors import BusError, Reason, RejectedEvent, Unauthorized
 from shared.events import DEAD_LETTER_SUBJECT, STREAMS, Domain, EventRejected
 from shared.identity import Identity
 from shared.ids import derive_event_id
@@ -80,14 +80,20 @@ class Bus:
     identity: Identity
     permission_errors: int = 0
     handler_failures: int = 0  # handler exceptions (each is retried, then dead-lettered)
+    # Set when the server refused this identity's credentials (it was withdrawn): reconnecting cannot help.
+    unauthorized: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def connect(cls, url: str, pki: Pki, ident: Identity, *, connect_timeout: float = 5.0) -> Bus:
         codec = Codec(pki.signer(ident), pki.load_trust())
         holder: list[Bus] = []
+        refused = asyncio.Event()
 
         async def on_error(exc: Exception) -> None:
-            if "permissions violation" in str(exc).lower():
+            if "authorization violation" in str(exc).lower():
+                refused.set()  # our certificate maps to no user (any more): the identity was withdrawn
+                log.warning("bus refused this identity", extra={"identity": str(ident)})
+            elif "permissions violation" in str(exc).lower():
                 if holder:
                     holder[0].permission_errors += 1
                 log.warning("bus permission violation", extra={"error": str(exc)[:300]})
@@ -95,12 +101,23 @@ class Bus:
                 log.warning("bus error", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
 
         with map_nats_errors(f"connect {ident} to {url}"):
-            nc = await nats.connect(
+            connecting = asyncio.ensure_future(nats.connect(
                 url, tls=tls_context(pki, ident), name=str(ident), inbox_prefix=inbox_prefix(ident),
                 connect_timeout=connect_timeout, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 allow_reconnect=True, error_cb=on_error,
-            )
-        bus = cls(nc, nc.jetstream(timeout=10.0), codec, ident)
+            ))
+            # nats-py retries a refused login forever; a refused identity is an answer, not an outage.
+            waiting = asyncio.ensure_future(refused.wait())
+            await asyncio.wait({connecting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                raise Unauthorized(f"connect {ident} to {url}: authorization refused (this identity is not, or "
+                                   "no longer, a member of the platform)")
+            nc = connecting.result()
+        bus = cls(nc, nc.jetstream(timeout=10.0), codec, ident, unauthorized=refused)
         holder.append(bus)
         return bus
 

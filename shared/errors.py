@@ -19,6 +19,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "EXIT_WITHDRAWN",
     "BusError",
     "ConfigError",
     "JobSpecError",
@@ -28,6 +29,7 @@ __all__ = [
     "ReasonedError",
     "RejectedEvent",
     "TransitionNotAllowed",
+    "Unauthorized",
 ]
 
 
@@ -41,6 +43,15 @@ class ConfigError(QvmError):
 
 class PkiError(QvmError):
     """Certificates and signing keys that are missing or untrusted."""
+
+
+class Unauthorized(QvmError):
+    """The bus refused this identity's certificate: it is not, or no longer, a member (withdrawn). Retrying
+    cannot help; a node-agent stops its instances and exits with `EXIT_WITHDRAWN`."""
+
+
+EXIT_WITHDRAWN = 3
+"""The exit status of a service whose identity was withdrawn (the systemd unit does not restart on it)."""
 
 
 class BusError(QvmError):

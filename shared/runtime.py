@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from shared.bus import Bus
 from shared.config import CommonSettings
-from shared.errors import BusError, QvmError
+from shared.errors import EXIT_WITHDRAWN, BusError, QvmError, Unauthorized
 from shared.identity import Identity
 from shared.pki import Pki
 from shared.telemetry import get_logger, setup_logging, setup_tracing
@@ -49,6 +49,8 @@ async def connect_with_retry(settings: CommonSettings, ident: Identity, stop: as
     for attempt in range(1, attempts + 1):
         try:
             return await Bus.connect(settings.resolve_nats_url(), pki, ident)
+        except Unauthorized:
+            raise  # an answer, not an outage
         except (BusError, QvmError) as exc:
             if attempt == attempts or (stop and stop.is_set()):
                 raise
@@ -67,6 +69,9 @@ def serve(name: str, settings_type: type[S], ident_of: Callable[[S], Identity],
     try:
         settings = settings_type()
         asyncio.run(_main(settings, ident_of(settings), build))
+    except Unauthorized as exc:
+        log.error("this identity was withdrawn from the platform", extra={"error": str(exc)[:1000]})
+        sys.exit(EXIT_WITHDRAWN)
     except QvmError as exc:
         log.error("service stopped", extra={"error": str(exc)[:1000]})
         sys.exit(2)
