@@ -40,6 +40,8 @@ class NodeRecord(Frozen):
     trust_since_ns: int = Field(0, description="Time of the attestation result that set `trust`.")
     trust_expires_ns: int = Field(0, description="A `trusted` node is only `unverified` after this (0: never).")
     status: NodeStatus = NodeStatus.ONLINE
+    draining: bool = Field(False, description="The node's last heartbeat said its hoster drains it: placement "
+                                              "skips it; what it runs finishes there.")
     last_seen_ns: int = 0
     last_event_id: str = ""
     claims: dict[str, Claim] = Field(default_factory=dict)

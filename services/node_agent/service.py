@@ -3,19 +3,22 @@
 consume  job.placed for this node only, teardown.requested for this node only,
          attest.challenge and node verdicts, instance verdicts (this node only), sealed keys and client
          secrets for this node's instances
-decide   `check_assignment` against the live host and the jobs this agent already holds; the job's
-         network policy (egress needs an uplink namespace)
+decide   `drain.drain_refusal` (the hoster's drain request: no new jobs), then `check_assignment` against
+         the live host and the jobs this agent already holds; the job's network policy (egress needs an
+         uplink namespace)
 act      hold the job's resources; run it in a micro VM (`runtime.InstanceRuntime`), measured before launch
          and held until its quote verifies (`attest.gate`); tear it down; quote for challenges
-emit     node.registered at start, attest.enroll_requested, node.heartbeat every interval, attest.requested
-         on the re-attestation schedule, attest.evidence, job.accepted / job.refused (ids derived from the
-         assignment, so a redelivered assignment is answered once), instance.*
+emit     node.registered at start, attest.enroll_requested, node.heartbeat every interval (saying whether the
+         node drains), attest.requested on the re-attestation schedule, attest.evidence, job.accepted /
+         job.refused (ids derived from the assignment, so a redelivered assignment is answered once),
+         instance.*; locally `<state_dir>/node-status.json` (`status`) at start, every heartbeat and at stop
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from services.node_agent.attest.attester import Attester, AttestError
 from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.attest.measure import agent_config, code_digest
+from services.node_agent.drain import DrainWatch, drain_refusal
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.inventory import HostReader, nvml_gpus
 from services.node_agent.isolation.gpus import GpuPassthrough
@@ -31,6 +35,7 @@ from services.node_agent.isolation.vfio import VfioError
 from services.node_agent.ledger import AssignmentLedger
 from services.node_agent.runtime import InstanceRuntime
 from services.node_agent.settings import NodeAgentSettings
+from services.node_agent.status import gpu_states, job_states, write_status
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
 from services.node_agent.vmm.firecracker import Firecracker
@@ -38,7 +43,7 @@ from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from shared.bus import Bus
 from shared.codec import Event
 from shared.consumers import consumer_spec
-from shared.errors import ConfigError, Reason, RejectedEvent
+from shared.errors import ConfigError, Reason, RejectedEvent, Unauthorized
 from shared.events import (
     AttestationFailed,
     AttestationResult,
@@ -53,7 +58,8 @@ from shared.events import (
     TeardownRequested,
 )
 from shared.identity import Role
-from shared.models import GpuInfo, Inventory, ResourceClaim
+from shared.models import GpuInfo, Inventory, ResourceClaim, TrustState
+from shared.nodestatus import NodeStatusReport, TrustStatus, public_url, status_path
 from shared.pki import signing_key_digest
 from shared.runtime import run_together
 from shared.telemetry import get_logger
@@ -93,8 +99,16 @@ class NodeAgent:
         self.read_gpus = read_gpus
         self.inventory = inventory or self.host.inventory(gpus=read_gpus())
         self.held: dict[str, ResourceClaim] = {}
+        self.held_since: dict[str, int] = {}  # job id -> when this agent accepted it (for the status report)
         self.ledger = AssignmentLedger(settings.state_dir / "node" / f"assignments-{self.node_id}.jsonl")
         self._beat = 0
+        self.drain = DrainWatch(settings.state_dir)
+        self.live_gpus = self.inventory.gpus  # as NVML last reported them (refreshed by each assignment check)
+        self.registered_ns = 0
+        self.nats_url = public_url(settings.nats_url or "")
+        self.last_heartbeat_ns = 0
+        self.trust = TrustStatus(detail="awaiting the first attestation result" if attester is not None
+                                 else "this node has no TPM (QVM_TPM): it is never trusted")
         self.attester = attester
         self.enrolled = False
         self.gate = InstanceGate(bus, attester, settings.attest_timeout_s) if attester else None
@@ -114,12 +128,32 @@ class NodeAgent:
 
     def _release(self, job_id: str) -> None:
         self.held.pop(job_id, None)
+        self.held_since.pop(job_id, None)
+
+    async def _membership(self, stop: asyncio.Event) -> None:
+        """A withdrawn node (revoked, or its hoster left) is refused by the bus from then on: stop everything.
+        Its instances are torn down here (the `finally` of `run`), since no teardown request can reach it."""
+        done = asyncio.ensure_future(stop.wait())
+        refused = asyncio.ensure_future(self.bus.unauthorized.wait())
+        try:
+            await asyncio.wait({done, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            refused.cancel()
+        if self.bus.unauthorized.is_set():
+            log.error("the bus refuses this node: withdrawn from the platform; stopping its instances",
+                      extra={"node_id": self.node_id})
+            stop.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.drain.poll()
+        await self.write_status()
         if self.runtime is not None:
             await self.runtime.reclaim()
         await self.bus.publish(NodeRegistered(inventory=self.inventory, agent_version=AGENT_VERSION),
                                node_id=self.node_id)
+        self.registered_ns = time.time_ns()
+        await self.write_status()
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
         attesting = []
@@ -136,13 +170,17 @@ class NodeAgent:
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "teardown"), self.on_teardown, stop),
                 self._heartbeats(stop),
                 self._sweeps(stop),
+                self._membership(stop),
                 *attesting,
             )
+            if self.bus.unauthorized.is_set():
+                raise Unauthorized(f"node {self.node_id} was withdrawn from the platform: its instances are stopped")
         finally:
             if self.runtime is not None:
                 await self.runtime.stop_all()
             if self.attester is not None:
                 await self.attester.close()
+            await self.write_status(stopped=True)
 
     # ------------------------------------------------------------ consume
     async def on_assignment(self, event: Event) -> None:
@@ -157,8 +195,10 @@ class NodeAgent:
             await self._accept(job_id, placed, event)
             return
         # decide
-        others = [c for j, c in self.held.items() if j != job_id]
-        refusal = await asyncio.to_thread(self._check, placed, others)
+        refusal = drain_refusal(self.drain.poll())
+        if refusal is None:
+            others = [c for j, c in self.held.items() if j != job_id]
+            refusal = await asyncio.to_thread(self._check, placed, others)
         if refusal is None and placed.job.egress:
             refusal = self._egress_refusal(placed.job.egress)
         # act + emit
@@ -169,12 +209,14 @@ class NodeAgent:
                                    job_id=job_id, node_id=self.node_id, caused_by=event)
             return
         self.held[job_id] = placed.claim
+        self.held_since[job_id] = time.time_ns()
         await asyncio.to_thread(self.ledger.record, job_id, event.stream_seq)
         await self._accept(job_id, placed, event)
 
     def _check(self, placed: JobPlaced, others: list[ResourceClaim]) -> Refusal | None:
         """Blocking (procfs, NVML): runs in a worker thread."""
         live = self.inventory.model_copy(update={"gpus": self.read_gpus()})
+        self.live_gpus = live.gpus
         refusal = check_assignment(placed, live, self.host.meminfo_mib("MemAvailable") or live.ram_mib, others)
         if refusal is None and placed.claim.gpu_uuids and self.runtime is not None and self.runtime.gpus:
             try:
@@ -207,6 +249,7 @@ class NodeAgent:
             log.info("instance torn down", extra={"reason": event.payload.reason})
         if self.held.pop(job_id, None) is not None:
             log.info("job released", extra={"reason": event.payload.reason})
+        self.held_since.pop(job_id, None)
 
     # ------------------------------------------------------------ attestation
     async def _start_attester(self) -> bool:
@@ -246,9 +289,14 @@ class NodeAgent:
                 await self.bus.publish(evidence, node_id=self.node_id, caused_by=event)
             case AttestationResult() as result:
                 self.enrolled = True
+                self.trust = TrustStatus(state=result.trust, detail=f"{result.purpose.value} quote verified",
+                                         updated_ns=event.envelope.time_ns, verified_ns=result.verified_ns,
+                                         expires_ns=result.expires_ns)
                 log.info("node attested", extra={"purpose": result.purpose.value, "pcr": result.pcr_sha256[:16]})
             case AttestationFailed() as failed:
                 self.enrolled = False  # enroll again at the next tick (a reboot, a revocation)
+                self.trust = TrustStatus(state=TrustState.UNTRUSTED, detail=f"{failed.reason}: {failed.detail}"[:300],
+                                         updated_ns=event.envelope.time_ns)
                 log.warning("node attestation failed", extra={"purpose": failed.purpose.value,
                                                               "reason": failed.reason})
 
@@ -300,7 +348,37 @@ class NodeAgent:
                 return
             self._beat += 1
             try:
-                await self.bus.publish(NodeHeartbeat(seq=self._beat, jobs=tuple(sorted(self.held))),
+                await self.bus.publish(NodeHeartbeat(seq=self._beat, jobs=tuple(sorted(self.held)),
+                                                     draining=self.drain.poll()),
                                        node_id=self.node_id)
+                self.last_heartbeat_ns = time.time_ns()
             except Exception as exc:  # a missed beat is reported, the next one retries
                 log.warning("heartbeat failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            await self.write_status()
+
+    # ------------------------------------------------------------ local status
+    def status_report(self, stopped: bool = False) -> NodeStatusReport:
+        """What `qvm node status` shows: ids, states and times only (the file is world-readable)."""
+        nc = self.bus.nc
+        if nc.connected_url is not None:  # else the last one it was connected to
+            self.nats_url = public_url(nc.connected_url.geturl())
+        instances: dict[str, tuple[str, str]] = {}
+        if self.runtime is not None:
+            for job_id, running in list(self.runtime.jobs.items()):
+                phase = ("tearing_down" if running.cleaning else
+                         running.instance.state.value if running.instance is not None else "starting")
+                instances[job_id] = (running.instance_id, phase)
+        now = time.time_ns()
+        return NodeStatusReport(
+            node_id=self.node_id, agent_version=AGENT_VERSION, pid=os.getpid(), nats_url=self.nats_url,
+            connected=nc.is_connected, registered_ns=self.registered_ns, last_heartbeat_ns=self.last_heartbeat_ns,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s, written_ns=now, stopped_ns=now if stopped else 0,
+            draining=self.drain.draining, draining_since_ns=self.drain.since_ns, trust=self.trust,
+            gpus=gpu_states(self.live_gpus, self.held), jobs=job_states(self.held, self.held_since, instances))
+
+    async def write_status(self, stopped: bool = False) -> None:
+        """Never fails the agent: a status it cannot write is logged, the next beat tries again."""
+        try:
+            await asyncio.to_thread(write_status, status_path(self.settings.state_dir), self.status_report(stopped))
+        except Exception as exc:
+            log.warning("status not written", extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}"})

@@ -2,6 +2,7 @@
 
 Filters, in order (the first that rules out every node becomes the pending reason):
   online      the node's heartbeats are current
+  draining    the node's hoster drains it (`qvm node drain`, said in its heartbeats): nothing new goes there
   trust       node trust >= the scheduler's minimum (default `trusted`)
   security    confidential jobs need a host with a CPU confidential-computing feature
   cpu / ram   free cores and RAM after existing claims
@@ -40,7 +41,7 @@ class NoFit:
     detail: str
 
 
-_FILTER_ORDER = ("offline", "untrusted", "no_confidential_host", "no_capacity_cpu", "no_capacity_ram",
+_FILTER_ORDER = ("offline", "draining", "untrusted", "no_confidential_host", "no_capacity_cpu", "no_capacity_ram",
                  "no_matching_gpu")
 
 
@@ -48,6 +49,8 @@ def fits(node: NodeRecord, job: JobSubmitted, min_trust: TrustState, now_ns: int
     """The claim this node can make for the job, or the reason it cannot (`now_ns` 0: now)."""
     if node.status is not NodeStatus.ONLINE:
         return "offline"
+    if node.draining:
+        return "draining"
     if node.trust_at(now_ns or time.time_ns()).rank < min_trust.rank:
         return "untrusted"
     if job.security is SecurityLevel.CONFIDENTIAL and not node.inventory.confidential:
@@ -124,6 +127,6 @@ def with_claims(node: NodeRecord, claims: dict[str, Claim], **changes: object) -
 def claim_still_fits(node: NodeRecord, claim: ResourceClaim) -> bool:
     """Re-check a claim decided on an older view against the node's current record."""
     free = {g.uuid for g in node.free_gpus()}
-    return (node.status is NodeStatus.ONLINE and node.trust is not TrustState.UNTRUSTED
+    return (node.status is NodeStatus.ONLINE and not node.draining and node.trust is not TrustState.UNTRUSTED
             and node.free_cpu() >= claim.cpu_cores
             and node.free_ram() >= claim.ram_mib and set(claim.gpu_uuids) <= free)

@@ -73,7 +73,7 @@ class Registry:
             self._buckets.setdefault(k, {})[node_id] = None
             self._bucket_of[node_id] = k
         if old is None or len(view.free_gpus()) > len(old.free_gpus()) or view.free_cpu() > old.free_cpu() \
-                or view.status != old.status:
+                or view.status != old.status or view.draining != old.draining:  # an undrained node takes work
             self.capacity_changed.set()
 
     def _unbucket(self, node_id: str) -> None:

@@ -166,13 +166,16 @@ class Scheduler:
                                        **({"trust": TrustState.UNVERIFIED} if stale else {}))
                 await self.registry.update(node_id, register)
                 log.info("node registered", extra={"node_id": node_id, "gpus": len(reg.inventory.gpus)})
-            case NodeHeartbeat():
+            case NodeHeartbeat() as hb:
                 def beat(rec: NodeRecord | None) -> NodeRecord | None:
                     if rec is None:
                         return None  # heartbeat before registration: nothing to update yet
                     return with_claims(rec, rec.claims, status=NodeStatus.ONLINE, last_seen_ns=now,
-                                       last_event_id=event.id)
+                                       last_event_id=event.id, draining=hb.draining)
+                before = self.registry.get(node_id)
                 await self.registry.update(node_id, beat)
+                if before is not None and before.draining != hb.draining:
+                    log.info("node draining" if hb.draining else "node drain ended", extra={"node_id": node_id})
 
     async def on_trust(self, event: Event) -> None:
         """Attestation results set the node's trust; only a newer result replaces an older one."""
