@@ -152,6 +152,7 @@ class EventType(StrEnum):
     NODE_HEARTBEAT = "node.heartbeat"
     NODE_OFFLINE = "node.offline"
     NODE_SWEPT = "node.swept"
+    NODE_REVOKED = "node.revoked"
     ATTEST_ENROLL_REQUESTED = "attest.enroll_requested"
     ATTEST_REQUESTED = "attest.requested"
     ATTEST_CHALLENGE = "attest.challenge"
@@ -354,11 +355,22 @@ class NodeRegistered(Frozen):
 class NodeHeartbeat(Frozen):
     seq: int = Field(ge=0, description="Monotonic per agent run.")
     jobs: tuple[JobId, ...] = Field((), max_length=4096, description="Jobs the agent currently holds.")
+    draining: bool = Field(False, description="The hoster drains the node (`qvm node drain`): it refuses new "
+                                              "jobs and finishes the ones it holds; the scheduler places nothing "
+                                              "there until a heartbeat says false again.")
 
 
 class NodeOffline(Frozen):
     last_seen_ns: int = Field(ge=0)
     reason: str = Field("heartbeat_timeout", max_length=64)
+
+
+class NodeWithdrawn(Frozen):
+    """The operator withdraws a node from the platform (`qvm node revoke`, or the hoster's uninstall): its
+    bus identity is already gone; the verifier withdraws its trust, which stops its jobs and their keys."""
+
+    reason: str = Field(max_length=64, examples=["operator_revoked", "node_left"])
+    detail: str = Field("", max_length=1024)
 
 
 class NodeSwept(Frozen):
@@ -677,6 +689,8 @@ _SPECS = [
           {_R.NODE_AGENT}, "A node-agent is alive."),
     _spec(EventType.NODE_SWEPT, NodeSwept, "qvm.nodes.{node_id}.swept",
           {_R.NODE_AGENT}, "Leftovers no live job owns were reclaimed; GPUs scrubbed, with evidence."),
+    _spec(EventType.NODE_REVOKED, NodeWithdrawn, "qvm.nodes.{node_id}.revoked",
+          {_R.ADMIN}, "The operator withdrew a node: its certificates no longer open the bus; its trust goes next."),
     _spec(EventType.NODE_OFFLINE, NodeOffline, "qvm.nodes.{node_id}.offline",
           {_R.SCHEDULER}, "A node's heartbeats stopped."),
     _spec(EventType.ATTEST_ENROLL_REQUESTED, EnrollRequested, "qvm.attestation.{node_id}.enroll",

@@ -12,7 +12,7 @@ import uuid
 
 import uuid6
 
-__all__ = ["derive_event_id", "new_event_id", "uuid7_time_ms"]
+__all__ = ["derive_event_id", "event_id_at", "new_event_id", "uuid7_time_ms"]
 
 
 def new_event_id() -> str:
@@ -25,8 +25,17 @@ def uuid7_time_ms(event_id: str) -> int:
 
 def derive_event_id(cause_id: str, *parts: str) -> str:
     """A UUIDv7 with the cause's timestamp and random bits taken from SHA-256(cause, parts)."""
-    ts_ms = uuid7_time_ms(cause_id)
-    digest = hashlib.sha256("\x1f".join((cause_id, *parts)).encode()).digest()
+    return _uuid7(uuid7_time_ms(cause_id), "\x1f".join((cause_id, *parts)))
+
+
+def event_id_at(time_ns: int, *parts: str) -> str:
+    """A UUIDv7 for a decision made at `time_ns` about `parts` (no event caused it: an operator's): the same
+    decision repeated gets the same id, so JetStream stores it once."""
+    return _uuid7(time_ns // 1_000_000, "\x1f".join((str(time_ns), *parts)))
+
+
+def _uuid7(ts_ms: int, seed: str) -> str:
+    digest = hashlib.sha256(seed.encode()).digest()
     rand = int.from_bytes(digest[:10], "big")
     rand_a = rand >> 68 & 0xFFF  # 12 bits
     rand_b = rand & ((1 << 62) - 1)  # 62 bits

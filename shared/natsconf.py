@@ -38,14 +38,17 @@ def permissions_for(ident: Identity) -> dict[str, dict[str, list[str]]]:
     bodies, so nothing granted here lets a body name another consumer or another filter."""
     inbox = inbox_prefix(ident)
     sub: list[str] = [f"{inbox}.>"]
-    if ident.role is Role.ADMIN:
-        # Operator: manage streams, read everything (incl. ordered consumers' flow control); emit no events.
-        return {"publish": {"allow": ["$JS.API.>", "$JS.FC.>"]}, "subscribe": {"allow": sub}}
     pub: list[str] = []
     fixed = {"node_id": ident.node_id} if ident.node_id else {}
     for spec in CATALOGUE.values():
         if ident.role in spec.producers:
             pub.append(subject_filter(spec, producer=str(ident), **fixed))
+    if ident.role is Role.ADMIN:
+        # Operator: manage streams, read everything (incl. ordered consumers' flow control), its own buckets
+        # (join invites); its only events are its decisions about nodes (`node.revoked`).
+        pub += ["$JS.API.>", "$JS.FC.>"]
+        pub += [f"$KV.{bucket}.>" for bucket, held in BUCKETS.items() if held.owner is Role.ADMIN]
+        return {"publish": {"allow": sorted(set(pub))}, "subscribe": {"allow": sub}}
     for d in durables_for(ident):
         if not d.provisioned:
             pub.append(d.create_subject)  # its name and its one filter, both fixed in the subject

@@ -1,14 +1,15 @@
 """The attestation verifier: enroll TPMs, challenge them, appraise their quotes, withdraw trust.
 
 consume  attest.enroll_requested / attest.requested / attest.evidence through one work-queue consumer
-         shared by every replica (any replica takes any message; all state is in KV, see `state`)
+         shared by every replica (any replica takes any message; all state is in KV, see `state`);
+         node.revoked (the operator withdrew a node)
 decide   enrollment: AK attributes, node key, EK certificate, one EK per node, then MakeCredential;
          evidence: single-use challenge, quote (shared.tpm.quote), policy and log (shared.tpm.policy),
          boot counters against enrollment, the instance's key in the log
 act      challenges and node records written by compare-and-set
 emit     attest.challenge; attest.verified / attest.failed (node), instance.attested /
-         instance.attestation_failed (job subject), attest.revoked on a failed node quote and, from the
-         deadline sweep, for nodes whose last result expired
+         instance.attestation_failed (job subject), attest.revoked on a failed node quote, on the
+         operator's withdrawal and, from the deadline sweep, for nodes whose last result expired
 
 Every event id derives from the message that caused it, so a redelivery or a second replica publishes
 nothing new.
@@ -24,8 +25,6 @@ import random
 import time
 from dataclasses import dataclass
 
-from services.attestation_verifier.credential import make_credential
-from services.attestation_verifier.ek import check_ek_certificate, load_ek_cas
 from services.attestation_verifier.settings import VerifierSettings
 from services.attestation_verifier.state import Challenge, Kv, NodeAttestation, Stale
 from shared.buckets import ATTEST_CHALLENGES, ATTEST_EKS, ATTEST_NODES
@@ -43,6 +42,7 @@ from shared.events import (
     InstanceAttestationFailed,
     InstanceAttested,
     NodeRevoked,
+    NodeWithdrawn,
 )
 from shared.identity import Identity, Role
 from shared.ids import derive_event_id
@@ -50,6 +50,8 @@ from shared.models import Frozen, TrustState
 from shared.pki import signing_key_digest
 from shared.runtime import run_together
 from shared.telemetry import get_logger
+from shared.tpm.credential import make_credential
+from shared.tpm.ek import check_ek_certificate, load_ek_cas
 from shared.tpm.policy import Appraisal, AttestationPolicy, Counters, appraise, check_counters, load_policy
 from shared.tpm.quote import QuoteError, binding, check_ak, load_ak, verify_quote
 from shared.tpm.structures import Attest, PublicArea, TpmFormatError, parse_public
@@ -101,6 +103,7 @@ class Verifier:
         await run_together(
             self.bus.consume(consumer_spec(Role.ATTESTATION_VERIFIER, "work"), self.on_message, stop,
                              max_inflight=self.settings.max_inflight),
+            self.bus.consume(consumer_spec(Role.ATTESTATION_VERIFIER, "withdrawals"), self.on_withdrawn, stop),
             self._deadline_sweeper(stop),
         )
 
@@ -114,6 +117,13 @@ class Verifier:
                 await self.on_request(node_id, req, event)
             case AttestEvidence() as ev:
                 await self.on_evidence(node_id, ev, event)
+
+    async def on_withdrawn(self, event: Event) -> None:
+        """The operator withdrew the node (its bus identity is gone already): withdraw its trust too, which
+        the janitor and the key-broker act on. Redelivery publishes the same revocation (same event id)."""
+        assert isinstance(event.payload, NodeWithdrawn)
+        detail = event.payload.detail or "withdrawn by the operator"
+        await self.revoke(event.node_id or "", event.payload.reason, detail, derive_event_id(event.id, "NodeRevoked"))
 
     # ================================================================ enrollment
     async def on_enroll(self, node_id: str, req: EnrollRequested, event: Event) -> None:

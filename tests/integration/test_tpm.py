@@ -11,9 +11,9 @@ import pytest
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPML_PCR_SELECTION, TPMS_PCR_SELECTION
 
-from services.attestation_verifier.credential import make_credential
-from services.attestation_verifier.ek import check_ek_certificate, load_ek_cas
+from shared.tpm.credential import make_credential
 from shared.tpm.device import TpmDevice, TpmError
+from shared.tpm.ek import check_ek_certificate, load_ek_cas
 from shared.tpm.measurements import AgentMeasurement, InstanceMeasurement, entry_digest
 from shared.tpm.policy import AttestationPolicy, Counters, ImageReference, appraise, check_counters
 from shared.tpm.quote import QuoteError, binding, verify_quote
