@@ -46,6 +46,8 @@ class EmbeddedNats:
     pki: Pki
     state_dir: Path
     identities: list[Identity] | None = None
+    host: str = "127.0.0.1"
+    port: int = -1
     url: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -55,14 +57,15 @@ class EmbeddedNats:
 
     def write_config(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        conf = render_server_config(self.pki, store_dir=self.state_dir / "jetstream", identities=self.identities)
+        conf = render_server_config(self.pki, store_dir=self.state_dir / "jetstream", identities=self.identities,
+                                    host=self.host, port=self.port)
         self.config_path.write_text(conf)
 
     def start(self, timeout: float = 15.0) -> str:
         self.write_config()
         ports_dir = self.state_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
-        log = self.state_dir / "nats-server.log"
+        log = self.log_path
         self.proc = subprocess.Popen(
             [str(nats_server_binary()), "-c", str(self.config_path), "--ports_file_dir", str(ports_dir),
              "-l", str(log)],
@@ -82,11 +85,29 @@ class EmbeddedNats:
         self.stop()
         raise ConfigError(f"nats-server did not report its port within {timeout}s (log: {log})")
 
-    def reload(self) -> None:
-        """Regenerate the config (e.g. after a node was enrolled) and make the server re-read it."""
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "nats-server.log"
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """Regenerate the config (a node joined or was withdrawn) and make the server re-read it; returns
+        once the server logged that it did. Removed users' connections are closed by the server then."""
         self.write_config()
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        if not (self.proc and self.proc.poll() is None):
+            return
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            if "Reloaded server configuration" in text:
+                return
+            if "[ERR]" in text and "reload" in text.lower():
+                raise ConfigError(f"nats-server refused the new config: {text[-1000:]}")
+            time.sleep(0.02)
+        raise ConfigError(f"nats-server did not confirm the reload within {timeout}s (log: {self.log_path})")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
