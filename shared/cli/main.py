@@ -180,12 +180,21 @@ def provision() -> None:
 def up(
     min_trust: Annotated[TrustState, typer.Option(help="Lowest node trust the scheduler places on")] =
     TrustState.TRUSTED,
+    join_listen: Annotated[str | None, typer.Option(help="Serve node joins (`qvm node invite` / `join`) on "
+                                                         "HOST:PORT")] = None,
+    nats_host: Annotated[str, typer.Option(help="The address NATS listens on (the control plane's WireGuard "
+                                                "address when nodes join remotely)")] = "127.0.0.1",
+    server_name: Annotated[list[str] | None, typer.Option(help="A name or address nodes dial (repeatable): "
+                                                               "added to the server certificate")] = None,
+    local_node: Annotated[bool, typer.Option(help="Run a node-agent on this machine too")] = True,
 ) -> None:
     """Run the embedded stack (NATS + services) in the foreground until Ctrl-C."""
-    from shared.cli.stack import LocalStack
+    from shared.cli.stack import SERVICE_MODULES, LocalStack
 
     s = StackSettings()
-    stack = LocalStack(s, s.node_id or local_node_id(), min_trust)
+    services = tuple(n for n in SERVICE_MODULES if local_node or n != "node-agent")
+    stack = LocalStack(s, s.node_id or local_node_id(), min_trust, services=services, join_listen=join_listen,
+                       nats_host=nats_host, server_names=tuple(server_name or ()))
 
     async def body() -> None:
         stop = asyncio.Event()
@@ -196,6 +205,8 @@ def up(
             url = await stack.start()
             console.print(f"[green]qvm up[/green]: NATS {url}; services {', '.join(stack.services)}; "
                           f"TPM {stack.tcti or 'none'}; logs in {s.state_dir / 'logs'}")
+            if stack.join:
+                console.print(f"nodes join at {stack.join.url} (`qvm node invite NODE` makes a token)")
             if min_trust is not TrustState.TRUSTED:
                 console.print(f"[yellow]placement minimum trust lowered to {min_trust.value}[/yellow]")
             while not stop.is_set():
@@ -205,6 +216,8 @@ def up(
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:
             await asyncio.to_thread(stack.stop)
+            if stack.admin:
+                await stack.admin.close()
             console.print("qvm stack stopped")
 
     run(body)

@@ -1,4 +1,7 @@
-"""`qvm node ...`: commands a hoster runs on a GPU host.
+"""`qvm node ...`: commands a hoster runs on a GPU host, and the operator's side of joining.
+
+Hoster: `install` / `uninstall` (`node_install`), `join`, `doctor`, `drain` / `undrain` / `status`
+(`node_ops`). Operator: `invite` (a join token), `revoke` (withdraw a node). The protocol is `shared.join`.
 
 `qvm node doctor` runs the node-agent's host checks (`python -m services.node_agent.doctor`) in a
 subprocess with this interpreter: the checks are the node-agent's knowledge, and the CLI in `shared/` never
@@ -8,14 +11,36 @@ one fails; 2 when the doctor could not run (the node-agent is not installed: `pi
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from rich.markup import escape
 
-node_app = typer.Typer(help="This host as a qvm node: host checks.", no_args_is_help=True)
+from shared.buckets import JOIN_INVITES
+from shared.cli.common import connect, console, err, run
+from shared.cli.node_install import install, uninstall
+from shared.cli.node_ops import drain, status, undrain
+from shared.config import CommonSettings
+from shared.identity import Role
+from shared.join.client import join as join_node
+from shared.join.client import revoke as revoke_node
+from shared.join.invites import JoinRefused, create_invite
+from shared.pki import Pki
+
+node_app = typer.Typer(help="This host as a qvm node: install, join, checks, drain, status; invite and revoke "
+                       "nodes (operator).", no_args_is_help=True)
+node_app.command("install")(install)
+node_app.command("uninstall")(uninstall)
+node_app.command("drain")(drain)
+node_app.command("undrain")(undrain)
+node_app.command("status")(status)
 
 DOCTOR_MODULE = "services.node_agent.doctor"
 
@@ -40,3 +65,81 @@ def doctor(
         typer.echo("qvm node doctor needs the node-agent installed: pip install 'qvm[node-agent]'", err=True)
         raise typer.Exit(2)
     raise typer.Exit(done.returncode)
+
+
+# ------------------------------------------------------------------ joining (hoster) and inviting (operator)
+@node_app.command("invite")
+def invite(node_id: str,
+           ttl: Annotated[float, typer.Option(help="Seconds the token may be used in", min=10, max=7 * 86400)] = 900,
+           ) -> None:
+    """(Operator) A single-use join token for NODE_ID, valid for --ttl seconds. Hand it to the hoster out of
+    band; the control plane keeps only its SHA-256."""
+    settings = CommonSettings()
+    pki = Pki(settings.pki_path)
+    ca_der = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+    async def body() -> str:
+        bus = await connect(Role.ADMIN, settings)
+        try:
+            token, invite = await create_invite(await bus.kv(JOIN_INVITES), node_id, ca_der, ttl)
+        finally:
+            await bus.close()
+        until = dt.datetime.fromtimestamp(invite.expires_ns / 1e9, dt.UTC)
+        err.print(f"join token for [bold]{escape(node_id)}[/bold], single use, valid until {until:%Y-%m-%d %H:%M:%S} "
+                  "UTC; on the host run:\n  qvm node join TOKEN --control-plane URL   (or deploy/install.sh --token)")
+        return str(token)
+
+    try:
+        typer.echo(run(body))  # stdout: the token alone, for scripts
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+
+
+@node_app.command("join")
+def join(
+    token: Annotated[str, typer.Argument(envvar="QVM_JOIN_TOKEN", help="The operator's join token")],
+    control_plane: Annotated[str, typer.Option(help="The control plane's join URL (https://host:port)")],
+    etc: Annotated[Path, typer.Option(help="Where the node's keys, certificates and node.env go")] = Path("/etc/qvm"),
+    tpm: Annotated[str, typer.Option(help="The node's TPM (tss2 TCTI)")] = "device:/dev/tpmrm0",
+) -> None:
+    """Join this host to the platform: keys made here (only CSRs leave), the TPM proves the machine, the
+    token the invitation. Writes <etc>/pki and <etc>/node.env; the node-agent uses them at its next start."""
+    try:
+        result, grant = join_node(token, control_plane, etc, tpm)
+    except JoinRefused as exc:
+        err.print(f"[red]join refused ({escape(exc.reason)}):[/red] {escape(exc.detail)}")
+        raise typer.Exit(1) from None
+    console.print(f"joined as [bold]{escape(result.node_id)}[/bold]: NATS {escape(result.nats_url)}; "
+                  f"keys and certificates in {escape(str(result.pki_dir))}; settings in {escape(str(result.env_file))}"
+                  + ("; WireGuard peer granted" if grant.wireguard else ""))
+
+
+@node_app.command("revoke")
+def revoke(
+    node_id: str,
+    control_plane: Annotated[str | None, typer.Option(help="The control plane's join URL (default: the one "
+                                                           "`qvm up --join-listen` wrote under the state dir)")]
+    = None,
+    detail: Annotated[str, typer.Option(help="Why (kept in the node.revoked event)")] = "",
+) -> None:
+    """(Operator) Withdraw NODE_ID at once: its certificate stops opening the bus, its jobs are failed and torn
+    down, their keys destroyed."""
+    settings = CommonSettings()
+    url = control_plane or _join_url(settings)
+    try:
+        done = asyncio.run(asyncio.to_thread(revoke_node, url, Pki(settings.pki_path), node_id, "operator_revoked",
+                                             detail))
+    except JoinRefused as exc:
+        err.print(f"[red]revoke refused ({escape(exc.reason)}):[/red] {escape(exc.detail)}")
+        raise typer.Exit(1) from None
+    console.print(f"node {escape(node_id)} withdrawn" if done.was_member else
+                  f"node {escape(node_id)} was not a member (nothing to withdraw)")
+
+
+def _join_url(settings: CommonSettings) -> str:
+    path = settings.state_dir / "join.url"
+    if not path.exists():
+        err.print("[red]error:[/red] no --control-plane and no join URL under the state dir (`qvm up --join-listen`)")
+        raise typer.Exit(2)
+    return path.read_text().strip()

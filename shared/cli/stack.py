@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.bus import Bus
 from shared.config import StackSettings
@@ -24,6 +25,9 @@ from shared.natsserver import EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
 from shared.tpm.swtpm import Swtpm, SwtpmState
+
+if TYPE_CHECKING:
+    from shared.join.controlplane import JoinService
 
 __all__ = ["SERVICE_MODULES", "LocalStack"]
 
@@ -49,9 +53,14 @@ class LocalStack:
     node_id: str
     min_trust: TrustState
     services: tuple[str, ...] = tuple(SERVICE_MODULES)
+    join_listen: str | None = None  # host:port to serve node joins on (the registrar); None: no joins
+    nats_host: str = "127.0.0.1"  # where NATS listens (a WireGuard address, for remote nodes)
+    server_names: tuple[str, ...] = ()  # names/addresses nodes dial, added to the server certificate
     nats: EmbeddedNats | None = None
     tpm: Swtpm | None = None
     children: list[Child] = field(default_factory=list)
+    admin: Bus | None = None
+    join: JoinService | None = None
 
     @property
     def pki(self) -> Pki:
@@ -60,16 +69,22 @@ class LocalStack:
     async def start(self) -> str:
         state = self.settings.state_dir
         state.mkdir(parents=True, exist_ok=True)
-        self.pki.init(nodes=[self.node_id])
-        self.nats = EmbeddedNats(self.pki, state / "nats")
+        local_node = [self.node_id] if "node-agent" in self.services else []
+        self.pki.init(nodes=local_node, server_names=(*self.server_names, self.nats_host))
+        self.nats = EmbeddedNats(self.pki, state / "nats", host=self.nats_host)
         url = await asyncio.to_thread(self.nats.start)
         (state / "nats.url").write_text(url)
         admin = await Bus.connect(url, self.pki, Identity(Role.ADMIN))
         try:
             await provision(admin.js, self.settings)
-        finally:
+        except BaseException:
             await admin.close()
+            raise
         self._start_tpm()
+        if self.join_listen:
+            await self._serve_joins(admin, url)
+        else:
+            await admin.close()
         logs = state / "logs"
         logs.mkdir(exist_ok=True)
         for name in self.services:
@@ -77,6 +92,20 @@ class LocalStack:
             self._spawn(child, url)
             self.children.append(child)
         return url
+
+    async def _serve_joins(self, admin: Bus, url: str) -> None:
+        """The registrar: nodes join with the operator's tokens; the TPM vendor CAs are the verifier's."""
+        from shared.join.controlplane import start_join_service
+        from shared.tpm.policy import load_policy
+
+        assert self.nats is not None and self.join_listen
+        host, _, port = self.join_listen.rpartition(":")
+        policy = load_policy(self.settings.attest_policy_path)
+        self.admin = admin
+        self.join = await start_join_service(admin, self.nats, host=host or "127.0.0.1", port=int(port or 0),
+                                             nats_url=url, ek_ca=policy.ek_ca,
+                                             require_ek_certificate=policy.require_ek_certificate)
+        (self.settings.state_dir / "join.url").write_text(self.join.url)
 
     def _start_tpm(self) -> None:
         """This machine's TPM for the node-agent: `QVM_TPM` when set (a host's /dev/tpmrm0), else a swtpm
@@ -132,6 +161,8 @@ class LocalStack:
         return restarted
 
     def stop(self) -> None:
+        if self.join:
+            self.join.stop()
         for child in self.children:
             if child.proc and child.proc.poll() is None:
                 child.proc.terminate()
@@ -146,6 +177,5 @@ class LocalStack:
             self.nats.stop()
         if self.tpm:
             self.tpm.stop()
-        url_file = self.settings.state_dir / "nats.url"
-        if url_file.exists():
-            url_file.unlink()
+        for name in ("nats.url", "join.url"):
+            (self.settings.state_dir / name).unlink(missing_ok=True)
