@@ -187,6 +187,10 @@ def up(
     server_name: Annotated[list[str] | None, typer.Option(help="A name or address nodes dial (repeatable): "
                                                                "added to the server certificate")] = None,
     local_node: Annotated[bool, typer.Option(help="Run a node-agent on this machine too")] = True,
+    wireguard: Annotated[str | None, typer.Option(help="Run the WireGuard hub: HOST:PORT nodes dial (this "
+                                                       "machine's public address); NATS then listens on the "
+                                                       "tunnel only")] = None,
+    wireguard_net: Annotated[str, typer.Option(help="The tunnel's network")] = "10.99.0.0/24",
 ) -> None:
     """Run the embedded stack (NATS + services) in the foreground until Ctrl-C."""
     from shared.cli.stack import SERVICE_MODULES, LocalStack
@@ -194,7 +198,8 @@ def up(
     s = StackSettings()
     services = tuple(n for n in SERVICE_MODULES if local_node or n != "node-agent")
     stack = LocalStack(s, s.node_id or local_node_id(), min_trust, services=services, join_listen=join_listen,
-                       nats_host=nats_host, server_names=tuple(server_name or ()))
+                       nats_host=nats_host, server_names=tuple(server_name or ()), wireguard_endpoint=wireguard,
+                       wireguard_net=wireguard_net)
 
     async def body() -> None:
         stop = asyncio.Event()

@@ -28,6 +28,7 @@ from shared.cli.common import connect, console, err, run
 from shared.cli.node_install import install, uninstall
 from shared.cli.node_ops import drain, status, undrain
 from shared.config import CommonSettings
+from shared.errors import QvmError
 from shared.identity import Role
 from shared.join.client import join as join_node
 from shared.join.client import revoke as revoke_node
@@ -133,7 +134,8 @@ def revoke(
     except JoinRefused as exc:
         err.print(f"[red]revoke refused ({escape(exc.reason)}):[/red] {escape(exc.detail)}")
         raise typer.Exit(1) from None
-    console.print(f"node {escape(node_id)} withdrawn" if done.was_member else
+    console.print(f"node {escape(node_id)} was withdrawn already" if done.already else
+                  f"node {escape(node_id)} withdrawn" if done.was_member else
                   f"node {escape(node_id)} was not a member (nothing to withdraw)")
 
 
@@ -143,3 +145,43 @@ def _join_url(settings: CommonSettings) -> str:
         err.print("[red]error:[/red] no --control-plane and no join URL under the state dir (`qvm up --join-listen`)")
         raise typer.Exit(2)
     return path.read_text().strip()
+
+
+# ------------------------------------------------------------------ the node's WireGuard tunnel
+tunnel_app = typer.Typer(help="This node's WireGuard tunnel to the control plane (set up by the join).",
+                         no_args_is_help=True)
+node_app.add_typer(tunnel_app, name="tunnel")
+EtcOption = Annotated[Path, typer.Option(help="The node's configuration directory (the join's --etc)")]
+
+
+@tunnel_app.command("up")
+def tunnel_up(etc: EtcOption = Path("/etc/qvm")) -> None:
+    """Bring the tunnel up (the node-agent's unit does, before the agent starts); nothing to do when the node
+    joined without one."""
+    from shared.join.tunnel import node_tunnel
+
+    try:
+        tunnel = node_tunnel(etc)
+        if tunnel is None:
+            console.print("no tunnel configured (the control plane granted none): NATS is reached directly")
+            return
+        tunnel.up()
+    except QvmError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    console.print(f"tunnel {tunnel.interface.name} up ({tunnel.interface.implementation}): "
+                  f"{tunnel.interface.address} -> {tunnel.control_plane.endpoint}")
+
+
+@tunnel_app.command("down")
+def tunnel_down(etc: EtcOption = Path("/etc/qvm")) -> None:
+    """Take the tunnel down."""
+    from shared.join.tunnel import node_tunnel
+
+    try:
+        tunnel = node_tunnel(etc)
+        if tunnel is not None:
+            tunnel.down()
+    except QvmError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None

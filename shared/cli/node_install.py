@@ -189,6 +189,9 @@ WorkingDirectory={layout.state}
 # (ProtectSystem=strict): they are made first, outside it ('+'), so ReadWritePaths can open them.
 ExecStartPre=+/bin/mkdir -p -m 0755 /run/netns /run/wireguard
 ExecStartPre=+/bin/mkdir -p -m 0700 /run/cryptsetup
+# The WireGuard tunnel to the control plane, when the join granted one (else it says so and does nothing):
+# NATS is reached through it only. Outside the sandbox: it makes a network interface.
+ExecStartPre=+{layout.python} -P -m shared.cli.main node tunnel up --etc {layout.etc}
 ExecStart={layout.python} -m services.node_agent
 # A crash, or a failed start (exit 2: a host check that may clear, like a TPM that appears late), is
 # retried. Exit 3: the control plane revoked this node; restarting cannot help, it has to join again.
@@ -578,6 +581,10 @@ def uninstall(
         try:
             join_client().leave(etc_dir=layout.etc)
             say("left", "the control plane revoked this node")
+            tunnel = importlib.import_module("shared.join.tunnel").node_tunnel(layout.etc)
+            if tunnel is not None:
+                tunnel.down()
+                say("removed", f"tunnel {tunnel.interface.name}")
         except Exception as exc:  # keep going: the host is cleaned up either way
             typer.echo(f"error: leaving the control plane failed: {exc}; the node stays registered until an "
                        "operator revokes it", err=True)

@@ -28,6 +28,7 @@ from shared.tpm.swtpm import Swtpm, SwtpmState
 
 if TYPE_CHECKING:
     from shared.join.controlplane import JoinService
+    from shared.join.tunnel import WireGuardHub
 
 __all__ = ["SERVICE_MODULES", "LocalStack"]
 
@@ -56,6 +57,9 @@ class LocalStack:
     join_listen: str | None = None  # host:port to serve node joins on (the registrar); None: no joins
     nats_host: str = "127.0.0.1"  # where NATS listens (a WireGuard address, for remote nodes)
     server_names: tuple[str, ...] = ()  # names/addresses nodes dial, added to the server certificate
+    wireguard_endpoint: str | None = None  # host:port nodes dial for the tunnel; None: no tunnel
+    wireguard_net: str = "10.99.0.0/24"  # the tunnel's network: the control plane takes its first address
+    hub: WireGuardHub | None = None
     nats: EmbeddedNats | None = None
     tpm: Swtpm | None = None
     children: list[Child] = field(default_factory=list)
@@ -69,6 +73,9 @@ class LocalStack:
     async def start(self) -> str:
         state = self.settings.state_dir
         state.mkdir(parents=True, exist_ok=True)
+        if self.wireguard_endpoint:
+            self.hub = await asyncio.to_thread(self._start_hub)
+            self.nats_host = str(self.hub.server_address)  # nodes reach NATS through the tunnel only
         local_node = [self.node_id] if "node-agent" in self.services else []
         self.pki.init(nodes=local_node, server_names=(*self.server_names, self.nats_host))
         self.nats = EmbeddedNats(self.pki, state / "nats", host=self.nats_host)
@@ -104,8 +111,32 @@ class LocalStack:
         self.admin = admin
         self.join = await start_join_service(admin, self.nats, host=host or "127.0.0.1", port=int(port or 0),
                                              nats_url=url, ek_ca=policy.ek_ca,
-                                             require_ek_certificate=policy.require_ek_certificate)
+                                             require_ek_certificate=policy.require_ek_certificate,
+                                             tunnel=self.hub)
         (self.settings.state_dir / "join.url").write_text(self.join.url)
+
+    def _start_hub(self) -> WireGuardHub:
+        """The control plane's WireGuard interface: its key kept under the state dir (0600), its port the
+        endpoint's. Nodes get addresses in `wireguard_net` as they join; members are re-added on restart."""
+        import ipaddress
+
+        from shared.join.tunnel import WireGuardHub
+        from shared.wireguard import WgInterface, generate_keypair
+
+        assert self.wireguard_endpoint
+        key_file = self.settings.state_dir / "wireguard" / "private.key"
+        if not key_file.exists():
+            key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(generate_keypair().private + "\n")
+        network = ipaddress.IPv4Network(self.wireguard_net)
+        port = int(self.wireguard_endpoint.rsplit(":", 1)[1])
+        iface = WgInterface("qvm-cp", key_file.read_text().strip(), listen_port=port,
+                            address=f"{network[1]}/{network.prefixlen}")
+        iface.down()  # one left by an earlier run
+        iface.up()
+        return WireGuardHub(iface, network, self.wireguard_endpoint)
 
     def _start_tpm(self) -> None:
         """This machine's TPM for the node-agent: `QVM_TPM` when set (a host's /dev/tpmrm0), else a swtpm
@@ -175,6 +206,8 @@ class LocalStack:
                     child.proc.wait()
         if self.nats:
             self.nats.stop()
+        if self.hub:
+            self.hub.interface.down()
         if self.tpm:
             self.tpm.stop()
         for name in ("nats.url", "join.url"):

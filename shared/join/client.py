@@ -28,6 +28,7 @@ from shared.identity import Identity, Role
 from shared.join.invites import JoinRefused
 from shared.join.protocol import JoinChallenge, JoinGrant, JoinProof, JoinRequest, Refusal, RevokeRequest, Withdrawn
 from shared.join.token import JoinToken, ca_fingerprint
+from shared.join.tunnel import new_node_key, save_node_tunnel
 from shared.pki import Pki, make_csr
 
 __all__ = ["JoinResult", "fetch_ca", "join", "leave", "read_env", "revoke", "write_env"]
@@ -126,8 +127,11 @@ def _post(ctx: ssl.SSLContext, base: str, path: str, body: BaseModel, answer: ty
 # ---------------------------------------------------------------- join
 
 def join(token: str, control_plane: str, etc_dir: Path, tpm: str, *, ak_algorithm: str = "ecc-p256",
-         wg_public_key: str = "") -> tuple[JoinResult, JoinGrant]:
-    """Join this node. Raises `JoinRefused` (reason, sentence) on any refusal; writes nothing then."""
+         tunnel: bool = True) -> tuple[JoinResult, JoinGrant]:
+    """Join this node. Raises `JoinRefused` (reason, sentence) on any refusal; writes nothing then.
+
+    With `tunnel`, a WireGuard key is made and its public half offered: a control plane that runs the
+    WireGuard hub grants an address and its NATS is then reached only through the tunnel."""
     from shared.tpm.device import TpmDevice  # the node's TPM (tpm2-pytss): only a joining node needs it
 
     try:
@@ -137,6 +141,7 @@ def join(token: str, control_plane: str, etc_dir: Path, tpm: str, *, ak_algorith
     ca_pem = fetch_ca(control_plane, parsed.ca_fingerprint)
     ctx = _context(ca_pem)
     ident = Identity(Role.NODE_AGENT, parsed.node_id)
+    wg_private, wg_public_key = new_node_key() if tunnel else ("", "")
     tls_key = ec.generate_private_key(ec.SECP256R1())
     sign_key = ed25519.Ed25519PrivateKey.generate()
     device = TpmDevice(tpm, ak_algorithm)
@@ -157,6 +162,8 @@ def join(token: str, control_plane: str, etc_dir: Path, tpm: str, *, ak_algorith
         raise JoinRefused("bad_answer", "the control plane granted another node id")
     pki_dir = etc_dir / "pki"
     _store(Pki(pki_dir), ident, grant, ca_pem, tls_key, sign_key)
+    if grant.wireguard is not None and wg_private:
+        save_node_tunnel(etc_dir, wg_private, grant.wireguard)
     env = etc_dir / "node.env"
     write_env(env, {"QVM_NATS_URL": grant.nats_url, "QVM_NODE_ID": parsed.node_id, "QVM_PKI_DIR": str(pki_dir),
                     "QVM_TPM": tpm, "QVM_CONTROL_PLANE": control_plane})

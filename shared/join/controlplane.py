@@ -51,6 +51,7 @@ async def start_join_service(admin: Bus, nats: EmbeddedNats, *, host: str = "127
     registrar = Registrar(pki=nats.pki, invites=await admin.kv(JOIN_INVITES), members=await admin.kv(MEMBERS),
                           grant=grant, publish_withdrawal=publish_withdrawal, nats_url=nats_url or nats.url,
                           ek_cas=load_ek_cas(ek_ca), require_ek_certificate=require_ek_certificate, tunnel=tunnel)
+    await registrar.restore_tunnels()
     server = JoinServer(registrar, nats.pki, host, port, asyncio.get_running_loop())
     server.start()
     return JoinService(registrar, server)

@@ -75,6 +75,7 @@ class Withdrawn(Frozen):
     node_id: NodeId
     withdrawn_ns: int = Field(ge=0)
     was_member: bool
+    already: bool = Field(False, description="It had been withdrawn before (this request changed nothing).")
 
 
 class Refusal(Frozen):

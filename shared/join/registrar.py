@@ -80,6 +80,10 @@ class Tunnel(Protocol):
         """Add the node as a peer at an address not in `taken`; what the node needs to set up its end."""
         ...
 
+    def restore(self, public_key: str, node_address: str) -> None:
+        """Re-add a member's peer at its recorded address (the control plane restarted)."""
+        ...
+
     def remove_peer(self, public_key: str) -> None: ...
 
 
@@ -231,6 +235,15 @@ class Registrar:
                 out.append(member)
         return out
 
+    async def restore_tunnels(self) -> int:
+        """Every current member's WireGuard peer, as recorded (a restarted control plane's interface is new)."""
+        if self.tunnel is None:
+            return 0
+        members = [m for m in await self._members() if m.wg_public_key and not m.withdrawn_ns]
+        for m in members:
+            await asyncio.to_thread(self.tunnel.restore, m.wg_public_key, m.wg_address)
+        return len(members)
+
     # ================================================================ withdrawal
     async def leave(self, identity: str, tls_serial: int) -> Withdrawn:
         """The node itself leaves (uninstall), proven by its current TLS client certificate."""
@@ -268,4 +281,5 @@ class Registrar:
         if was_member:  # again on a repeat: the event id derives from (node, time), so it is stored once
             await self.publish_withdrawal(node_id, reason, detail, when)
             log.warning("node withdrawn", extra={"node_id": node_id, "reason": reason})
-        return Withdrawn(node_id=node_id, withdrawn_ns=when, was_member=was_member)
+        already = not had_identity and member is not None and bool(member.withdrawn_ns)
+        return Withdrawn(node_id=node_id, withdrawn_ns=when, was_member=was_member, already=already)

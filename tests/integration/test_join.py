@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from shared.buckets import JOIN_INVITES
 from shared.bus import Bus
 from shared.codec import Codec
-from shared.errors import BusError
+from shared.errors import Unauthorized
 from shared.events import Domain, EventType, NodeHeartbeat
 from shared.identity import Identity, Role
 from shared.join import client
@@ -109,13 +109,14 @@ async def test_a_node_joins_runs_on_the_bus_and_is_cut_off_when_withdrawn(
         await asyncio.wait_for(node.unauthorized.wait(), 10)  # its reconnect is refused: what the agent acts on
     finally:
         await node.close()
-    with pytest.raises(BusError, match="authorization refused"):
+    with pytest.raises(Unauthorized, match="authorization refused"):
         await Bus.connect(stack.url, Pki(result.pki_dir), Identity(Role.NODE_AGENT, "gpu-host-1"), connect_timeout=3)
     revoked = [m async for b in admin.read(Domain.NODES, "qvm.nodes.gpu-host-1.revoked") for m in b]
     assert len(revoked) == 1
     assert watcher.decode(revoked[0].subject, revoked[0].data).spec.type is EventType.NODE_REVOKED
     # A second withdrawal is the same decision: nothing new on the bus.
-    await asyncio.to_thread(client.revoke, service.url, stack.pki, "gpu-host-1")
+    again = await asyncio.to_thread(client.revoke, service.url, stack.pki, "gpu-host-1")
+    assert again.already
     assert len([m async for b in admin.read(Domain.NODES, "qvm.nodes.gpu-host-1.revoked") for m in b]) == 1
 
 
@@ -142,7 +143,7 @@ async def test_a_node_leaves_with_its_own_certificate(control_plane: tuple[Stack
     gone = await asyncio.to_thread(client.leave, tmp_path / "etc")
     assert gone.node_id == "leaver" and gone.was_member
     assert not stack.pki.identity_dir(Identity(Role.NODE_AGENT, "leaver")).exists()
-    with pytest.raises(BusError, match="authorization refused"):
+    with pytest.raises(Unauthorized, match="authorization refused"):
         await Bus.connect(stack.url, Pki(result.pki_dir), Identity(Role.NODE_AGENT, "leaver"), connect_timeout=3)
 
 
