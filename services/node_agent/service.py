@@ -341,11 +341,16 @@ class NodeAgent:
                     log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
+        """The first beat right after registering (a node that just joined is alive at once), then one per
+        interval."""
+        first = True
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
-            if stop.is_set():
-                return
+            if not first:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
+                if stop.is_set():
+                    return
+            first = False
             self._beat += 1
             try:
                 await self.bus.publish(NodeHeartbeat(seq=self._beat, jobs=tuple(sorted(self.held)),
