@@ -83,8 +83,9 @@ def free_subnet(kind: str) -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free {kind} subnet found")
 
 
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+def _run(argv: list[str], check: bool = True, env: dict[str, str] | None = None,
+         timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     if check and done.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` failed ({done.returncode}): {done.stderr.strip()}")
     return done
@@ -92,19 +93,27 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str
 
 @dataclass(frozen=True)
 class Netns:
-    """A named network namespace; `argv` prefixes a command to run inside it."""
+    """A named network namespace; `argv` prefixes a command to run inside it.
+
+    `ip netns exec` (the default) also gives the command a mount namespace of its own with a fresh /sys
+    (the namespace's interfaces), which hides the cgroup hierarchy mounted under /sys/fs/cgroup. A process
+    that needs it (a node-agent putting each VMM in a cgroup) runs with `net_only`: `nsenter --net` switches
+    the network namespace only, the mounts stay the host's."""
 
     name: str
 
-    def argv(self, argv: list[str]) -> list[str]:
+    def argv(self, argv: list[str], net_only: bool = False) -> list[str]:
+        if net_only:
+            return ["nsenter", f"--net=/run/netns/{self.name}", "--", *argv]
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run(self.argv(argv), check=check)
+    def run(self, argv: list[str], check: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return _run(self.argv(argv), check=check, env=env, timeout=timeout)
 
-    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        """A process inside the namespace (`ip netns exec` execs it: the pid is the command's own)."""
-        return subprocess.Popen(self.argv(argv), **kwargs)
+    def popen(self, argv: list[str], net_only: bool = False, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A process inside the namespace (`ip netns exec` and `nsenter` exec it: the pid is the command's own)."""
+        return subprocess.Popen(self.argv(argv, net_only), **kwargs)
 
 
 @contextlib.contextmanager
