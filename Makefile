@@ -46,6 +46,7 @@ lint: setup
 docs: setup
 	$(PY) -m shared.docsgen > docs/events.md
 	$(PY) -m shared.archgen docs/architecture.md
+	$(PY) -m shared.natsconf deploy/nats/cluster
 
 clean:
 	rm -rf .qvm $(VENV) *.egg-info

@@ -101,8 +101,9 @@ class Bus:
                 log.warning("bus error", extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"})
 
         with map_nats_errors(f"connect {ident} to {url}"):
+            servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: every server's URL
             connecting = asyncio.ensure_future(nats.connect(
-                url, tls=tls_context(pki, ident), name=str(ident), inbox_prefix=inbox_prefix(ident),
+                servers, tls=tls_context(pki, ident), name=str(ident), inbox_prefix=inbox_prefix(ident),
                 connect_timeout=connect_timeout, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 allow_reconnect=True, error_cb=on_error,
             ))

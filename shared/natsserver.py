@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,10 +22,10 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.identity import Identity
-from shared.natsconf import render_server_config
+from shared.natsconf import ClusterMember, cluster_block, render_server_config
 from shared.pki import Pki
 
-__all__ = ["EmbeddedNats", "nats_server_binary"]
+__all__ = ["EmbeddedCluster", "EmbeddedNats", "nats_server_binary"]
 
 
 def nats_server_binary() -> Path:
@@ -48,6 +49,10 @@ class EmbeddedNats:
     identities: list[Identity] | None = None
     host: str = "127.0.0.1"
     port: int = -1
+    server_name: str = "qvm-embedded"
+    cluster: str = ""  # this server's `cluster {}` block (`natsconf.cluster_block`) in a cluster
+    cert: Path | None = None  # its own certificate in a cluster (else the PKI's server certificate)
+    key: Path | None = None
     url: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -58,7 +63,8 @@ class EmbeddedNats:
     def write_config(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         conf = render_server_config(self.pki, store_dir=self.state_dir / "jetstream", identities=self.identities,
-                                    host=self.host, port=self.port)
+                                    host=self.host, port=self.port, server_name=self.server_name,
+                                    cluster=self.cluster, cert=self.cert, key=self.key)
         self.config_path.write_text(conf)
 
     def start(self, timeout: float = 15.0) -> str:
@@ -80,6 +86,7 @@ class EmbeddedNats:
             if ports_file.exists():
                 with contextlib.suppress(ValueError, KeyError, IndexError):
                     self.url = json.loads(ports_file.read_text())["nats"][0]
+                    self.port = int(self.url.rsplit(":", 1)[1])  # a restart keeps the port clients know
                     return self.url
             time.sleep(0.02)
         self.stop()
@@ -109,6 +116,15 @@ class EmbeddedNats:
             time.sleep(0.02)
         raise ConfigError(f"nats-server did not confirm the reload within {timeout}s (log: {self.log_path})")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine would leave it (no clean shutdown, no leadership handed over)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -120,3 +136,54 @@ class EmbeddedNats:
         if self.proc and self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class EmbeddedCluster:
+    """`size` nats-servers on this machine forming one JetStream cluster (NATS's own clustering: Raft per
+    stream), each with its own certificate naming it (routes are mutual TLS and check names), its own store,
+    and the same generated users. `url` lists every client URL (clients fail over between them)."""
+
+    pki: Pki
+    state_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    identities: list[Identity] | None = None
+    servers: list[EmbeddedNats] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return ",".join(s.url for s in self.servers)
+
+    def start(self, timeout: float = 15.0) -> str:
+        members = [ClusterMember(f"nats-{i + 1}", self.host, 0, _free_port(self.host)) for i in range(self.size)]
+        for member in members:
+            cert, key = self.pki.issue_server(member.name, [self.host])
+            block = cluster_block(member, members, cert, key, self.pki.ca_cert)
+            self.servers.append(EmbeddedNats(self.pki, self.state_dir / member.name, self.identities, host=self.host,
+                                             server_name=member.name, cluster=block, cert=cert, key=key))
+        try:
+            for server in self.servers:
+                server.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """Every running member re-reads the regenerated authorization (a node joined or was withdrawn)."""
+        for server in self.servers:
+            if server.proc is not None:
+                server.reload(timeout)
+            else:
+                server.write_config()  # a member that is down reads it when it starts again
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()

@@ -310,12 +310,36 @@ class Pki:
         return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     def _server_names_cover(self, names: list[str]) -> bool:
-        cert = x509.load_pem_x509_certificate(self.server_cert.read_bytes())
+        return self._names_cover(self.server_cert, names)
+
+    def server_files(self, server: str | None = None) -> tuple[Path, Path]:
+        """(certificate, key) of the NATS server `server` in a cluster (`servers/<name>/`), or of the one
+        server (None)."""
+        if server is None:
+            return self.server_cert, self.server_key
+        d = self.root / "servers" / server
+        return d / "server.pem", d / "server-key.pem"
+
+    def issue_server(self, server: str, names: Iterable[str] = ()) -> tuple[Path, Path]:
+        """A certificate of its own for cluster member `server`, naming it (its route host) and `names`
+        beside localhost: routes verify each other's names, so one shared certificate would not do. Kept
+        when it names all of them already."""
+        cert, key = self.server_files(server)
+        wanted = [server, *names]
+        if cert.exists() and self._names_cover(cert, wanted):
+            return cert, key
+        cert.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._issue_server(wanted, cert, key)
+        return cert, key
+
+    def _names_cover(self, cert_path: Path, names: list[str]) -> bool:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         have = set(san.get_values_for_type(x509.DNSName)) | {str(a) for a in san.get_values_for_type(x509.IPAddress)}
         return all(str(_general_name(n).value) in have for n in names)
 
-    def _issue_server(self, names: Iterable[str] = ()) -> None:
+    def _issue_server(self, names: Iterable[str] = (), cert_path: Path | None = None,
+                      key_path: Path | None = None) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         san: list[x509.GeneralName] = [
             x509.DNSName("localhost"),
@@ -326,8 +350,8 @@ class Pki:
         san += [g for g in map(_general_name, names) if g not in san]
         pem = self._build(key.public_key(), "qvm nats", san, [ExtendedKeyUsageOID.SERVER_AUTH,
                                                                 ExtendedKeyUsageOID.CLIENT_AUTH])
-        _write_private(self.server_key, _pem_key(key))
-        self.server_cert.write_bytes(pem)
+        _write_private(key_path or self.server_key, _pem_key(key))
+        (cert_path or self.server_cert).write_bytes(pem)
 
     def issue(self, ident: Identity, *, write_bundle: bool = True) -> None:
         """Issue the TLS client and Ed25519 signing certificates for one identity."""

@@ -47,12 +47,26 @@ from shared.events import STREAMS, Domain
 from shared.identity import Identity
 from shared.kv import erase_msg
 
-__all__ = ["ERASABLE_BUCKETS", "ERASABLE_HISTORY", "erasable_kv_config", "provision"]
+__all__ = ["ERASABLE_BUCKETS", "ERASABLE_HISTORY", "erasable_kv_config", "jetstream_ready", "provision"]
 
 ERASABLE_BUCKETS = frozenset({"qvm_keys"})
 """KV buckets whose owner erases the revisions it supersedes (they hold wrapped keys)."""
 ERASABLE_HISTORY = 64  # the KV maximum: superseded revisions wait for their owner's erase, never for the limit
 COPY_WAIT_S = 60.0  # the most a move waits for one stream-to-stream copy
+
+
+async def jetstream_ready(js: JetStreamContext, within_s: float = 60.0) -> None:
+    """Wait until JetStream answers: a cluster that just started elects its meta leader first, and until then
+    every JetStream request is refused as temporarily unavailable."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        try:
+            await js.account_info()
+            return
+        except Exception as exc:  # ServiceUnavailable, a timeout, no responders while routes form
+            if asyncio.get_running_loop().time() > deadline:
+                raise BusError(f"JetStream did not become available within {within_s:.0f}s: {exc}") from exc
+            await asyncio.sleep(0.2)
 
 
 def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
@@ -71,6 +85,7 @@ def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
 
 async def provision(js: JetStreamContext, settings: CommonSettings) -> list[str]:
     """Ensure every stream and KV bucket exists with current settings; returns what was created/updated."""
+    await jetstream_ready(js)
     changed: list[str] = []
     for cfg in stream_configs(settings):
         assert cfg.name

@@ -60,12 +60,18 @@ app.add_typer(node_app, name="node")
 # ------------------------------------------------------------------ pki
 @pki_app.command("init")
 def pki_init(nodes: Annotated[str, typer.Option(help="Comma-separated node ids to issue node-agent identities for")]
+             = "",
+             nats_servers: Annotated[str, typer.Option(help="Comma-separated NATS cluster members (nats-1,nats-2,"
+                                                            "nats-3): a certificate naming each, for its routes")]
              = "") -> None:
     """Create the CA and every service identity (idempotent)."""
     s = NodeSettings()
     node_list = [n for n in nodes.split(",") if n] or [s.node_id or local_node_id()]
     try:
-        issued = Pki(s.pki_path).init(nodes=node_list)
+        pki = Pki(s.pki_path)
+        issued = pki.init(nodes=node_list)
+        for server in filter(None, nats_servers.split(",")):
+            pki.issue_server(server)
     except (QvmError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -191,6 +197,9 @@ def up(
                                                        "machine's public address); NATS then listens on the "
                                                        "tunnel only")] = None,
     wireguard_net: Annotated[str, typer.Option(help="The tunnel's network")] = "10.99.0.0/24",
+    nats_servers: Annotated[int, typer.Option(help="NATS servers: 3 runs a local cluster (every stream and "
+                                                   "bucket with 3 replicas) to try one on a machine",
+                                              min=1, max=5)] = 1,
 ) -> None:
     """Run the embedded stack (NATS + services) in the foreground until Ctrl-C."""
     from shared.cli.stack import SERVICE_MODULES, LocalStack
@@ -199,7 +208,7 @@ def up(
     services = tuple(n for n in SERVICE_MODULES if local_node or n != "node-agent")
     stack = LocalStack(s, s.node_id or local_node_id(), min_trust, services=services, join_listen=join_listen,
                        nats_host=nats_host, server_names=tuple(server_name or ()), wireguard_endpoint=wireguard,
-                       wireguard_net=wireguard_net)
+                       wireguard_net=wireguard_net, nats_servers=nats_servers)
 
     async def body() -> None:
         stop = asyncio.Event()

@@ -21,7 +21,7 @@ from shared.bus import Bus
 from shared.config import StackSettings
 from shared.identity import Identity, Role
 from shared.models import TrustState
-from shared.natsserver import EmbeddedNats
+from shared.natsserver import EmbeddedCluster, EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
 from shared.tpm.swtpm import Swtpm, SwtpmState
@@ -60,7 +60,8 @@ class LocalStack:
     wireguard_endpoint: str | None = None  # host:port nodes dial for the tunnel; None: no tunnel
     wireguard_net: str = "10.99.0.0/24"  # the tunnel's network: the control plane takes its first address
     hub: WireGuardHub | None = None
-    nats: EmbeddedNats | None = None
+    nats_servers: int = 1  # 3: a local NATS cluster (replicated streams), to try one on a machine
+    nats: EmbeddedNats | EmbeddedCluster | None = None
     tpm: Swtpm | None = None
     children: list[Child] = field(default_factory=list)
     admin: Bus | None = None
@@ -78,7 +79,11 @@ class LocalStack:
             self.nats_host = str(self.hub.server_address)  # nodes reach NATS through the tunnel only
         local_node = [self.node_id] if "node-agent" in self.services else []
         self.pki.init(nodes=local_node, server_names=(*self.server_names, self.nats_host))
-        self.nats = EmbeddedNats(self.pki, state / "nats", host=self.nats_host)
+        if self.nats_servers > 1:
+            self.nats = EmbeddedCluster(self.pki, state / "nats", size=self.nats_servers, host=self.nats_host)
+            self.settings = self.settings.model_copy(update={"stream_replicas": self.nats_servers})
+        else:
+            self.nats = EmbeddedNats(self.pki, state / "nats", host=self.nats_host)
         url = await asyncio.to_thread(self.nats.start)
         (state / "nats.url").write_text(url)
         admin = await Bus.connect(url, self.pki, Identity(Role.ADMIN))
@@ -166,6 +171,7 @@ class LocalStack:
             "QVM_PKI_DIR": str(self.settings.pki_path.resolve()), "QVM_MIN_TRUST": self.min_trust.value,
             "QVM_NODE_ID": self.node_id, "PYTHONUNBUFFERED": "1",
             "QVM_ATTEST_POLICY": str(self.settings.attest_policy_path.resolve()),
+            "QVM_STREAM_REPLICAS": str(self.settings.stream_replicas),
         })
         if self.tcti:
             env["QVM_TPM"] = self.tcti

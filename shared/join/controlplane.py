@@ -17,7 +17,7 @@ from shared.events import NodeWithdrawn
 from shared.ids import event_id_at
 from shared.join.registrar import Registrar, Tunnel
 from shared.join.server import JoinServer
-from shared.natsserver import EmbeddedNats
+from shared.natsserver import EmbeddedCluster, EmbeddedNats
 from shared.tpm.ek import load_ek_cas
 
 __all__ = ["JoinService", "start_join_service"]
@@ -36,10 +36,11 @@ class JoinService:
         self.server.stop()
 
 
-async def start_join_service(admin: Bus, nats: EmbeddedNats, *, host: str = "127.0.0.1", port: int = 0,
+async def start_join_service(admin: Bus, nats: EmbeddedNats | EmbeddedCluster, *, host: str = "127.0.0.1", port: int = 0,
                              nats_url: str | None = None, ek_ca: Path | None = None,
                              require_ek_certificate: bool = True, tunnel: Tunnel | None = None) -> JoinService:
-    """Serve joins on host:port (0: a free port). `nats_url` is what nodes dial (default: the server's)."""
+    """Serve joins on host:port (0: a free port). `nats_url` is what nodes dial (default: the server's, or
+    every cluster member's). A grant reloads every server of a cluster."""
 
     async def grant() -> None:
         await asyncio.to_thread(nats.reload)

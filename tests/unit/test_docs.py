@@ -62,3 +62,15 @@ def test_nested_payload_fields_are_listed(rendered: str) -> None:
     assert "`inventory.gpus[].uuid`" in rendered
     assert "`claim.cpu_cores`" in rendered
     assert "$ref" not in rendered and "$defs" not in rendered
+
+
+def test_the_cluster_configs_in_deploy_are_generated_from_the_code() -> None:
+    """deploy/nats/cluster/node-*.conf are what `python -m shared.natsconf` writes (`make docs`): the same server
+    and cluster blocks as `qvm up --nats-servers 3`, so they cannot drift from what the tests run."""
+    from shared.natsconf import deploy_cluster_configs
+
+    root = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "cluster"
+    for name, text in deploy_cluster_configs().items():
+        assert (root / name).read_text() == text, f"{name} is stale: run make docs"
+    compose = (root.parents[2] / "docker-compose.cluster.yml").read_text()
+    assert all(f"/etc/nats/cluster/{name}" in compose for name in deploy_cluster_configs())
