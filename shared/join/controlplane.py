@@ -36,7 +36,8 @@ class JoinService:
         self.server.stop()
 
 
-async def start_join_service(admin: Bus, nats: EmbeddedNats | EmbeddedCluster, *, host: str = "127.0.0.1", port: int = 0,
+async def start_join_service(admin: Bus, nats: EmbeddedNats | EmbeddedCluster, *, host: str = "127.0.0.1",
+                             port: int = 0,
                              nats_url: str | None = None, ek_ca: Path | None = None,
                              require_ek_certificate: bool = True, tunnel: Tunnel | None = None) -> JoinService:
     """Serve joins on host:port (0: a free port). `nats_url` is what nodes dial (default: the server's, or
