@@ -28,6 +28,8 @@ PKI_LIMIT_S = 60.0
 PKI_SAMPLE = 50
 PLACEMENTS_TARGET = 1000.0
 P99_TARGET_MS = 50.0
+CLUSTER_RATE = 200.0
+CLUSTER_JOBS = 1200
 
 
 async def _guarded(name: str, logs: LogCounter, body: Callable[[], Awaitable[list[Figure]]]) -> list[Figure]:
@@ -139,6 +141,24 @@ async def _placement_and_audit(tmp: Path, logs: LogCounter) -> list[Figure]:
             say(fig.line())
             figs.append(fig)
         say("  " + logs.drain())
+    section(
+        f"2e. Placement through a 3-server NATS cluster (paced at {CLUSTER_RATE:.0f}/s, fresh stack)",
+        f"as 2b, {CLUSTER_JOBS:,} jobs, on three nats-server processes clustered on this machine (mutual TLS "
+        "routes; every stream and bucket with 3 replicas, so each stored message is acknowledged by a quorum); "
+        "clients given all three URLs; compare with the single server's paced run above (same rate: "
+        f"{CLUSTER_RATE:.0f}/s is both)",
+    )
+    async with bench_stack(pki, tmp / "cluster", servers=3) as stack:
+        clustered = await run_jobs(stack, nodes, CLUSTER_JOBS, label=f"3-server cluster, paced {CLUSTER_RATE:.0f}/s",
+                                   prefix="cluster", rate=CLUSTER_RATE, deadline_s=90.0)
+        say(paced_line(clustered, CLUSTER_RATE))
+        figs += report_run(clustered, p99_target_ms=P99_TARGET_MS, rate_target=None)
+    async with bench_stack(pki, tmp / "single-same-rate") as stack:
+        single = await run_jobs(stack, nodes, CLUSTER_JOBS, label=f"1 server, paced {CLUSTER_RATE:.0f}/s",
+                                prefix="single", rate=CLUSTER_RATE, deadline_s=90.0)
+        say(paced_line(single, CLUSTER_RATE))
+        figs += report_run(single, p99_target_ms=P99_TARGET_MS, rate_target=None)
+    say("  " + logs.drain())
     return figs
 
 

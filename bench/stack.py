@@ -17,7 +17,7 @@ from services.node_agent.settings import NodeAgentSettings
 from services.scheduler.settings import SchedulerSettings
 from shared.bus import Bus
 from shared.identity import Identity, Role
-from shared.natsserver import EmbeddedNats
+from shared.natsserver import EmbeddedCluster, EmbeddedNats
 from shared.pki import Pki
 from shared.provision import provision
 
@@ -32,7 +32,7 @@ class BenchSettings(NodeAgentSettings, SchedulerSettings):
 class BenchStack:
     root: Path
     pki: Pki
-    server: EmbeddedNats
+    server: EmbeddedNats | EmbeddedCluster
     settings: BenchSettings
     buses: list[Bus] = field(default_factory=list)
 
@@ -43,13 +43,17 @@ class BenchStack:
 
 
 @contextlib.asynccontextmanager
-async def bench_stack(pki: Pki, root: Path, *, offline_after_s: float = 3600.0) -> AsyncIterator[BenchStack]:
-    """Start nats-server under `root` for the identities in `pki`; stop it and close every bus on exit."""
-    server = EmbeddedNats(pki, root)
+async def bench_stack(pki: Pki, root: Path, *, offline_after_s: float = 3600.0, servers: int = 1
+                      ) -> AsyncIterator[BenchStack]:
+    """Start nats-server under `root` for the identities in `pki` (`servers` > 1: a local cluster, every stream
+    and bucket with that many replicas); stop it and close every bus on exit."""
+    server: EmbeddedNats | EmbeddedCluster = (EmbeddedCluster(pki, root, size=servers) if servers > 1
+                                              else EmbeddedNats(pki, root))
     url = server.start()
     stack: BenchStack | None = None
     try:
-        settings = BenchSettings(state_dir=root, nats_url=url, pki_dir=pki.root, offline_after_s=offline_after_s)
+        settings = BenchSettings(state_dir=root, nats_url=url, pki_dir=pki.root, offline_after_s=offline_after_s,
+                                 stream_replicas=servers)
         stack = BenchStack(root, pki, server, settings)
         admin = await stack.bus(Role.ADMIN)
         await provision(admin.js, settings)
