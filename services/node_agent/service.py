@@ -156,14 +156,7 @@ class NodeAgent:
         await self.write_status()
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
-        attesting = []
-        if self.attester is not None and await self._start_attester():
-            attesting = [
-                self.bus.consume(consumer_spec(Role.NODE_AGENT, "attestation"), self.on_attestation, stop),
-                self.bus.consume(consumer_spec(Role.NODE_AGENT, "verdicts"), self.on_verdict, stop),
-                self.bus.consume(consumer_spec(Role.NODE_AGENT, "keys"), self.on_keys, stop),
-                self._reattest(stop),
-            ]
+        attesting = [self._attesting(stop)] if self.attester is not None else []
         try:
             await run_together(
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
@@ -252,20 +245,61 @@ class NodeAgent:
         self.held_since.pop(job_id, None)
 
     # ------------------------------------------------------------ attestation
-    async def _start_attester(self) -> bool:
-        """Open the TPM, measure the agent, ask to enroll. A node that cannot attest still runs (and
-        reports why); the scheduler never trusts it."""
+    attest_backoff_s = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # between failed starts: about a minute in all ...
+    attest_retry_s = 60.0  # ... then one try a minute, for as long as the agent runs
+
+    async def _attesting(self, stop: asyncio.Event) -> None:
+        """In the background (the agent heartbeats and sweeps meanwhile): start the attester, then answer
+        challenges, take instance verdicts and sealed keys, and re-attest on schedule."""
+        if not await self._start_attester(stop):
+            return
+        await run_together(
+            self.bus.consume(consumer_spec(Role.NODE_AGENT, "attestation"), self.on_attestation, stop),
+            self.bus.consume(consumer_spec(Role.NODE_AGENT, "verdicts"), self.on_verdict, stop),
+            self.bus.consume(consumer_spec(Role.NODE_AGENT, "keys"), self.on_keys, stop),
+            self._reattest(stop),
+        )
+
+    async def _start_attester(self, stop: asyncio.Event) -> bool:
+        """Open the TPM, measure the agent, ask to enroll; on failure try again, with back-off
+        (`attest_backoff_s`), then every `attest_retry_s` until it works: a TPM can be briefly busy or full
+        (what a killed agent left in it is flushed by `TpmDevice.load_keys`). Each failure is logged with
+        its reason and shown in the node's status; until it works the node runs unverified and the
+        scheduler never trusts it. False only when the agent stops first."""
         assert self.attester is not None
-        try:
-            await self.attester.start(AgentMeasurement(
-                node_id=self.node_id, agent_version=AGENT_VERSION, agent_sha256=code_digest(),
-                config_sha256=digest_of(agent_config(self.settings)), config=agent_config(self.settings)))
-        except AttestError as exc:
-            log.error("node cannot attest", extra={"reason": exc.reason, "detail": exc.detail[:300]})
-            return False
-        await self.bus.publish(self.attester.enroll_request(), node_id=self.node_id)
-        log.info("enrollment requested", extra={"pcr": self.settings.measurement_pcr})
-        return True
+        measurement = AgentMeasurement(
+            node_id=self.node_id, agent_version=AGENT_VERSION, agent_sha256=code_digest(),
+            config_sha256=digest_of(agent_config(self.settings)), config=agent_config(self.settings))
+        started = False
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            try:
+                # act: open the TPM and measure the agent (once), then emit the enrollment request
+                if not started:
+                    await self.attester.start(measurement)
+                    started = True
+                await self.bus.publish(self.attester.enroll_request(), node_id=self.node_id)
+            except AttestError as exc:
+                reason, detail = exc.reason, exc.detail
+            except Exception as exc:  # the bus (publish), the log's file system: retried like the TPM
+                reason = "enroll_request_failed" if started else "attester_start_failed"
+                detail = f"{type(exc).__name__}: {exc}"
+            else:
+                log.info("enrollment requested", extra={"pcr": self.settings.measurement_pcr, "attempt": attempt})
+                if attempt > 1:
+                    self.trust = TrustStatus(detail="awaiting the first attestation result")
+                return True
+            # decide: when to try again
+            backoff = self.attest_backoff_s
+            wait = backoff[attempt - 1] if attempt <= len(backoff) else self.attest_retry_s
+            log.error("node cannot attest; retrying", extra={"reason": reason, "detail": detail[:300],
+                                                              "attempt": attempt, "retry_in_s": wait})
+            self.trust = TrustStatus(detail=f"cannot attest ({reason}: {detail}); retrying"[:300],
+                                     updated_ns=time.time_ns())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+        return False
 
     async def on_attestation(self, event: Event) -> None:
         assert self.attester is not None

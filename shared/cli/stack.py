@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,20 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started: float = 0.0
+    last_exit: int | None = None  # the returncode of the process that died last (negative: its signal)
+
+    @staticmethod
+    def describe_exit(code: int | None) -> str:
+        """A returncode as people read it: `exit 1`, or `signal 9 (SIGKILL)` for a negative one."""
+        if code is None:
+            return "exit status unknown"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                return f"signal {-code}"
+            return f"signal {-code} ({name})"
+        return f"exit {code}"
 
 
 @dataclass
@@ -192,9 +207,10 @@ class LocalStack:
                 wait = min(2 ** child.restarts, 30)
                 if time.monotonic() - child.started < wait:
                     continue
+                child.last_exit = child.proc.returncode  # before the respawn replaces the process
                 child.restarts += 1
                 self._spawn(child, self.nats.url if self.nats else "")
-                restarted.append(f"{child.name} (exit {child.proc.returncode if child.proc else '?'})")
+                restarted.append(f"{child.name} ({Child.describe_exit(child.last_exit)})")
         return restarted
 
     def stop(self) -> None:

@@ -3,7 +3,7 @@
 Only the node-agent (and tests) import this module; verifiers and clients never need a TPM stack.
 `tcti` is a tss2 TCTI string: `device:/dev/tpmrm0` on hosts (the kernel resource manager), or
 `swtpm:host=127.0.0.1,port=P` for swtpm. ESAPI contexts are not thread-safe and every call blocks, so
-`TpmDevice` is used from one worker thread (`services.node_agent.attest.tpm_worker`).
+`TpmDevice` is used from one worker thread (the `Attester`'s, `services.node_agent.attest.attester`).
 
 Keys:
   EK  the TCG default RSA-2048 endorsement key (template from NV when the manufacturer stored one),
@@ -13,6 +13,13 @@ Keys:
       hierarchy carry the real resetCount / restartCount (other hierarchies obfuscate them).
   SRK the TCG-template ECC P-256 storage primary of the owner hierarchy, re-derived on every use (nothing
       stored); the parent of sealed data objects (`seal` / `unseal`, the key-broker's KEKs).
+
+Stale handles: EK and AK stay loaded (transient objects) for as long as the agent runs. An agent killed
+with SIGKILL never flushes them, and a TPM without a resource manager (swtpm, `device:/dev/tpm0`) keeps them
+until it is reset: with the usual three object slots the restarted agent cannot create its keys (issue #14).
+`load_keys` (and `activate_credential` for sessions) therefore flush what an earlier process left
+(`flush_stale`) when the TPM answers that it is full, then try once more. `/dev/tpmrm0` and tpm2-abrmd flush
+per connection, so there the list holds only this device's own handles and nothing else is touched.
 """
 
 from __future__ import annotations
@@ -27,7 +34,16 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS logs expected misses (a
 import contextlib
 
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_OBJECT, TPMA_SESSION
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_HT,
+    TPM2_RC,
+    TPM2_SE,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+)
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
@@ -62,6 +78,13 @@ SRK_ATTRS = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
 SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
 MAX_SEALED_BYTES = 128  # MAX_SYM_DATA: the largest TPM2B_SENSITIVE_DATA the reference TPM (and swtpm) takes
 _PCR_POLICY_CC = (0x0000017F).to_bytes(4, "big")  # TPM_CC_PolicyPCR
+# TPM warnings that mean "no room left": for a transient object, a session, or memory in general.
+_NO_ROOM = frozenset({TPM2_RC.OBJECT_MEMORY, TPM2_RC.SESSION_MEMORY, TPM2_RC.MEMORY, TPM2_RC.OBJECT_HANDLES,
+                      TPM2_RC.SESSION_HANDLES})
+
+
+def _no_room(exc: TSS2_Exception) -> bool:
+    return not exc.fmt1 and exc.error in _NO_ROOM
 
 
 class TpmError(ReasonedError):
@@ -130,6 +153,7 @@ class TpmDevice:
         self.ak_public = b""
         self.ak_name = b""
         self.ak_qualified_name = b""
+        self.stale_flushed = 0  # handles an earlier process left in the TPM, flushed to make room
 
     def close(self) -> None:
         for h in (self._ek, self._ak):
@@ -154,21 +178,84 @@ class TpmDevice:
         return out
 
     def load_keys(self) -> None:
-        """Create (deterministically re-derive) the EK and the AK; read the EK certificate if any."""
+        """Create (deterministically re-derive) the EK and the AK; read the EK certificate if any.
+
+        When the TPM has no room for them, what an earlier process left loaded is flushed (`flush_stale`,
+        counted in `stale_flushed`) and the keys are created once more."""
         try:
-            cert, template = create_ek_template("EK-RSA2048", self._nv_read)
-            self._ek, ek_pub, *_ = self.esapi.create_primary(None, template, primary_handle=ESYS_TR.ENDORSEMENT)
-            self.ek_public = bytes(ek_pub.marshal())
-            self.ek_cert = bytes(cert) if cert else None
-            self._ak, ak_pub, *_ = self.esapi.create_primary(
-                None, TPM2B_PUBLIC.parse(AK_TEMPLATES[self.ak_algorithm], objectAttributes=AK_ATTRS),
-                primary_handle=ESYS_TR.ENDORSEMENT)
-            _, name, qualified = self.esapi.read_public(self._ak)
-            self.ak_public = bytes(ak_pub.marshal())
-            self.ak_name = bytes(name)
-            self.ak_qualified_name = bytes(qualified)
+            self._create_keys()
+            return
         except TSS2_Exception as exc:
-            raise TpmError("tpm_command_failed", f"key creation: {exc}") from None
+            if not _no_room(exc):
+                raise TpmError("tpm_command_failed", f"key creation: {exc}") from None
+            first = exc
+        self._flush(self._ek, self._ak)  # a half-made pair of ours: made again below
+        self._ek = self._ak = None
+        try:
+            self.stale_flushed += self.flush_stale()
+            self._create_keys()
+        except TSS2_Exception as exc:
+            raise TpmError("tpm_command_failed", f"key creation: {exc} (after {first}, with "
+                                                 f"{self.stale_flushed} stale handles flushed)") from None
+
+    def _create_keys(self) -> None:
+        cert, template = create_ek_template("EK-RSA2048", self._nv_read)
+        self._ek, ek_pub, *_ = self.esapi.create_primary(None, template, primary_handle=ESYS_TR.ENDORSEMENT)
+        self.ek_public = bytes(ek_pub.marshal())
+        self.ek_cert = bytes(cert) if cert else None
+        self._ak, ak_pub, *_ = self.esapi.create_primary(
+            None, TPM2B_PUBLIC.parse(AK_TEMPLATES[self.ak_algorithm], objectAttributes=AK_ATTRS),
+            primary_handle=ESYS_TR.ENDORSEMENT)
+        _, name, qualified = self.esapi.read_public(self._ak)
+        self.ak_public = bytes(ak_pub.marshal())
+        self.ak_name = bytes(name)
+        self.ak_qualified_name = bytes(qualified)
+
+    def _handles(self, kind: TPM2_HT) -> list[int]:
+        """The handles of one kind now in the TPM (TPM2_GetCapability(TPM_CAP_HANDLES), paged). Loaded
+        sessions are listed with their own handle types (HMAC 0x02..., policy 0x03...)."""
+        out: list[int] = []
+        start = kind << 24
+        while True:
+            more, data = self.esapi.get_capability(TPM2_CAP.HANDLES, start, 64)
+            got = [int(h) for h in data.data.handles]
+            if kind == TPM2_HT.TRANSIENT:
+                got = [h for h in got if h >> 24 == kind]
+            out += got
+            if not more or not got or kind != TPM2_HT.TRANSIENT:  # sessions: a few, in one answer
+                return out
+            start = got[-1] + 1
+
+    def flush_stale(self) -> int:
+        """Flush every transient object and loaded session in the TPM except this device's EK and AK;
+        returns how many went.
+
+        For what a process that died without flushing left behind: an agent killed with SIGKILL, on a TPM
+        without a resource manager (swtpm, `/dev/tpm0`) that keeps them until it resets. Behind a resource
+        manager (`/dev/tpmrm0`, tpm2-abrmd) a connection sees only its own handles, so this flushes nothing
+        of anyone else. Without one it flushes everyone's: safe because the node-agent is the only user of
+        the TPM on a qvm host (one `TpmDevice`, on one worker thread, in the agent's process; the key-broker's
+        TPM-sealed KEKs live on the control plane, and that path (`seal` / `unseal`, one short-lived
+        `TpmDevice` per operation) never calls this). Still, callers do it only when the TPM reports it is
+        full, so a concurrent user of a shared development swtpm is disturbed only when it could not have
+        worked anyway."""
+        own = {int(self.esapi.tr_get_tpm_handle(h)) for h in (self._ek, self._ak) if h is not None}
+        flushed = 0
+        for kind in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
+            for handle in self._handles(kind):
+                if handle in own:
+                    continue
+                try:
+                    tr = self.esapi.tr_from_tpmpublic(handle)
+                except TSS2_Exception:
+                    continue  # gone meanwhile
+                try:
+                    self.esapi.flush_context(tr)
+                    flushed += 1
+                except TSS2_Exception:
+                    with contextlib.suppress(TSS2_Exception):
+                        self.esapi.tr_close(tr)
+        return flushed
 
     # ------------------------------------------------------------ enrollment
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
@@ -176,7 +263,7 @@ class TpmDevice:
         assert self._ek is not None and self._ak is not None
         blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
         secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
-        session = self.esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256)
+        session = self._policy_session()
         try:
             self.esapi.policy_secret(ESYS_TR.ENDORSEMENT, session)  # the default EK's policy
             return bytes(self.esapi.activate_credential(self._ak, self._ek, blob, secret,
@@ -186,6 +273,22 @@ class TpmDevice:
         finally:
             with contextlib.suppress(TSS2_Exception):
                 self.esapi.flush_context(session)
+
+    def _policy_session(self) -> ESYS_TR:
+        """An unsalted sha256 policy session; when the TPM has no session slot left, stale sessions (and
+        objects) of an earlier process are flushed and it is started once more."""
+        def start() -> ESYS_TR:
+            return self.esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256)
+        try:
+            return start()
+        except TSS2_Exception as exc:
+            if not _no_room(exc):
+                raise TpmError("activation_failed", f"StartAuthSession: {exc}") from None
+        try:
+            self.stale_flushed += self.flush_stale()
+            return start()
+        except TSS2_Exception as exc:
+            raise TpmError("activation_failed", f"StartAuthSession: {exc}") from None
 
     # ------------------------------------------------------------ PCRs and quotes
     def extend(self, pcr: int, digest: bytes) -> None:

@@ -15,6 +15,7 @@ At start the log is reconciled with the PCR:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -64,14 +65,40 @@ class Attester:
 
     # ------------------------------------------------------------ start / stop
     async def start(self, agent: AgentMeasurement) -> None:
+        """Open the TPM, load the keys, reconcile the log and measure the agent. Safe to call again after
+        an `AttestError`: a failed start leaves no TPM context open, and the attester is usable (`measure`,
+        `answer`) only once a start has fully succeeded."""
+        await self._close_tpm()  # an earlier, successful start: begin again
+        tpm: TpmDevice | None = None
         try:
-            self._tpm = await self._call(TpmDevice, self.tcti, self.ak_algorithm)
-            await self._call(self._tpm.load_keys)
-            current = (await self._call(self._tpm.read_pcrs, [self.pcr]))[self.pcr]
-        except TpmError as exc:
+            tpm = await self._call(TpmDevice, self.tcti, self.ak_algorithm)
+            await self._call(tpm.load_keys)
+            if tpm.stale_flushed:
+                log.warning("flushed handles an earlier process left in the TPM (a killed agent; this TPM has "
+                            "no resource manager)", extra={"handles": tpm.stale_flushed})
+            current = (await self._call(tpm.read_pcrs, [self.pcr]))[self.pcr]
+            entries = await asyncio.to_thread(self._reconcile, current)
+            async with self._lock:
+                self.entries = entries
+                await self._extend(tpm, agent)
+        except (TpmError, AttestError) as exc:
+            if tpm is not None:
+                await self._close(tpm)
             raise AttestError(exc.reason, exc.detail) from None
-        self.entries = await asyncio.to_thread(self._reconcile, current)
-        await self.measure(agent)
+        except BaseException:
+            if tpm is not None:
+                await self._close(tpm)
+            raise
+        self._tpm = tpm
+
+    async def _close(self, tpm: TpmDevice) -> None:
+        with contextlib.suppress(Exception):
+            await self._call(tpm.close)
+
+    async def _close_tpm(self) -> None:
+        if self._tpm is not None:
+            tpm, self._tpm = self._tpm, None
+            await self._close(tpm)
 
     def _reconcile(self, pcr: bytes) -> list[Entry]:
         entries: list[Entry] = []
@@ -101,22 +128,26 @@ class Attester:
         os.replace(tmp, self.log_path)
 
     async def close(self) -> None:
-        if self._tpm is not None:
-            await self._call(self._tpm.close)
-            self._tpm = None
+        await self._close_tpm()
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------ measured launch
     async def measure(self, entry: Entry) -> None:
         """Log, then extend: a crash in between is repaired at the next start."""
-        assert self._tpm is not None
+        tpm = self._tpm
+        if tpm is None:  # not started (yet): the agent keeps retrying; an instance cannot be measured
+            raise AttestError("tpm_unavailable", "the node's TPM is not open yet (the attester has not started)")
         async with self._lock:
-            await asyncio.to_thread(self._append, entry)
-            try:
-                await self._call(self._tpm.extend, self.pcr, entry_digest(entry))
-            except TpmError as exc:
-                raise AttestError(exc.reason, exc.detail) from None
-            self.entries.append(entry)
+            await self._extend(tpm, entry)
+
+    async def _extend(self, tpm: TpmDevice, entry: Entry) -> None:
+        """Under the lock."""
+        await asyncio.to_thread(self._append, entry)
+        try:
+            await self._call(tpm.extend, self.pcr, entry_digest(entry))
+        except TpmError as exc:
+            raise AttestError(exc.reason, exc.detail) from None
+        self.entries.append(entry)
 
     def _append(self, entry: Entry) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
