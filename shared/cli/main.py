@@ -28,7 +28,6 @@ from shared.errors import QvmError
 from shared.events import Domain, scope_filter
 from shared.identity import Identity, Role
 from shared.models import TrustState
-from shared.natsconf import permissions_for
 from shared.pki import Pki
 from shared.replay import fold_jobs
 from shared.telemetry import setup_logging, setup_tracing
@@ -92,15 +91,11 @@ def pki_add_node(node_id: str) -> None:
 
 @pki_app.command("nats-config")
 def pki_nats_config() -> None:
-    """Print the NATS `authorization` block (users + permissions) for every issued identity."""
-    import json
+    """Print the NATS `authorization` block (users + permissions) for every issued identity: the same block the
+    embedded server and cluster use (`shared.natsconf.authorization_block`)."""
+    from shared.natsconf import authorization_block
 
-    pki = Pki(CommonSettings().pki_path)
-    lines = ["authorization {", "  users = ["]
-    for ident in pki.identities():
-        lines.append(f"    {{ user: {json.dumps(str(ident))}, permissions: {json.dumps(permissions_for(ident))} }}")
-    lines += ["  ]", "}"]
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write(authorization_block(Pki(CommonSettings().pki_path).identities()))
 
 
 # ------------------------------------------------------------------ images

@@ -20,7 +20,7 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.identity import SERVICE_ROLES, Identity, Role
-from shared.natsconf import permissions_for
+from shared.natsconf import authorization_block
 from shared.natsserver import nats_server_binary
 from shared.pki import Pki
 from tests.framework.extras import distributions, extras
@@ -77,7 +77,8 @@ def test_every_service_role_has_a_compose_service(compose: dict[str, Any]) -> No
         assert _command(svc) == [f"services.{role.value.replace('-', '_')}"]
         assert svc.get("build"), f"{role.value} is not built from the Dockerfile"
         env = svc.get("environment", {})
-        assert env.get("QVM_NATS_URL") == "tls://nats:4222"
+        # one server by default; docker-compose.cluster.yml's users set every member's URL
+        assert env.get("QVM_NATS_URL") == "${QVM_NATS_URL:-tls://nats:4222}"
         assert env.get("QVM_PKI_DIR") == PKI_MOUNT
         assert "nats" in _depends_on(svc)
 
@@ -191,7 +192,9 @@ def test_nats_configs_exist() -> None:
 @pytest.mark.parametrize("rel", NATS_CONFIGS)
 def test_nats_configs_use_the_mounted_pki(rel: str) -> None:
     text = (NATS_DIR / rel).read_text()
-    for f in ("server.pem", "server-key.pem", "ca.pem"):
+    member = re.search(r'server_name: "(nats-\d)"', text) if rel.startswith("cluster/") else None
+    own = f"servers/{member.group(1)}/" if member else ""  # a cluster member's own certificate (routes check names)
+    for f in (f"{own}server.pem", f"{own}server-key.pem", "ca.pem"):
         assert f'"{PKI_MOUNT}/{f}"' in text
     assert "verify_and_map: true" in text
     assert f'store_dir: "{STORE_DIR}"' in text
@@ -208,14 +211,7 @@ def test_cluster_routes(n: int) -> None:
 
 
 def _authorization_conf(pki: Pki) -> str:
-    users = []
-    for ident in pki.identities():
-        perms = permissions_for(ident)
-        pub = ", ".join(json.dumps(s) for s in perms["publish"]["allow"])
-        sub = ", ".join(json.dumps(s) for s in perms["subscribe"]["allow"])
-        users.append(f"    {{ user: {json.dumps(str(ident))}, permissions: {{ publish: {{ allow: [{pub}] }}, "
-                     f"subscribe: {{ allow: [{sub}] }} }} }}")
-    return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"
+    return authorization_block(pki.identities())  # what `qvm pki nats-config` prints
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +220,8 @@ def nats_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("deploy")
     pki = Pki(base / "pki")
     pki.init(nodes=["node-1"])
+    for n in (1, 2, 3):
+        pki.issue_server(f"nats-{n}")  # what `qvm pki init --nats-servers nats-1,nats-2,nats-3` makes
     assert Identity(Role.NODE_AGENT, "node-1") in pki.identities()
     out = base / "nats"
     shutil.copytree(NATS_DIR, out)
