@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from shared import reader
+from shared import metrics, reader
 from shared.codec import Codec, Event
 from shared.consumers import ConsumerSpec, Durable
 from shared.errors import BusError, Reason, RejectedEvent, Unauthorized
@@ -157,7 +158,11 @@ class Bus:
                 future = await self.js.publish_async(out.subject, out.data, headers=headers)
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):  # no ack: not stored (or not permitted)
                     ack = await future
-            return not ack.duplicate
+            if ack.duplicate:
+                return False
+            if (m := metrics.active()) is not None:
+                m.published(payload, out.envelope)
+            return True
 
     # ------------------------------------------------------------ consume
     async def ensure_consumer(self, spec: ConsumerSpec) -> list[str]:
@@ -235,7 +240,7 @@ class Bus:
                 attributes={"qvm.event_id": event.id, "qvm.consumer": consumer},
             ) as span:
                 try:
-                    await handler(event)
+                    await _run(handler, event, consumer)
                 except RejectedEvent as rej:  # the handler refused the event as a whole: never retried
                     await self.dead_letter(msg, consumer, rej.reason, rej.detail)
                     return
@@ -253,6 +258,8 @@ class Bus:
     ) -> None:
         delivered = msg.metadata.num_delivered
         self.handler_failures += 1
+        if (m := metrics.active()) is not None:
+            m.handler_failed(consumer, event.envelope.type)
         log.warning("handler failed", exc_info=exc,
                     extra={"consumer": consumer, "event_type": str(event.spec.type), "event_id": event.id,
                            "delivery": delivered})
@@ -322,6 +329,18 @@ class Bus:
             except NotFoundError:
                 return None
 
+
+
+async def _run(handler: Handler, event: Event, consumer: str) -> None:
+    """Run a handler; with metrics on, time it (`shared/metrics.py`)."""
+    m = metrics.active()
+    if m is None:
+        return await handler(event)
+    started = time.perf_counter()
+    try:
+        await handler(event)
+    finally:
+        m.handled(consumer, event.envelope.type, time.perf_counter() - started, event.envelope.time_ns)
 
 
 def _header_safe(text: str) -> str:

@@ -17,6 +17,7 @@ from shared.bus import Bus
 from shared.config import CommonSettings
 from shared.errors import EXIT_WITHDRAWN, BusError, QvmError, Unauthorized
 from shared.identity import Identity
+from shared.metrics import setup_metrics, shutdown_metrics
 from shared.pki import Pki
 from shared.telemetry import get_logger, setup_logging, setup_tracing
 
@@ -63,10 +64,12 @@ async def connect_with_retry(settings: CommonSettings, ident: Identity, stop: as
 def serve(name: str, settings_type: type[S], ident_of: Callable[[S], Identity],
           build: Callable[[Bus, S], Awaitable[Service]]) -> None:
     """Entry point body for `python -m services.<name>`: `settings_type` is the service's own settings class,
-    loaded from the environment."""
+    loaded from the environment. Metrics are served on `QVM_METRICS_ADDR` and exported over OTLP when
+    configured (`shared/metrics.py`)."""
     setup_logging(name)
     setup_tracing(name)
     try:
+        setup_metrics(name)
         settings = settings_type()
         asyncio.run(_main(settings, ident_of(settings), build))
     except Unauthorized as exc:
@@ -80,6 +83,8 @@ def serve(name: str, settings_type: type[S], ident_of: Callable[[S], Identity],
     except Exception as exc:  # a bug: one JSON line for the supervisor's log, exit non-zero to be restarted
         log.error("service crashed", exc_info=exc)
         sys.exit(1)
+    finally:
+        shutdown_metrics()  # the last OTLP export; the endpoint closes
 
 
 async def _main(settings: S, ident: Identity, build: Callable[[Bus, S], Awaitable[Service]]) -> None:

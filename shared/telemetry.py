@@ -1,4 +1,4 @@
-"""Tracing and structured logs.
+"""Tracing and structured logs (metrics: `shared/metrics.py`).
 
 Every publish and every handler is an OpenTelemetry span. The W3C trace context is injected into the
 NATS headers and into the (signed) envelope, and a handler's span continues the trace of the event it
@@ -19,8 +19,9 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "extract_context",
     "get_logger",
     "inject_context",
+    "otlp_enabled",
+    "resource_for",
     "setup_logging",
     "setup_tracing",
     "tracer",
@@ -82,7 +85,7 @@ def get_logger(name: str) -> logging.Logger:
 
 class JsonlSpanExporter(SpanExporter):
     """Appends finished spans as JSON lines to a file (QVM_TRACE_FILE); enough to follow one job's trace
-    without running a collector. Production deployments swap in an OTLP exporter."""
+    without running a collector. Production deployments export over OTLP instead (`otlp_enabled`)."""
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -105,17 +108,50 @@ class JsonlSpanExporter(SpanExporter):
 _configured = False
 
 
+def otlp_enabled(signal: str) -> bool:
+    """Whether to export `signal` ("traces" or "metrics") over OTLP: the standard variables configure it, an
+    endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT`, or `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT`) turns it on, and
+    `OTEL_SDK_DISABLED=true` or `OTEL_<SIGNAL>_EXPORTER=none` keeps it off. Off by default."""
+    env = os.environ
+    sig = signal.upper()
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get(f"OTEL_{sig}_EXPORTER", "").strip().lower() == "none":
+        return False
+    on = bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+              or env.get(f"OTEL_EXPORTER_OTLP_{sig}_ENDPOINT", "").strip())
+    protocol = (env.get(f"OTEL_EXPORTER_OTLP_{sig}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "").strip()
+    if on and protocol not in ("", "http/protobuf"):
+        logging.getLogger("qvm.telemetry").warning(
+            "only OTLP over HTTP/protobuf is supported; exporting with it", extra={"protocol": protocol[:32]})
+    return on
+
+
+def resource_for(service: str) -> Resource:
+    """The process's OpenTelemetry resource: `service.name` is the service (`OTEL_RESOURCE_ATTRIBUTES` adds more)."""
+    return Resource.create({"service.name": service, "service.namespace": "qvm"})
+
+
 def setup_tracing(service: str) -> None:
-    """Install a tracer provider once per process; export to QVM_TRACE_FILE when it is set."""
+    """Install a tracer provider once per process; export to QVM_TRACE_FILE when it is set, and over OTLP
+    (HTTP/protobuf, batched) when `otlp_enabled("traces")`."""
     global _configured
     if _configured:
         return
     path = os.environ.get("QVM_TRACE_FILE")
+    otlp = otlp_enabled("traces")
     # Without an exporter nothing would read recorded spans: sample none. Span contexts (trace ids) are
-    # still created and propagated, so the trace context in headers and envelopes stays intact.
-    provider = TracerProvider(sampler=ALWAYS_ON if path else ALWAYS_OFF)
+    # still created and propagated, so the trace context in headers and envelopes stays intact. With one,
+    # every span (or what OTEL_TRACES_SAMPLER says).
+    sampler = (None if os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_ON) if path or otlp else ALWAYS_OFF
+    provider = TracerProvider(sampler=sampler, resource=resource_for(service))
     if path:
         provider.add_span_processor(SimpleSpanProcessor(JsonlSpanExporter(path)))
+    if otlp:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # Endpoint, headers, timeout and the batch settings (OTEL_BSP_*) come from the standard variables.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _service.set(service)
     _configured = True
