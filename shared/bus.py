@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind
 from shared import metrics, reader
 from shared.codec import Codec, Event
 from shared.consumers import ConsumerSpec, Durable
-from shared.errors import BusError, Reason, RejectedEvent, Unauthorized
+from shared.errors import BusError, NotYet, Reason, RejectedEvent, Unauthorized
 from shared.events import DEAD_LETTER_SUBJECT, STREAMS, Domain, EventRejected
 from shared.identity import Identity
 from shared.ids import derive_event_id
@@ -231,7 +231,8 @@ class Bus:
             await self.dead_letter(msg, consumer, rej.reason, rej.detail)
             return
         if msg.metadata and msg.metadata.sequence:
-            event = dataclasses.replace(event, stream_seq=msg.metadata.sequence.stream)
+            event = dataclasses.replace(event, stream_seq=msg.metadata.sequence.stream,
+                                        deliveries=msg.metadata.num_delivered or 1)
         token = current_job.set(event.job_id)
         parent = extract_context(event.envelope.trace)
         try:
@@ -243,6 +244,11 @@ class Bus:
                     await _run(handler, event, consumer)
                 except RejectedEvent as rej:  # the handler refused the event as a whole: never retried
                     await self.dead_letter(msg, consumer, rej.reason, rej.detail)
+                    return
+                except NotYet:  # an earlier event of the same job is still being handled elsewhere
+                    delay = spec.backoff_s[min(event.deliveries - 1, len(spec.backoff_s) - 1)]
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=delay)
                     return
                 except Exception as exc:
                     span.record_exception(exc)

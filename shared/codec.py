@@ -74,6 +74,7 @@ class Event:
     spec: EventSpec
     subject: str
     stream_seq: int = 0  # set by the consumer that received it (tells a redelivery from a replay)
+    deliveries: int = 1  # how many times the consumer has been handed it (JetStream's count), this one included
 
     @property
     def id(self) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "BusError",
     "ConfigError",
     "JobSpecError",
+    "NotYet",
     "PkiError",
     "QvmError",
     "Reason",
@@ -43,6 +44,12 @@ class ConfigError(QvmError):
 
 class PkiError(QvmError):
     """Certificates and signing keys that are missing or untrusted."""
+
+
+class NotYet(QvmError):
+    """A handler met an event before one it depends on (the replicas of a work queue handle a job's events
+    concurrently, so a later event can overtake an earlier one): the bus hands it back after a short delay,
+    as no failure. The handler decides, from `Event.deliveries`, when to stop waiting."""
 
 
 class Unauthorized(QvmError):

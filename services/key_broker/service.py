@@ -35,7 +35,7 @@ from shared.consumers import consumer_spec
 from shared.crypto import hpke
 from shared.crypto.kek import KekRing, WrappedKey, load_ring
 from shared.crypto.secret import random_secret, zeroize
-from shared.errors import ConfigError
+from shared.errors import ConfigError, NotYet
 from shared.events import (
     InstanceAttestationFailed,
     InstanceAttested,
@@ -64,6 +64,9 @@ Record = TypeVar("Record", JobKeys, NodeRevocation)
 log = get_logger("qvm.key_broker")
 DEK_BYTES = 32
 CAS_TRIES = 8
+WAIT_FOR_SUBMISSION = 4
+"""Deliveries of an instance's announcement or verdict the broker waits (the consumer's back-off: about 4 s)
+for the job's record, when the submission may still be in another replica's hands."""
 ANNOUNCE_WAIT_S = 2.0  # an attestation result may overtake its instance's announcement between replicas
 
 
@@ -177,8 +180,21 @@ class KeyBroker:
         if await self.kv.create(job_key(job_id), record):
             log.info("volume key made", extra={"kek_version": wrapped.kek_version})
 
+    async def _await_submission(self, job_id: str, event: Event) -> bool:
+        """Whether the job's record exists; if not, and the job's submission may still be in another
+        replica's hands (this event overtook it in the shared work queue), hand the event back for a while
+        (`NotYet`) before taking the job as one without a volume key."""
+        got, _, _ = await self.kv.get(job_key(job_id), JobKeys)
+        if got is not None:
+            return True
+        if event.deliveries < WAIT_FOR_SUBMISSION:
+            raise NotYet(f"no record of job {job_id} yet")
+        return False
+
     async def on_announced(self, job_id: str, p: InstanceProvisioning, event: Event) -> None:
         node = event.node_id or ""
+        if not await self._await_submission(job_id, event):
+            return  # a job without a volume key: nothing to announce to
 
         def add(cur: JobKeys | None) -> JobKeys | None:
             if cur is None or cur.destroyed or cur.instance_keys.get(p.instance_id) == p.public_key:
@@ -205,6 +221,8 @@ class KeyBroker:
                 got, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
                 record = got if isinstance(got, JobKeys) else None
             if record is None:
+                if await self._await_submission(job_id, event):
+                    continue  # its record appeared meanwhile: read it again
                 return  # a job without a volume key (or one the broker never saw): nothing to release
             decision = decide_release(record, result, job_id=job_id, node_id=node, result_id=event.id,
                                       stream_seq=event.stream_seq, now_ns=time.time_ns(),

@@ -322,3 +322,41 @@ async def test_a_rotated_kek_rewraps_the_key_at_its_release(stack: Stack, tmp_pa
         opened = hpke.open_sealed(bytes.fromhex(answer.payload.sealed), env.key("i-1"),
                                   hpke.release_info("dek", job, "i-1"))
         assert bytes(opened) == dek
+
+
+async def test_an_announcement_that_overtakes_its_submission_still_counts(stack: Stack, tmp_path: Path) -> None:
+    """Replicas of the broker share one work queue, so an instance's announcement (and its verdict) can be
+    handled before the job's submission: the broker hands them back for a while instead of dropping them
+    (found when a replica was killed -9 mid-job: the job's key was then refused as `instance_unknown`)."""
+    async with broker_env(stack, tmp_path) as env:
+        job = f"kb-late-{time.time_ns() % 10**9}"
+        await env.node.publish(InstanceProvisioning(instance_id="i-1", image="img", image_manifest_sha256=IMAGE,
+                                                    vmm="qemu-microvm", public_key=env.pub("i-1")),
+                               job_id=job, node_id=NODE)
+        await env.verifier.publish(env.result(job, "i-1"), job_id=job, node_id=NODE)
+        await asyncio.sleep(0.3)  # both handed back at least once
+        await env.market.publish(JobSubmitted(owner="c", image="img", volume_mib=32,
+                                              key_release=KeyReleasePolicy(allowed_images=(IMAGE,))), job_id=job)
+        answer = await env.answer(job)
+        assert isinstance(answer.payload, KeyReleased), answer.payload
+        rec = await env.record(job)
+        assert rec is not None and rec.holder == "i-1" and "i-1" in rec.instance_keys
+
+
+async def test_a_job_without_a_volume_is_not_waited_for_forever(stack: Stack, tmp_path: Path) -> None:
+    """The other side: a job without a volume key has no record; its instance's events are let go after a few
+    deliveries (no dead letter, no failure)."""
+    async with broker_env(stack, tmp_path) as env:
+        job = f"kb-novol-{time.time_ns() % 10**9}"
+        await env.market.publish(JobSubmitted(owner="c", image="img"), job_id=job)
+        await env.node.publish(InstanceProvisioning(instance_id="i-1", image="img", image_manifest_sha256=IMAGE,
+                                                    vmm="qemu-microvm", public_key=env.pub("i-1")),
+                               job_id=job, node_id=NODE)
+
+        async def settled() -> bool:
+            info = await env.admin.js.consumer_info("QVM_JOBS", "key-broker-jobs")
+            return info.num_ack_pending == 0 and info.num_pending == 0
+        await env.until(settled, "the announcement let go", seconds=20)
+        assert await env.record(job) is None
+        assert env.broker.bus.handler_failures == 0
+        assert not await env.events(f"qvm.keys.{job}.>")
