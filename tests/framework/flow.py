@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,11 +17,13 @@ from typing import Any
 from services.node_agent.service import NodeAgent, attester_for
 from services.node_agent.settings import NodeAgentSettings
 from services.node_agent.vmm.base import Vmm
+from shared.audit import AuditReport, AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.codec import Event
 from shared.events import STREAMS, Domain
 from shared.lifecycle import JobBook
 from shared.models import GpuInfo, Inventory
+from shared.pki import Pki
 from shared.replay import fold_jobs, read_stream
 
 
@@ -61,6 +64,26 @@ async def job_book(admin: Bus, strict: bool = True) -> JobBook:
     """The fold of the job stream; `strict` fails on an illegal transition (as the audit does)."""
     book, _ = await fold_jobs(admin.js, admin.codec, strict=strict)
     return book
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM (a service's clean stop), then SIGKILL if it has not ended within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def audited(admin: Bus, pki: Pki) -> AuditReport:
+    """`qvm audit replay` over every stream, in this process (one shard)."""
+    workers = AuditWorkers(pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes(), workers=0)
+    try:
+        return await audit_replay(admin.js, workers)
+    finally:
+        workers.close()
 
 
 async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:

@@ -25,7 +25,7 @@ from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
 from shared.tpm.policy_gen import local_policy
 from shared.tpm.swtpm import Swtpm
-from tests.framework.flow import agent_process, events_of, eventually, job_book, running
+from tests.framework.flow import agent_process, events_of, eventually, job_book, running, stop_process
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.stack import Stack
 
@@ -116,13 +116,7 @@ async def test_killed_attested_agent_attests_again_and_runs_jobs(stack: Stack, s
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{log_tail()}") from None
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+        stop_process(agent)
     book = await job_book(admin)
     after = book.get("after-restart")
     assert after is not None and after.state is JobState.DONE, (after, log_tail())

@@ -16,7 +16,6 @@ import pytest
 
 from services.janitor.service import Janitor
 from services.scheduler.service import Scheduler
-from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.events import STREAMS, Domain, EventType, JobSubmitted
 from shared.identity import Identity, Role
@@ -25,7 +24,7 @@ from shared.models import HardwareProfile, TrustState
 from shared.natsserver import EmbeddedCluster
 from shared.pki import Pki
 from shared.provision import provision
-from tests.framework.flow import events_of, eventually, job_book, running
+from tests.framework.flow import audited, events_of, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.settings import AllSettings
 
@@ -122,11 +121,7 @@ async def test_the_jobs_stream_leader_killed_mid_job(tmp_path: Path) -> None:
 
         book = await job_book(admin)  # strict: every transition legal, nothing applied twice
         assert book.jobs["job-1"].state is JobState.DONE and book.jobs["job-2"].state is JobState.DONE
-        workers = AuditWorkers(pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes(), workers=0)
-        try:
-            report = await audit_replay(admin.js, workers)
-        finally:
-            workers.close()
+        report = await audited(admin, pki)
         assert report.ok, report.violations
         assert not report.dead_letters, report.dead_letters
     finally:

@@ -20,12 +20,11 @@ from services.node_agent.service import NodeAgent
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
 from shared import reader
-from shared.audit import AuditWorkers, audit_replay
 from shared.codec import Codec
 from shared.events import EventRejected, EventType, JobSubmitted
 from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
-from tests.framework.flow import events_of, eventually, job_book, running
+from tests.framework.flow import audited, events_of, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.stack import Stack, running_stack
 
@@ -98,11 +97,7 @@ async def test_a_late_replay_of_a_finished_job_runs_nothing(tmp_path: Path) -> N
         assert (await job_book(admin)).get("rp-1").state is JobState.DONE  # type: ignore[union-attr]
         assert not any((tmp_path / "instances").iterdir())
 
-        workers = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes(), workers=0)
-        try:
-            report = await audit_replay(admin.js, workers)
-        finally:
-            workers.close()
+        report = await audited(admin, stack.pki)
         assert not report.ok
         duplicates = [v for v in report.violations if "rp-1" in v or submitted.headers["Nats-Msg-Id"] in v]
         assert duplicates, report.violations

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.audit import AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.cli.stack import SERVICE_MODULES, Child, LocalStack
 from shared.config import StackSettings
@@ -23,7 +22,7 @@ from shared.events import Domain, EventType, JobSubmitted, TeardownRecord
 from shared.identity import Identity, Role
 from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
-from tests.framework.flow import events_of, eventually, job_book
+from tests.framework.flow import audited, events_of, eventually, job_book
 from tests.framework.images import IMAGE, build_test_image
 
 pytestmark = [pytest.mark.nats, pytest.mark.timeout(600)]
@@ -113,11 +112,7 @@ async def test_each_service_killed_mid_job(tmp_path: Path, monkeypatch: pytest.M
         destroyed = {e.job_id for e in await events_of(admin, Domain.KEYS, "qvm.keys.*.destroyed")}
         assert {f"kill-{t}" for t in ("scheduler", "attestation-verifier", "key-broker", "janitor", "node-agent")
                 } <= destroyed, "every job's key was destroyed"
-        workers = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes(), workers=0)
-        try:
-            report = await audit_replay(admin.js, workers)
-        finally:
-            workers.close()
+        report = await audited(admin, stack.pki)
         assert report.ok, report.violations
     finally:
         await admin.close()

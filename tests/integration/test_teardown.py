@@ -24,7 +24,6 @@ from services.janitor.service import Janitor
 from services.node_agent.service import NodeAgent
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
-from shared.audit import AuditWorkers, audit_replay
 from shared.events import (
     Domain,
     EventType,
@@ -37,7 +36,7 @@ from shared.events import (
 from shared.models import HardwareProfile, TrustState
 from shared.tpm.policy_gen import local_policy
 from shared.tpm.swtpm import Swtpm
-from tests.framework.flow import agent_process, attested_agent, events_of, eventually, job_book, running
+from tests.framework.flow import agent_process, attested_agent, audited, events_of, eventually, job_book, running
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.stack import Stack
 
@@ -159,9 +158,5 @@ async def test_node_lost_and_back_ends_with_a_complete_record(stack: Stack, tmp_
         agent.wait(20)
     _assert_complete(rec, "failed")
     assert rec.reason == "node_lost" and "agent_restart" in rec.removed
-    workers = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes(), workers=0)
-    try:
-        report = await audit_replay(admin.js, workers)
-    finally:
-        workers.close()
+    report = await audited(admin, stack.pki)
     assert report.ok, report.violations

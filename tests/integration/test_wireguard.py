@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -48,7 +47,7 @@ from shared.pki import Pki
 from shared.provision import provision
 from shared.tpm.swtpm import Swtpm
 from shared.wireguard import WgInterface, WgPeer, generate_keypair
-from tests.framework.flow import events_of, eventually, job_book, running
+from tests.framework.flow import events_of, eventually, job_book, running, stop_process
 from tests.framework.images import IMAGE, build_test_image
 from tests.framework.netns import (
     Capture,
@@ -123,16 +122,6 @@ def _agent(t: Tunnel, url: str, pki: Pki, state: Path) -> subprocess.Popen[bytes
     with open(state / "agent.log", "ab") as log:
         return t.node_ns.popen([sys.executable, "-m", "services.node_agent"], env=env, cwd=REPO,
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _tcp_connects(argv_prefix: list[str], host: str, port: int) -> str:
@@ -218,7 +207,7 @@ async def test_node_agent_reaches_nats_only_through_wireguard(tunnel: Tunnel, tm
                 kinds = [e.spec.type for e in await events_of(admin, Domain.NODES) if e.node_id == NODE]
                 return EventType.NODE_REGISTERED in kinds and kinds.count(EventType.NODE_HEARTBEAT) >= 3
             await eventually(registered_and_beating, timeout=60, what="node-a's registration and heartbeats")
-            _stop(agent)
+            stop_process(agent)
             summary = cap.stop()
 
         # The node's handshake happened and data moved through the tunnel (both ends agree).
@@ -241,7 +230,7 @@ async def test_node_agent_reaches_nats_only_through_wireguard(tunnel: Tunnel, tm
         assert _tcp_connects(node, t.cp_addr, nats_port) == "connected"
     finally:
         if agent is not None:
-            _stop(agent)
+            stop_process(agent)
         if admin is not None:
             await admin.close()
         server.stop()
@@ -351,7 +340,7 @@ async def test_a_joined_node_runs_a_job_with_its_bus_traffic_only_in_the_tunnel(
         with open(log_path, "ab") as log:
             agent = ns.popen([sys.executable, "-m", "services.node_agent"], net_only=True, env=agent_env, cwd=REPO,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        stack.callback(_stop, agent)
+        stack.callback(stop_process, agent)
 
         def alive() -> None:
             assert agent is not None
@@ -375,7 +364,7 @@ async def test_a_joined_node_runs_a_job_with_its_bus_traffic_only_in_the_tunnel(
                 raise AssertionError(f"job-1 ended {job.state}: {log_path.read_text()[-3000:]}")
             return job is not None and job.state is JobState.DONE
         await eventually(done, timeout=180, what="job-1 done")
-        _stop(agent)
+        stop_process(agent)
         summary = cap.stop()
 
         # The job ran on the joined node: what a node says about it was said by node-agent.<its id>.
