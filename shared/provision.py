@@ -55,17 +55,24 @@ ERASABLE_HISTORY = 64  # the KV maximum: superseded revisions wait for their own
 COPY_WAIT_S = 60.0  # the most a move waits for one stream-to-stream copy
 
 
-async def jetstream_ready(js: JetStreamContext, within_s: float = 60.0) -> None:
-    """Wait until JetStream answers: a cluster that just started elects its meta leader first, and until then
-    every JetStream request is refused as temporarily unavailable."""
+async def jetstream_ready(js: JetStreamContext, within_s: float = 60.0, replicas: int = 1) -> None:
+    """Wait until JetStream answers and, for `replicas` > 1, can place a stream on that many servers: a cluster
+    that just started elects its meta leader first (every request refused as unavailable until then), and its
+    peers join one by one (a replicated stream is refused as `no suitable peers` until enough have)."""
     deadline = asyncio.get_running_loop().time() + within_s
+    probe = StreamConfig(name="QVM_PROVISION_PROBE", subjects=["qvm.provision.probe"], num_replicas=replicas,
+                         storage=StorageType.MEMORY, max_msgs=1)
     while True:
         try:
             await js.account_info()
+            if replicas > 1:
+                await js.add_stream(probe)
+                await js.delete_stream("QVM_PROVISION_PROBE")
             return
-        except Exception as exc:  # ServiceUnavailable, a timeout, no responders while routes form
+        except Exception as exc:  # ServiceUnavailable, no suitable peers, a timeout while routes form
             if asyncio.get_running_loop().time() > deadline:
-                raise BusError(f"JetStream did not become available within {within_s:.0f}s: {exc}") from exc
+                raise BusError(f"JetStream could not place {replicas} replica(s) within {within_s:.0f}s: {exc}"
+                               ) from exc
             await asyncio.sleep(0.2)
 
 
@@ -85,7 +92,7 @@ def stream_configs(settings: CommonSettings) -> list[StreamConfig]:
 
 async def provision(js: JetStreamContext, settings: CommonSettings) -> list[str]:
     """Ensure every stream and KV bucket exists with current settings; returns what was created/updated."""
-    await jetstream_ready(js)
+    await jetstream_ready(js, replicas=settings.stream_replicas)
     changed: list[str] = []
     for cfg in stream_configs(settings):
         assert cfg.name
