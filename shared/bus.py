@@ -27,9 +27,10 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -53,6 +54,7 @@ __all__ = ["Bus", "Handler", "consumer_config", "map_nats_errors", "tls_context"
 log = get_logger("qvm.bus")
 Handler = Callable[[Event], Awaitable[None]]
 PUBLISH_TIMEOUT_S = 10.0
+PUBLISH_LEADERLESS_S = 60.0  # how long a publish waits out a stream without a leader (an election takes seconds)
 
 
 def consumer_config(spec: ConsumerSpec, d: Durable) -> ConsumerConfig:
@@ -154,15 +156,31 @@ class Bus:
                 span.set_attribute("qvm.job_id", job_id)
             headers = {"Nats-Msg-Id": out.event_id, **out.envelope.trace}
             with map_nats_errors(f"publish {out.subject}"):
-                # The async-publish path shares one reply subscription: cheaper than a request per message.
-                future = await self.js.publish_async(out.subject, out.data, headers=headers)
-                async with asyncio.timeout(PUBLISH_TIMEOUT_S):  # no ack: not stored (or not permitted)
-                    ack = await future
+                ack = await self._publish_stored(out.subject, out.data, headers)
             if ack.duplicate:
                 return False
             if (m := metrics.active()) is not None:
                 m.published(payload, out.envelope)
             return True
+
+    async def _publish_stored(self, subject: str, data: bytes, headers: dict[str, str]) -> Any:
+        """Publish and wait for JetStream's ack. While the stream has no leader (a cluster electing one after a
+        server died, a server restarting), the answer is "no responders": the message was certainly not
+        stored, so it is sent again with back-off for up to `PUBLISH_LEADERLESS_S`. A timeout is not retried
+        here: the message may have been stored, and the caller's redelivery (same event id) settles it."""
+        deadline = asyncio.get_running_loop().time() + PUBLISH_LEADERLESS_S
+        delay = 0.1
+        while True:
+            # The async-publish path shares one reply subscription: cheaper than a request per message.
+            future = await self.js.publish_async(subject, data, headers=headers)
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):  # no ack: not stored (or not permitted)
+                    return await future
+            except (NoStreamResponseError, NoRespondersError, ServiceUnavailableError):
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     # ------------------------------------------------------------ consume
     async def ensure_consumer(self, spec: ConsumerSpec) -> list[str]:

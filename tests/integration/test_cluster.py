@@ -17,7 +17,7 @@ import pytest
 from services.janitor.service import Janitor
 from services.scheduler.service import Scheduler
 from shared.bus import Bus
-from shared.events import STREAMS, Domain, EventType, JobSubmitted
+from shared.events import STREAMS, Domain, EventType, JobSubmitted, NodeHeartbeat
 from shared.identity import Identity, Role
 from shared.lifecycle import JobState
 from shared.models import HardwareProfile, TrustState
@@ -138,3 +138,36 @@ async def test_the_jobs_stream_leader_killed_mid_job(tmp_path: Path) -> None:
 
 async def _has_record(admin: Bus, job: str) -> bool:
     return bool(await events_of(admin, Domain.TEARDOWN, f"qvm.teardown.{job}.record"))
+
+
+async def test_a_publish_waits_out_a_stream_without_a_leader(tmp_path: Path) -> None:
+    """With two of three servers down the streams have no quorum, hence no leader: JetStream answers "no
+    responders", so the message was certainly not stored. The publish is sent again until a leader is back
+    (found when a node-agent's instance.exited failed during an election and its job never ended)."""
+    pki = Pki(tmp_path / "pki")
+    pki.init(nodes=("node-a",))
+    cluster = EmbeddedCluster(pki, tmp_path / "nats", size=3)
+    url = await asyncio.to_thread(cluster.start)
+    buses: list[Bus] = []
+    try:
+        settings = AllSettings(state_dir=tmp_path, nats_url=url, pki_dir=pki.root, stream_replicas=3)
+        admin = await Bus.connect(url, pki, Identity(Role.ADMIN))
+        node = await Bus.connect(url, pki, Identity(Role.NODE_AGENT, "node-a"))
+        buses += [admin, node]
+        await provision(admin.js, settings)
+        leader = await _leader(admin, Domain.NODES)
+        keep = next(s for s in cluster.servers if s.server_name != leader)
+        down = [s for s in cluster.servers if s is not keep]
+        for server in down:
+            await asyncio.to_thread(server.kill)
+        publishing = asyncio.create_task(node.publish(NodeHeartbeat(seq=1)))
+        await asyncio.sleep(3)
+        assert not publishing.done(), "nothing can be stored without a quorum"
+        await asyncio.to_thread(down[0].start)
+        assert await asyncio.wait_for(publishing, 60) is True
+        stored = [m async for b in admin.read(Domain.NODES, "qvm.nodes.node-a.heartbeat") for m in b]
+        assert len(stored) == 1
+    finally:
+        for b in buses:
+            await b.close()
+        cluster.stop()
