@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvm-installed
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential \
-	busybox-static e2fsprogs libseccomp2 iproute2 nftables
+	busybox-static e2fsprogs libseccomp2 iproute2 nftables wireguard-tools tcpdump
+# Userspace WireGuard, where the distribution has it (the WireGuard tests use it when the kernel has no module).
+APT_OPTIONAL := wireguard-go
 
 .PHONY: setup apt demo test bench lint docs clean
 
@@ -18,14 +20,18 @@ $(STAMP): pyproject.toml | apt
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-# Debian packages qvm needs (QEMU, busybox-static and e2fsprogs for images, libseccomp, TPM, cryptsetup);
-# installed only when missing.
+# Debian packages qvm needs (QEMU, busybox-static and e2fsprogs for images, libseccomp, TPM, cryptsetup,
+# WireGuard tools and tcpdump for the tunnel tests); installed only when missing. Optional ones only where the
+# distribution has them.
 apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES) $(APT_OPTIONAL); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  echo "installing: $$missing"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $$SUDO apt-get update -qq; \
+	  for p in $(APT_OPTIONAL); do case " $$missing " in *" $$p "*) \
+	    apt-cache show $$p >/dev/null 2>&1 || missing=$$(echo " $$missing " | sed "s/ $$p / /");; esac; done; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 demo: setup
