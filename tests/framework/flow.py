@@ -20,6 +20,7 @@ from services.node_agent.vmm.base import Vmm
 from shared.audit import AuditReport, AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.codec import Event
+from shared.errors import BusError
 from shared.events import STREAMS, Domain
 from shared.lifecycle import JobBook
 from shared.models import GpuInfo, Inventory
@@ -87,12 +88,18 @@ async def audited(admin: Bus, pki: Pki) -> AuditReport:
 
 
 async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
+    """Until `cond()` holds. A bus error while asking (a read during a NATS server's failover) counts as "not
+    yet"; the last one is shown if time runs out."""
     deadline = time.monotonic() + timeout
+    last: BusError | None = None
     while time.monotonic() < deadline:
-        if await cond():
-            return
+        try:
+            if await cond():
+                return
+        except BusError as exc:
+            last = exc
         await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last bus error: {last})" if last else ""))
 
 
 async def attested_agent(stack: Any, settings: NodeAgentSettings, node: str = "node-a", vmm: Vmm | None = None,

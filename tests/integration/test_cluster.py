@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
 from services.janitor.service import Janitor
@@ -49,7 +50,10 @@ async def _leader(admin: Bus, domain: Domain) -> str:
 async def _caught_up(admin: Bus) -> bool:
     """Every replica of every qvm stream is current (none offline or lagging)."""
     for spec in STREAMS.values():
-        info = await admin.js.stream_info(spec.name)
+        try:
+            info = await admin.js.stream_info(spec.name)
+        except nats.errors.Error:  # asked while the cluster still settles: not yet
+            return False
         replicas = (info.cluster.replicas if info.cluster else None) or []
         if len(replicas) != 2 or any(not r.current or r.offline or (r.lag or 0) > 0 for r in replicas):
             return False
