@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPM2_RC, TPM2_SE
@@ -28,37 +29,34 @@ def _handles(tcti: str, kind: TPM2_HT) -> list[int]:
         esapi.close()  # closes the context only: nothing is flushed
 
 
-def _leave_objects(tcti: str) -> int:
-    """Like a killed process: create primaries until the TPM is full, and drop the context unflushed."""
+def _leave_until_full(tcti: str, make: Callable[[ESAPI], object], full: int, what: str) -> int:
+    """Like a killed process: `make` TPM objects or sessions until the TPM answers `full`, and drop the
+    context unflushed. How many were made."""
     esapi = ESAPI(tcti)
     made = 0
     try:
         while True:
             try:
-                esapi.create_primary(None, TPM2B_PUBLIC.parse("ecc256"), primary_handle=ESYS_TR.OWNER)
+                make(esapi)
             except TSS2_Exception as exc:
-                assert exc.error == TPM2_RC.OBJECT_MEMORY, exc
+                assert exc.error == full, exc
                 return made
             made += 1
-            assert made < 64, "the TPM never filled up"
+            assert made < 64, f"the TPM never ran out of {what}"
     finally:
         esapi.close()
+
+
+def _leave_objects(tcti: str) -> int:
+    return _leave_until_full(tcti, lambda e: e.create_primary(None, TPM2B_PUBLIC.parse("ecc256"),
+                                                              primary_handle=ESYS_TR.OWNER),
+                             TPM2_RC.OBJECT_MEMORY, "object memory")
 
 
 def _leave_sessions(tcti: str) -> int:
-    esapi = ESAPI(tcti)
-    made = 0
-    try:
-        while True:
-            try:
-                esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256)
-            except TSS2_Exception as exc:
-                assert exc.error == TPM2_RC.SESSION_MEMORY, exc
-                return made
-            made += 1
-            assert made < 64, "the TPM never ran out of sessions"
-    finally:
-        esapi.close()
+    return _leave_until_full(tcti, lambda e: e.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None,
+                                                                  TPM2_ALG.SHA256),
+                             TPM2_RC.SESSION_MEMORY, "sessions")
 
 
 def test_a_full_tpm_is_flushed_of_what_dead_processes_left(swtpm: Swtpm) -> None:
