@@ -10,9 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from bench.common import Figure, say, section
 from bench.stack import bench_stack
 from shared.buckets import JOIN_INVITES
@@ -69,11 +66,10 @@ async def run(tmp: Path) -> list[Figure]:
         async with bench_stack(pki, tmp / "cp") as stack:
             admin = await stack.bus(Role.ADMIN)
             service = await start_join_service(admin, stack.server, ek_ca=tpm.state.ek_ca)
-            ca_der = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
             try:
                 for i in range(ROUNDS):
                     node = f"bench-join-{i}"
-                    token, _ = await create_invite(await admin.kv(JOIN_INVITES), node, ca_der, 600)
+                    token, _ = await create_invite(await admin.kv(JOIN_INVITES), node, pki.ca_der, 600)
                     etc = tmp / f"etc-{i}"
                     t0 = time.perf_counter()
                     result, _ = await asyncio.to_thread(client.join, str(token), service.url, etc, tpm.tcti,

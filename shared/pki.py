@@ -38,6 +38,7 @@ __all__ = [
     "check_csr",
     "make_csr",
     "signing_key_digest",
+    "write_private",
 ]
 
 VALIDITY = dt.timedelta(days=825)
@@ -187,8 +188,11 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """A private key (or any secret) to a file only its owner may read: created 0600, never widened.
+    `exclusive`: fail if the file exists (two creators racing must not both win)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -222,6 +226,11 @@ class Pki:
     def trust_bundle(self) -> Path:
         return self.root / "trust-bundle.pem"
 
+    @property
+    def ca_der(self) -> bytes:
+        """The CA certificate, DER: what a join token's fingerprint is taken over."""
+        return x509.load_pem_x509_certificate(self.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+
     def identity_dir(self, identity: Identity | str) -> Path:
         return self.root / "identities" / str(identity)
 
@@ -248,7 +257,7 @@ class Pki:
         if not self.exists():
             self._create_ca()
             self._issue_server(names)
-        elif names and not self._server_names_cover(names):
+        elif names and not self._names_cover(self.server_cert, names):
             self._issue_server(names)
         wanted = [*DEFAULT_IDENTITIES, *(Identity(Role.NODE_AGENT, n) for n in nodes), *extra]
         issued = [i for i in wanted if not (self.identity_dir(i) / "sign.pem").exists()]
@@ -275,7 +284,7 @@ class Pki:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_private(self.root / "ca-key.pem", _pem_key(key))
+        write_private(self.root / "ca-key.pem", _pem_key(key))
         self.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -308,9 +317,6 @@ class Pki:
         if eku:
             builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
         return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-    def _server_names_cover(self, names: list[str]) -> bool:
-        return self._names_cover(self.server_cert, names)
 
     def server_files(self, server: str | None = None) -> tuple[Path, Path]:
         """(certificate, key) of the NATS server `server` in a cluster (`servers/<name>/`), or of the one
@@ -350,7 +356,7 @@ class Pki:
         san += [g for g in map(_general_name, names) if g not in san]
         pem = self._build(key.public_key(), "qvm nats", san, [ExtendedKeyUsageOID.SERVER_AUTH,
                                                                 ExtendedKeyUsageOID.CLIENT_AUTH])
-        _write_private(key_path or self.server_key, _pem_key(key))
+        write_private(key_path or self.server_key, _pem_key(key))
         (cert_path or self.server_cert).write_bytes(pem)
 
     def issue(self, ident: Identity, *, write_bundle: bool = True) -> None:
@@ -363,9 +369,9 @@ class Pki:
         tls = self._build(tls_key.public_key(), str(ident), san, [ExtendedKeyUsageOID.CLIENT_AUTH])
         sign_key = ed25519.Ed25519PrivateKey.generate()
         sign = self._build(sign_key.public_key(), str(ident), san, None)
-        _write_private(d / "tls-key.pem", _pem_key(tls_key))
+        write_private(d / "tls-key.pem", _pem_key(tls_key))
         (d / "tls.pem").write_bytes(tls)
-        _write_private(d / "sign-key.pem", _pem_key(sign_key))
+        write_private(d / "sign-key.pem", _pem_key(sign_key))
         (d / "sign.pem").write_bytes(sign)
         if write_bundle:
             self.write_trust_bundle()

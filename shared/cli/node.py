@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from rich.markup import escape
 
 from shared.buckets import JOIN_INVITES
@@ -77,12 +75,11 @@ def invite(node_id: str,
     band; the control plane keeps only its SHA-256."""
     settings = CommonSettings()
     pki = Pki(settings.pki_path)
-    ca_der = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
 
     async def body() -> str:
         bus = await connect(Role.ADMIN, settings)
         try:
-            token, invite = await create_invite(await bus.kv(JOIN_INVITES), node_id, ca_der, ttl)
+            token, invite = await create_invite(await bus.kv(JOIN_INVITES), node_id, pki.ca_der, ttl)
         finally:
             await bus.close()
         until = dt.datetime.fromtimestamp(invite.expires_ns / 1e9, dt.UTC)

@@ -23,7 +23,7 @@ from shared.config import StackSettings
 from shared.identity import Identity, Role
 from shared.models import TrustState
 from shared.natsserver import EmbeddedCluster, EmbeddedNats
-from shared.pki import Pki
+from shared.pki import Pki, write_private
 from shared.provision import provision
 from shared.tpm.swtpm import Swtpm, SwtpmState
 
@@ -147,9 +147,7 @@ class LocalStack:
         key_file = self.settings.state_dir / "wireguard" / "private.key"
         if not key_file.exists():
             key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(generate_keypair().private + "\n")
+            write_private(key_file, (generate_keypair().private + "\n").encode(), exclusive=True)
         network = ipaddress.IPv4Network(self.wireguard_net)
         port = int(self.wireguard_endpoint.rsplit(":", 1)[1])
         iface = WgInterface("qvm-cp", key_file.read_text().strip(), listen_port=port,

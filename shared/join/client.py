@@ -29,7 +29,7 @@ from shared.join.invites import JoinRefused
 from shared.join.protocol import JoinChallenge, JoinGrant, JoinProof, JoinRequest, Refusal, RevokeRequest, Withdrawn
 from shared.join.token import JoinToken, ca_fingerprint
 from shared.join.tunnel import new_node_key, save_node_tunnel
-from shared.pki import Pki, make_csr
+from shared.pki import Pki, make_csr, write_private
 
 __all__ = ["JoinResult", "fetch_ca", "join", "leave", "read_env", "revoke", "write_env"]
 
@@ -185,10 +185,8 @@ def _store(pki: Pki, ident: Identity, grant: JoinGrant, ca_pem: bytes, tls_key: 
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     for name, key in (("tls-key.pem", tls_key), ("sign-key.pem", sign_key)):
-        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+        write_private(d / name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
     (d / "tls.pem").write_text(grant.tls_certificate)
     (d / "sign.pem").write_text(grant.sign_certificate)
     pki.trust_bundle.write_text(grant.trust_bundle + grant.sign_certificate)

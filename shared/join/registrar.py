@@ -115,10 +115,6 @@ class Registrar:
     _sessions: dict[str, _Session] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    @property
-    def ca_der(self) -> bytes:
-        return x509.load_pem_x509_certificate(self.pki.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-
     # ================================================================ join, step 1: the checks and a credential
     async def begin(self, req: JoinRequest) -> JoinChallenge:
         token = self._token(req)
@@ -148,7 +144,7 @@ class Registrar:
             token = JoinToken.parse(req.token)
         except ValueError as exc:
             raise JoinRefused("token_invalid", str(exc)) from None
-        if not hmac.compare_digest(token.ca_fingerprint, ca_fingerprint(self.ca_der)):
+        if not hmac.compare_digest(token.ca_fingerprint, ca_fingerprint(self.pki.ca_der)):
             raise JoinRefused("token_foreign", "the token was not issued by this control plane's CA")
         if token.node_id != req.node_id:
             raise JoinRefused("token_node_mismatch", f"the token is for node {token.node_id}, not {req.node_id}")
@@ -170,9 +166,8 @@ class Registrar:
         return ek, ak
 
     async def _check_unique(self, node_id: str, ek_sha256: str) -> None:
-        for key in await self.members.keys():
-            member, _, _ = await self.members.get(key, Member)
-            if not isinstance(member, Member) or member.withdrawn_ns:
+        for member in await self._members():
+            if member.withdrawn_ns:
                 continue
             if member.node_id == node_id:
                 raise JoinRefused("node_exists", f"node {node_id} is a member: revoke it before it joins again")

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import ConfigError
+from shared.join.invites import JoinRefused
 from shared.join.protocol import WireGuardGrant
+from shared.pki import write_private
 from shared.wireguard import WgInterface, WgPeer, generate_keypair, parse_private_key, parse_public_key
 
 __all__ = ["NODE_INTERFACE", "NodeTunnel", "WireGuardHub", "new_node_key", "node_tunnel", "save_node_tunnel"]
@@ -49,8 +51,6 @@ class WireGuardHub:
         try:
             key = parse_public_key(public_key)
         except ValueError as exc:
-            from shared.join.invites import JoinRefused
-
             raise JoinRefused("wireguard_key_invalid", str(exc)) from None
         used = {ipaddress.IPv4Interface(t).ip for t in taken} | {self.server_address}
         address = next((a for a in self.network.hosts() if a not in used), None)
@@ -87,9 +87,7 @@ def save_node_tunnel(etc: Path, private_key: str, grant: WireGuardGrant) -> Path
     d = _dir(etc)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    fd = os.open(d / "private.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(private_key + "\n")
+    write_private(d / "private.key", (private_key + "\n").encode())
     (d / "tunnel.json").write_text(grant.model_dump_json(indent=2))
     return d
 

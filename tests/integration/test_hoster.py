@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from services.attestation_verifier.service import Verifier
@@ -77,9 +75,7 @@ class Platform:
 
     async def install(self, swtpm: Swtpm) -> dict[str, str]:
         """The operator invites; the hoster runs install.sh with the token. The node's env file."""
-        ca_der = x509.load_pem_x509_certificate(self.stack.pki.ca_cert.read_bytes()).public_bytes(
-            serialization.Encoding.DER)
-        token, _ = await create_invite(await self.admin.kv(JOIN_INVITES), NODE, ca_der, 600)
+        token, _ = await create_invite(await self.admin.kv(JOIN_INVITES), NODE, self.stack.pki.ca_der, 600)
         done = await asyncio.to_thread(
             subprocess.run, ["bash", str(ROOT / "deploy/install.sh"), "--no-apt", "--no-start", "--venv", str(VENV),
                              "--tpm", swtpm.tcti, "--control-plane", self.joins.url, *self.paths],

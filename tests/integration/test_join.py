@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from shared.buckets import JOIN_INVITES
@@ -47,8 +45,7 @@ async def control_plane(tmp_path: Path, swtpm: Swtpm) -> AsyncIterator[tuple[Sta
 
 
 async def invite(admin: Bus, stack: Stack, node_id: str, ttl_s: float = 600.0) -> str:
-    ca_der = x509.load_pem_x509_certificate(stack.pki.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-    token, _ = await create_invite(await admin.kv(JOIN_INVITES), node_id, ca_der, ttl_s)
+    token, _ = await create_invite(await admin.kv(JOIN_INVITES), node_id, stack.pki.ca_der, ttl_s)
     return str(token)
 
 

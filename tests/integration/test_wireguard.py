@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from services.janitor.service import Janitor
 from services.scheduler.service import Scheduler
@@ -297,8 +295,7 @@ async def test_a_joined_node_runs_a_job_with_its_bus_traffic_only_in_the_tunnel(
         # The join. The swtpm stands for the node's TPM, but it listens on the root namespace's loopback,
         # which the node's namespace cannot reach: so the join runs from the test process. It is HTTPS to
         # the underlay address and happens before the capture; the bus traffic is what this test is about.
-        ca_der = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-        token, _ = await create_invite(await admin.kv(JOIN_INVITES), JOINED, ca_der, 600)
+        token, _ = await create_invite(await admin.kv(JOIN_INVITES), JOINED, pki.ca_der, 600)
         result, grant = await asyncio.to_thread(client.join, str(token), joins.url, etc, swtpm.tcti)
         assert result.node_id == JOINED and result.nats_url == url and result.wireguard
         assert grant.wireguard is not None
