@@ -11,7 +11,6 @@ one fails; 2 when the doctor could not run (the node-agent is not installed: `pi
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import subprocess
 import sys
@@ -126,8 +125,7 @@ def revoke(
     settings = CommonSettings()
     url = control_plane or _join_url(settings)
     try:
-        done = asyncio.run(asyncio.to_thread(revoke_node, url, Pki(settings.pki_path), node_id, "operator_revoked",
-                                             detail))
+        done = revoke_node(url, Pki(settings.pki_path), node_id, "operator_revoked", detail)
     except JoinRefused as exc:
         err.print(f"[red]revoke refused ({escape(exc.reason)}):[/red] {escape(exc.detail)}")
         raise typer.Exit(1) from None
