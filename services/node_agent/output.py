@@ -9,6 +9,7 @@ and the digest of the sealed chunks (never one of the plaintext).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from services.node_agent.instance import Instance, InstanceError
@@ -56,6 +57,16 @@ class OutputStreamer:
             await asyncio.sleep(seconds)
             await self.flush()
 
+    async def stop(self, flusher: asyncio.Task[None]) -> None:
+        """End `flusher` (a `flush_every` task), then publish what is left. The lock is taken first: a flush
+        in progress finishes (its chunk is published, counted and digested) before the task is cancelled,
+        so a cancellation never leaves a chunk on the bus that the exit report does not count."""
+        async with self._lock:
+            flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await self.flush()
+
 
 async def run_workload(instance: Instance, job_id: str, output_key: str | None,
                        publish: Callable[[InstanceOutput], Awaitable[None]]) -> InstanceExited:
@@ -88,8 +99,7 @@ async def run_workload(instance: Instance, job_id: str, output_key: str | None,
         try:
             out = await instance.run(streamer.add)
         finally:
-            flusher.cancel()
-            await streamer.flush()
+            await streamer.stop(flusher)
     return InstanceExited(instance_id=instance_id, exit_code=out.exit_code, runtime_ms=round(instance.runtime_ms, 1),
                           output_sha256=digest.hexdigest(), output_bytes=out.total_bytes, output_chunks=digest.chunks,
                           output_truncated=client_key is not None and out.truncated)
