@@ -51,6 +51,8 @@ __all__ = [
     "AttestRequested",
     "AttestationFailed",
     "AttestationResult",
+    "CvmEvidence",
+    "CvmKind",
     "Domain",
     "EnrollRequested",
     "EventRejected",
@@ -440,6 +442,25 @@ class GpuEvidence(Frozen):
     certificate_chain: str = Field("", max_length=32768)
 
 
+class CvmKind(StrEnum):
+    """The confidential-VM technologies qvm verifies."""
+
+    SEV_SNP = "sev-snp"
+    TDX = "tdx"
+
+
+class CvmEvidence(Frozen):
+    """A confidential VM's hardware report, fetched inside the guest (configfs-tsm) with REPORT_DATA bound to
+    the challenge's nonce and the instance key, and passed out by the agent unchanged (it cannot forge one)."""
+
+    kind: CvmKind
+    report: str = Field(pattern=_HEX, min_length=2, max_length=2 * 16384,
+                        description="SEV-SNP: the attestation report (1184 bytes); TDX: the quote (hex).")
+    certificates: str = Field("", pattern=_HEX, max_length=2 * 16384,
+                              description="SEV-SNP: the extended report's certificate table or the VCEK (DER); "
+                                          "TDX: unused (the PCK chain is inside the quote).")
+
+
 class AttestEvidence(Frozen):
     """The node's answer: a quote, the quoted PCR values and the measurement log that explains them."""
 
@@ -452,6 +473,7 @@ class AttestEvidence(Frozen):
     pcrs: dict[int, str] = Field(max_length=24, description="Quoted sha256 PCR values (hex) by index.")
     log: tuple[dict[str, object], ...] = Field((), max_length=10_000, description="The measurement log.")
     gpus: tuple[GpuEvidence, ...] = Field((), max_length=16)
+    cvm: CvmEvidence | None = Field(None, description="The guest's confidential-VM report (confidential instances).")
 
 
 class AttestationResult(Frozen):
@@ -474,6 +496,10 @@ class AttestationResult(Frozen):
     restart_count: int = Field(ge=0)
     firmware_version: str = Field(max_length=16)
     gpus: tuple[str, ...] = Field((), max_length=16, description="Per-GPU evidence outcome.")
+    cvm: CvmKind | None = Field(None, description="Set only when the instance's confidential-VM report verified "
+                                                  "(signature, vendor chain, policy, REPORT_DATA binding).")
+    cvm_measurement: str = Field("", pattern=r"^([0-9a-f]{96})?$", description="SNP MEASUREMENT / TDX MRTD.")
+    cvm_tcb: str = Field("", max_length=128, description="The verified TCB (SNP reported TCB, TDX TCB status).")
     verified_ns: int = Field(ge=0)
     expires_ns: int = Field(ge=0)
 

@@ -5,7 +5,8 @@ consume  attest.enroll_requested / attest.requested / attest.evidence through on
          node.revoked (the operator withdrew a node)
 decide   enrollment: AK attributes, node key, EK certificate, one EK per node, then MakeCredential;
          evidence: single-use challenge, quote (shared.tpm.quote), policy and log (shared.tpm.policy),
-         boot counters against enrollment, the instance's key in the log
+         boot counters against enrollment, the instance's key in the log; for a confidential instance
+         also its SEV-SNP report or TDX quote (shared.cvm: vendor chain, policy, REPORT_DATA binding)
 act      challenges and node records written by compare-and-set
 emit     attest.challenge; attest.verified / attest.failed (node), instance.attested /
          instance.attestation_failed (job subject), attest.revoked on a failed node quote, on the
@@ -24,6 +25,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from services.attestation_verifier.settings import VerifierSettings
 from services.attestation_verifier.state import Challenge, Kv, NodeAttestation, Stale
@@ -31,6 +33,8 @@ from shared.buckets import ATTEST_CHALLENGES, ATTEST_EKS, ATTEST_NODES
 from shared.bus import Bus
 from shared.codec import Event
 from shared.consumers import consumer_spec
+from shared.cvm.errors import CvmError, expected_report_data
+from shared.cvm.evidence import CVM_VMMS, CvmVerdict, verify_cvm
 from shared.events import (
     AttestationFailed,
     AttestationResult,
@@ -56,7 +60,7 @@ from shared.tpm.policy import Appraisal, AttestationPolicy, Counters, appraise, 
 from shared.tpm.quote import QuoteError, binding, check_ak, load_ak, verify_quote
 from shared.tpm.structures import Attest, PublicArea, TpmFormatError, parse_public
 
-__all__ = ["Verifier"]
+__all__ = ["CvmRefused", "Verifier"]
 
 log = get_logger("qvm.attestation_verifier")
 
@@ -76,6 +80,14 @@ class _Enrollment:
 
 # Failures that say nothing about the node's integrity (a slow or restarted agent): no revocation.
 _BENIGN = frozenset({"nonce_expired", "nonce_unknown", "not_enrolled"})
+
+
+class CvmRefused(QuoteError):
+    """A confidential instance's hardware report failed while the host's TPM quote verified. The instance
+    never runs and gets no key; the node keeps its TPM trust for other jobs (an old firmware TCB, an image
+    the policy does not list, stale collateral or a wrong certificate table the host loaded are not proof
+    that the host's measured software is bad). The refusal, with its reason, is on the bus for the operator,
+    who can revoke the node."""
 
 
 class Verifier:
@@ -226,7 +238,7 @@ class Verifier:
             else:
                 enrolled, revision = await self._node_record(node_id)
                 ak_public, qualified = enrolled.ak_public, enrolled.ak_qualified_name
-            attest, appraisal = await asyncio.to_thread(self._appraise, ev, challenge, ak_public, qualified)
+            attest, appraisal, cvm = await asyncio.to_thread(self._appraise, ev, challenge, ak_public, qualified)
             counters = check_counters(self.policy, _counters(enrolled), attest) if enrolled is not None else \
                 check_counters(self.policy, Counters(attest.clock.reset_count, attest.clock.restart_count, 0), attest)
         except QuoteError as exc:
@@ -259,7 +271,8 @@ class Verifier:
             pcr_sha256=appraisal.pcr.hex(), reset_count=attest.clock.reset_count,
             restart_count=attest.clock.restart_count, firmware_version=f"{attest.firmware_version:016x}",
             gpus=tuple(f"{g.uuid}:{'report_attached' if g.report else 'no_report'}" for g in ev.gpus),
-            verified_ns=now, expires_ns=now + int(self.policy.result_ttl_s * 1e9))
+            cvm=cvm.kind if cvm else None, cvm_measurement=cvm.measurement if cvm else "",
+            cvm_tcb=cvm.tcb if cvm else "", verified_ns=now, expires_ns=now + int(self.policy.result_ttl_s * 1e9))
         self.verified += 1
         if challenge.purpose is AttestPurpose.INSTANCE:
             await self.bus.publish(InstanceAttested(**fields), job_id=challenge.job_id, node_id=node_id,
@@ -292,7 +305,8 @@ class Verifier:
                 continue
         raise QuoteError("nonce_replayed", "the challenge is being answered concurrently")
 
-    def _appraise(self, ev: AttestEvidence, c: Challenge, ak_public: str, qualified: str) -> tuple[Attest, Appraisal]:
+    def _appraise(self, ev: AttestEvidence, c: Challenge, ak_public: str, qualified: str
+                  ) -> tuple[Attest, Appraisal, CvmVerdict | None]:
         """Blocking (signature checks, hashing): runs in a worker thread."""
         try:
             pcrs = {int(i): bytes.fromhex(v) for i, v in ev.pcrs.items()}
@@ -308,7 +322,25 @@ class Verifier:
             m = appraisal.instances.get(c.instance_id or "")
             if m is None or m.public_key != c.key or m.job_id != c.job_id:
                 raise QuoteError("instance_not_measured", "the log has no launch of this instance with this key")
-        return attest, appraisal
+            return attest, appraisal, self._appraise_cvm(ev, c, m.vmm)
+        return attest, appraisal, None
+
+    def _appraise_cvm(self, ev: AttestEvidence, c: Challenge, vmm: str) -> CvmVerdict | None:
+        """The measured launch says whether the instance is a confidential VM (its VMM); then its report must
+        be there, of that kind, bound to this challenge and the instance's key, and pass the CVM policy."""
+        required = CVM_VMMS.get(vmm)
+        if ev.cvm is None:
+            if required is not None:
+                raise CvmRefused("cvm_evidence_missing", f"{vmm} launched a confidential guest, but the evidence "
+                                                         f"carries no {required} report")
+            return None
+        if required is not ev.cvm.kind:
+            raise CvmRefused("cvm_kind_mismatch", f"a {ev.cvm.kind} report for an instance {vmm} launched")
+        try:
+            return verify_cvm(ev.cvm, report_data=expected_report_data(bytes.fromhex(c.nonce), bytes.fromhex(c.key)),
+                              policy=self.policy.cvm, at=datetime.now(UTC))
+        except CvmError as exc:
+            raise CvmRefused(exc.reason, exc.detail) from None
 
     async def _node_record(self, node_id: str) -> tuple[NodeAttestation, int]:
         record, revision, _ = await self.nodes.get(node_id, NodeAttestation)
@@ -335,7 +367,7 @@ class Verifier:
                                    caused_by=cause)
         else:
             await self.bus.publish(AttestationFailed(**fields), node_id=node_id, caused_by=cause)
-        if purpose is not AttestPurpose.ENROLL and exc.reason not in _BENIGN:
+        if purpose is not AttestPurpose.ENROLL and exc.reason not in _BENIGN and not isinstance(exc, CvmRefused):
             await self.revoke(node_id, "attestation_failed", f"{purpose.value} quote: {exc.reason}",
                               derive_event_id(cause.id, "NodeRevoked"))
 

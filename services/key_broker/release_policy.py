@@ -16,7 +16,9 @@ codec before this runs; a forged result never gets here (it is dead-lettered wit
     wrong_instance_key     the attested key is not the key the node announced for the instance
     trust_too_low          the result's trust is below the policy's minimum
     image_not_allowed      the attested image is not among the policy's allowed images
-    security_level_not_met the job asks for a confidential VM and the result shows none
+    security_level_not_met the job asks for a confidential VM and the result shows no verified CVM report
+                           (the verifier sets `cvm` only when the SEV-SNP report or TDX quote passed: vendor
+                           chain to the pinned root, policy, REPORT_DATA bound to the nonce and this key)
     second_instance        another instance of the job already holds the key
 """
 
@@ -75,9 +77,9 @@ def decide_release(record: JobKeys, result: InstanceAttested, *, job_id: str, no
         return _refuse("trust_too_low", f"trust {result.trust} is below {record.policy.min_trust}")
     if record.policy.allowed_images and result.image_manifest_sha256 not in record.policy.allowed_images:
         return _refuse("image_not_allowed", f"image {result.image_manifest_sha256[:16]}… is not allowed for this job")
-    if record.security is SecurityLevel.CONFIDENTIAL:
+    if record.security is SecurityLevel.CONFIDENTIAL and (result.cvm is None or not result.cvm_measurement):
         return _refuse("security_level_not_met", "the job needs a confidential VM; the result shows a TPM-attested "
-                                                 "micro VM only")
+                                                 "micro VM only (no verified SEV-SNP or TDX report)")
     if record.holder and record.holder != instance:
         return _refuse("second_instance", f"instance {record.holder} already holds the job's key")
     return Decision(True)

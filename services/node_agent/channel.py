@@ -4,6 +4,9 @@ A line protocol with qvm's guest init (see shared/image/guest_init.sh), one fram
     guest -> host  READY                     init is up, the disks are mounted
                    VOLUME_OK <luks uuid>     the data volume is formatted, open and mounted at /data
                    SECRET_OK <name>          the secret file is in the guest's tmpfs
+                   CVM_REPORT_OK <provider> <base64 report> <base64 aux or ->
+                                             a confidential VM's report (configfs-tsm provider sev_guest /
+                                             tdx_guest, the report or quote, the extended report's certificates)
                    OUT <base64 line>         workload output
                    EXIT <code>               the workload ended (0-255); the guest powers off
                    ERROR <text>              a refused frame (VOLUME, SECRET), or init failed (then it powers off)
@@ -11,8 +14,10 @@ A line protocol with qvm's guest init (see shared/image/guest_init.sh), one fram
                                              key as lowercase hex, used in the guest as the LUKS2 key file
                    SECRET <name> <base64>    after READY, before RUN: one file for /run/secrets/<name>
                                              (name [A-Za-z0-9._-]{1,64}, no leading dot; at most 64 KiB)
+                   CVM_REPORT <128 hex>      after READY, before RUN: the 64 bytes of REPORT_DATA the CPU signs
                    RUN <base64 of a /bin/sh -c script>
-Each VOLUME and SECRET frame gets exactly one answer (its _OK, or ERROR) before the host sends the next.
+Each VOLUME, SECRET and CVM_REPORT frame gets exactly one answer (its _OK, or ERROR) before the host sends
+the next.
 
 The guest is untrusted: frames are parsed strictly, lines are bounded, output is capped in memory and
 hashed in full. Key and secret frames are built in a bytearray the channel zeroes after writing, with no
@@ -36,8 +41,17 @@ from dataclasses import dataclass
 from shared.crypto.secret import zeroize
 from shared.errors import ReasonedError
 
-__all__ = ["KEY_BYTES", "MAX_HOST_LINE", "MAX_SECRET_BYTES", "ChannelError", "GuestChannel", "RunOutput", "check_key",
-           "check_secret"]
+__all__ = [
+    "KEY_BYTES",
+    "MAX_HOST_LINE",
+    "MAX_SECRET_BYTES",
+    "ChannelError",
+    "CvmReport",
+    "GuestChannel",
+    "RunOutput",
+    "check_key",
+    "check_secret",
+]
 
 MAX_LINE = 256 * 1024  # the longest line the guest may send
 MAX_KEPT_OUTPUT = 1 << 20
@@ -45,6 +59,8 @@ KEY_BYTES = 32  # the data-encryption key: 256 random bits
 MAX_SECRET_BYTES = 64 * 1024
 MAX_HOST_LINE = 128 * 1024  # the longest key or secret frame the host sends (a 64 KiB secret: ~87.4 KiB)
 SECRET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", re.ASCII)
+MAX_CVM_BLOB = 16 * 1024  # an SNP report is 1184 bytes, a TDX quote with its PCK chain ~5 KiB
+_PROVIDER = re.compile(r"[a-z0-9_]{1,32}", re.ASCII)
 _LUKS_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 _HEX = b"0123456789abcdef"
 _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -113,6 +129,15 @@ def _b64_into(data: bytes | bytearray | memoryview, out: bytearray, at: int) -> 
         out[at + 3] = 61
         at += 4
     return at
+
+
+@dataclass(frozen=True)
+class CvmReport:
+    """What a confidential guest's configfs-tsm entry gave: its provider, the report, the aux blob."""
+
+    provider: str  # sev_guest | tdx_guest
+    report: bytes  # SEV-SNP attestation report / TDX quote
+    aux: bytes  # SEV-SNP extended report: the host-provided certificate table (VCEK...); else empty
 
 
 class GuestChannel:
@@ -199,6 +224,30 @@ class GuestChannel:
         if kind == "ERROR":
             raise ChannelError("guest_error", rest[:500])
         raise ChannelError("bad_frame", f"expected VOLUME_OK, got {kind[:40]!r}")
+
+    async def cvm_report(self, report_data: bytes) -> CvmReport:
+        """Ask a confidential guest for its CPU's signed report over `report_data` (64 bytes). The guest (and
+        so the hoster) cannot forge it: only the verifier's check of the vendor's signature makes it evidence."""
+        if len(report_data) != 64:
+            raise ValueError("REPORT_DATA is 64 bytes")
+        self._writer.write(b"CVM_REPORT " + report_data.hex().encode() + b"\n")
+        await self._writer.drain()
+        kind, rest = await self._frame()
+        if kind == "ERROR":
+            raise ChannelError("guest_error", rest[:500])
+        if kind != "CVM_REPORT_OK":
+            raise ChannelError("bad_frame", f"expected CVM_REPORT_OK, got {kind[:40]!r}")
+        parts = rest.split(" ")
+        if len(parts) != 3 or not _PROVIDER.fullmatch(parts[0]):
+            raise ChannelError("bad_frame", "CVM_REPORT_OK needs a provider, a report and an aux blob")
+        try:
+            report = base64.b64decode(parts[1], validate=True)
+            aux = b"" if parts[2] == "-" else base64.b64decode(parts[2], validate=True)
+        except (binascii.Error, ValueError):
+            raise ChannelError("bad_frame", "CVM_REPORT_OK is not base64") from None
+        if not report or len(report) > MAX_CVM_BLOB or len(aux) > MAX_CVM_BLOB:
+            raise ChannelError("bad_frame", f"a CVM report of {len(report)} bytes (aux {len(aux)})")
+        return CvmReport(parts[0], report, aux)
 
     async def put_secret(self, name: str, data: bytes | bytearray) -> None:
         """Write one secret file into the guest's secrets tmpfs (/run/secrets/<name> in the workload)."""

@@ -4,6 +4,7 @@ The scheduler decides from registered inventory; the agent re-checks against the
 available now, GPUs present now) minus what its accepted jobs already hold, so a stale registry or a
 lying peer cannot overcommit the host. A claimed GPU must also be healthy now (NVML) and isolable for
 passthrough (its IOMMU group, checked by the agent through `isolation.gpus`), else the job goes elsewhere.
+A confidential job needs a host that proved it can start a confidential VM (its live inventory).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shared.events import JobPlaced
-from shared.models import Inventory, ResourceClaim
+from shared.models import Inventory, ResourceClaim, SecurityLevel
 
 __all__ = ["Refusal", "check_assignment"]
 
@@ -28,6 +29,9 @@ def check_assignment(
 ) -> Refusal | None:
     held = list(held)
     claim = placed.claim
+    if placed.job.security is SecurityLevel.CONFIDENTIAL and not live.confidential:
+        return Refusal("no_confidential_vm", "the job needs a confidential VM (SEV-SNP or TDX); this host cannot "
+                                             "start one")
     cores_free = live.cpu_cores - sum(c.cpu_cores for c in held)
     if claim.cpu_cores > cores_free:
         return Refusal("insufficient_cpu", f"needs {claim.cpu_cores} cores, {cores_free} free")

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from services.node_agent import teardown
-from services.node_agent.channel import ChannelError, GuestChannel, RunOutput, check_key, check_secret
+from services.node_agent.channel import ChannelError, CvmReport, GuestChannel, RunOutput, check_key, check_secret
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
 from services.node_agent.isolation.confine import confinement
 from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
@@ -50,6 +50,7 @@ from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
 from services.node_agent.volume import MIN_VOLUME_MIB, VOLUME_FILE, make_volume
 from shared.crypto import hpke
 from shared.errors import ReasonedError
+from shared.events import CvmKind
 from shared.image.manifest import ImageError, ImageManifest
 from shared.image.verify import verify_open
 from shared.models import MemoryScrub, VolumeErasure
@@ -146,6 +147,25 @@ class Instance:
     @property
     def public_key(self) -> bytes:
         return self._key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def cvm_kind(self) -> CvmKind | None:
+        """The confidential-VM technology of this instance's VMM (a `QemuConfidential` driver), or None."""
+        kind = getattr(self.vmm, "cvm_kind", None)
+        return CvmKind(kind) if kind else None
+
+    async def cvm_report(self, report_data: bytes) -> CvmReport:
+        """The guest's hardware report over `report_data`. Only the instance gate asks, while the instance
+        waits for its verdict (booted, READY, no workload yet), so nothing else talks on the channel."""
+        if self.cvm_kind is None or not hasattr(self, "_channel") or self.state is not VmState.RUNNING:
+            raise InstanceError("cvm_report_unavailable", f"instance {self.spec.instance_id} is not a confidential "
+                                                          f"VM ready to report (state {self.state})")
+        try:
+            return await asyncio.wait_for(self._channel.cvm_report(report_data), self.spec.boot_timeout_s)
+        except TimeoutError:
+            raise InstanceError("cvm_report_timeout", "the guest gave no report in time") from None
+        except ChannelError as exc:
+            raise InstanceError("cvm_report_failed", f"{exc.reason}: {exc.detail}"[:500]) from None
 
     def open_sealed(self, sealed: bytes, purpose: str) -> bytearray:
         """Open a release sealed (HPKE) to this instance's key, bound to `purpose` ("dek" or

@@ -59,7 +59,7 @@ from shared.events import (
 )
 from shared.ids import derive_event_id
 from shared.image.manifest import ImageError, load_public_keys
-from shared.models import Frozen
+from shared.models import Frozen, SecurityLevel
 from shared.telemetry import current_job, get_logger
 
 __all__ = ["InstanceRuntime"]
@@ -80,10 +80,12 @@ class _Running:
 class InstanceRuntime:
     def __init__(self, bus: Bus, settings: NodeAgentSettings, vmm: Vmm,
                  on_destroyed: Callable[[str], None] | None = None, gate: InstanceGate | None = None,
-                 gpus: GpuPassthrough | None = None) -> None:
+                 gpus: GpuPassthrough | None = None, cvm_vmm: Vmm | None = None) -> None:
         """With `gate` (a node with a TPM) every instance is measured before launch and its workload waits
         for a verified quote; without one, instances run unattested (only on unverified nodes). `gpus`
-        hands a job's claimed GPUs to its VM (VFIO) and scrubs them afterwards."""
+        hands a job's claimed GPUs to its VM (VFIO) and scrubs them afterwards. `cvm_vmm` starts the
+        confidential jobs (SEV-SNP / TDX guests on q35), `vmm` the others."""
+        self.cvm_vmm = cvm_vmm
         self.gpus = gpus
         self.on_destroyed = on_destroyed
         self.gate = gate
@@ -103,6 +105,15 @@ class InstanceRuntime:
             task = asyncio.create_task(self._run(job_id, instance_id, spec, cause))
             self.jobs[job_id] = _Running(task, instance_id)
         return instance_id
+
+    def _vmm_for(self, spec: JobSubmitted) -> Vmm:
+        """A confidential job runs only in a confidential VM: never falls back to a plain micro VM."""
+        if spec.security is not SecurityLevel.CONFIDENTIAL:
+            return self.vmm
+        if self.cvm_vmm is None:
+            raise InstanceError("no_confidential_vm", "the job needs a confidential VM; this node has no SEV-SNP "
+                                                      "or TDX driver")
+        return self.cvm_vmm
 
     async def _emit(self, job_id: str, payload: Frozen, cause: Event, *parts: str) -> None:
         await self.bus.publish(payload, job_id=job_id, node_id=self.node_id,
@@ -125,7 +136,7 @@ class InstanceRuntime:
                              network=self.settings.vm_network == "netns",
                              egress=tuple(parse_egress(spec.egress)), uplink=self.settings.egress_netns,
                              volume_mib=spec.volume_mib),
-                workdir, self.vmm, dict(trusted))
+                workdir, self._vmm_for(spec), dict(trusted))
             self.jobs[job_id].instance = instance
             await instance.verify()
             write_owner(workdir, job_id, instance_id, self.node_id, cause.id)  # for a teardown after a crash
@@ -136,7 +147,7 @@ class InstanceRuntime:
             if self.gate is not None:
                 await self.gate.measure(job_id, instance, digest)  # measured launch: extend before the VMM starts
             await self._emit(job_id, InstanceProvisioning(
-                instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=self.vmm.name,
+                instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=instance.vmm.name,
                 public_key=instance.public_key.hex()), cause)
             if claimed:
                 if self.gpus is None:
@@ -149,7 +160,7 @@ class InstanceRuntime:
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),
                                                     accel=instance.vm.accel), cause)
             if self.gate is not None:
-                verdict = await self.gate.attest(job_id, instance_id, instance.public_key, cause)
+                verdict = await self.gate.attest(job_id, instance_id, instance.public_key, cause, instance)
                 log.info("instance attested", extra={"instance_id": instance_id,
                                                      "pcr": verdict.pcr_sha256[:16]})
             if spec.volume_mib or spec.client_secrets:

@@ -28,6 +28,7 @@ from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.attest.measure import agent_config, code_digest
 from services.node_agent.drain import DrainWatch, drain_refusal
 from services.node_agent.hardware_check import Refusal, check_assignment
+from services.node_agent.instance import InstanceError
 from services.node_agent.inventory import HostReader, nvml_gpus
 from services.node_agent.isolation.gpus import GpuPassthrough
 from services.node_agent.isolation.network import NetworkError, parse_egress
@@ -86,8 +87,8 @@ class NodeAgent:
     def __init__(self, bus: Bus, settings: NodeAgentSettings, host: HostReader | None = None,
                  inventory: Inventory | None = None,
                  read_gpus: Callable[[], tuple[GpuInfo, ...]] = nvml_gpus,
-                 vmm: Vmm | None = None, attester: Attester | None = None, gpus: GpuPassthrough | None = None
-                 ) -> None:
+                 vmm: Vmm | None = None, attester: Attester | None = None, gpus: GpuPassthrough | None = None,
+                 cvm_vmm: Vmm | None = None) -> None:
         """`inventory`/`read_gpus` are injectable for tests on machines without GPUs (the NVML boundary).
         Without `vmm` the agent only places (tests of the bus side); `create()` always gives it one. `gpus`
         (VFIO and VRAM scrub) defaults to the host's real sysfs and libcuda."""
@@ -113,7 +114,8 @@ class NodeAgent:
         self.enrolled = False
         self.gate = InstanceGate(bus, attester, settings.attest_timeout_s) if attester else None
         self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release, gate=self.gate,
-                                       gpus=gpus or GpuPassthrough(self.inventory.gpus)) if vmm else None
+                                       gpus=gpus or GpuPassthrough(self.inventory.gpus),
+                                       cvm_vmm=cvm_vmm) if vmm else None
 
     @classmethod
     async def create(cls, bus: Bus, settings: NodeAgentSettings) -> NodeAgent:
@@ -317,7 +319,11 @@ class NodeAgent:
                         return
                 try:
                     evidence = await self.attester.answer(challenge, key)
-                except AttestError as exc:
+                    if challenge.purpose is AttestPurpose.INSTANCE and self.gate is not None:
+                        cvm = await self.gate.cvm_evidence(challenge.instance_id or "", bytes.fromhex(challenge.nonce))
+                        if cvm is not None:
+                            evidence = evidence.model_copy(update={"cvm": cvm})
+                except (AttestError, InstanceError) as exc:
                     log.error("cannot answer challenge", extra={"reason": exc.reason, "detail": exc.detail[:300]})
                     return
                 await self.bus.publish(evidence, node_id=self.node_id, caused_by=event)

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from shared.cli.attest_cvm import check_snp, check_tdx
 from shared.cli.attest_files import (
     InputError,
     alg_name,
@@ -251,3 +252,8 @@ def policy(
             raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {out}: {len(written.images)} image(s), {len(written.vmms)} VMM binary(ies), "
                   f"EK certificates {'required' if written.require_ek_certificate else 'not required'}")
+
+
+# The confidential-VM checks live beside these (shared/cli/attest_cvm.py); they share this command group.
+attest_app.command("check-snp")(check_snp)
+attest_app.command("check-tdx")(check_tdx)

@@ -13,9 +13,12 @@
 #       ttyS0      the serial port (Firecracker), shared with the kernel console until init silences it
 #   line protocol with the node-agent (services/node_agent/channel.py), one frame per line:
 #       guest -> host  READY | VOLUME_OK <luks uuid> | SECRET_OK <name> | OUT <base64 line> | EXIT <code>
-#                      | ERROR <text>
+#                      | CVM_REPORT_OK <provider> <base64 report> <base64 aux blob, or -> | ERROR <text>
 #       host -> guest  VOLUME <64 lowercase hex digits>  after READY, before RUN, once: the 32-byte data key
 #                      SECRET <name> <base64>            after READY, before RUN: /run/secrets/<name>
+#                      CVM_REPORT <128 lowercase hex>    after READY, before RUN: in a confidential VM, the
+#                                                        CPU's signed report (SEV-SNP report / TDX quote) over
+#                                                        these 64 bytes of REPORT_DATA, read through configfs-tsm
 #                      RUN <base64 of a /bin/sh -c script>
 #     Each VOLUME and SECRET frame gets one answer, its _OK or `ERROR <text>` (init then keeps waiting for
 #     RUN; the host decides). The key is never echoed, written to a file or put on a command line: it goes
@@ -164,6 +167,26 @@ put_secret() {  # $SNAME, $SDATA (base64)
   printf 'SECRET_OK %s\n' "$SNAME" >&3
 }
 
+rerror() { printf 'ERROR cvm: %s\n' "$*" >&3; }
+
+cvm_report() {  # $RD: 128 hex digits of REPORT_DATA (the challenge nonce bound to the instance key)
+  case "$RD" in *[!0-9a-f]*) rerror "report data is not lowercase hex"; return ;; esac
+  [ ${#RD} -eq 128 ] || { rerror "report data is not 64 bytes"; return; }
+  tsm=/sys/kernel/config/tsm/report
+  [ -d "$tsm" ] || mount -t configfs configfs /sys/kernel/config 2>/dev/null
+  [ -d "$tsm" ] || { rerror "no configfs-tsm: not a confidential VM, or a guest kernel older than 6.7"; return; }
+  d=$tsm/qvm$$
+  mkdir "$d" 2>/dev/null || { rerror "cannot create a report entry"; return; }
+  # privlevel stays 0 (VMPL 0 on SEV-SNP); the kernel asks the firmware when outblob is read
+  printf "$(printf '%s' "$RD" | sed 's/../\\x&/g')" > "$d/inblob" || { rmdir "$d"; rerror "inblob refused"; return; }
+  provider=$(cat "$d/provider" 2>/dev/null)
+  out=$(base64 -w 0 < "$d/outblob" 2>/dev/null)
+  aux=$(base64 -w 0 < "$d/auxblob" 2>/dev/null)
+  rmdir "$d" 2>/dev/null
+  [ -n "$out" ] || { rerror "the firmware returned no report (${provider:-no provider})"; return; }
+  printf 'CVM_REPORT_OK %s %s %s\n' "${provider:-unknown}" "$out" "${aux:--}" >&3
+}
+
 printf 'READY\n' >&3
 eofs=0
 while :; do
@@ -175,6 +198,7 @@ while :; do
   case "$line" in
     RUN\ *) break ;;
     VOLUME\ *) KEY=${line#VOLUME }; line=; open_volume; KEY= ;;
+    CVM_REPORT\ *) RD=${line#CVM_REPORT }; line=; cvm_report ;;
     SECRET\ *)
       rest=${line#SECRET }; line=
       case "$rest" in

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from shared.cvm.evidence import CvmPolicy
 from shared.errors import ConfigError
 from shared.models import Frozen
 from shared.tpm.measurements import AgentMeasurement, InstanceMeasurement, LogError, parse_log, replay
@@ -46,7 +47,8 @@ class AttestationPolicy(Frozen):
                                        description="Expected values of static PCRs (firmware, boot loader).")
     agents: tuple[str, ...] = Field((), description="Approved node-agent code digests.")
     images: dict[str, ImageReference] = Field(default_factory=dict, description="Approved images by manifest digest.")
-    vmms: dict[str, str] = Field(default_factory=dict, description="Approved VMM binaries: digest -> VMM name.")
+    vmms: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="Approved VMM binaries: digest -> "
+                                                                              "the VMM drivers it may serve.")
     security_policies: tuple[str, ...] = Field((), description="Approved instance security-policy digests.")
     ak_algorithms: tuple[str, ...] = tuple(sorted(ALLOWED_AK_ALGORITHMS))
     firmware_denylist: tuple[str, ...] = Field((), description="TPM firmwareVersion values (16 hex digits) "
@@ -57,6 +59,15 @@ class AttestationPolicy(Frozen):
     nonce_ttl_s: float = Field(30.0, gt=0, le=600)
     result_ttl_s: float = Field(150.0, gt=0, description="How long a node result keeps the node trusted.")
     reattest_interval_s: float = Field(60.0, gt=0)
+    cvm: CvmPolicy = Field(CvmPolicy(), description="Confidential VMs: SEV-SNP and TDX report checks.")
+
+    @field_validator("vmms", mode="before")
+    @classmethod
+    def _one_driver_as_a_tuple(cls, value: object) -> object:
+        """Policies written before a binary could serve several drivers name one: read it as a tuple of one."""
+        if isinstance(value, dict):
+            return {k: (v,) if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
     @model_validator(mode="after")
     def _measurement_pcr_quoted(self) -> AttestationPolicy:
@@ -119,7 +130,7 @@ def appraise(policy: AttestationPolicy, attest: Attest, pcr_values: Mapping[int,
         if (e.kernel_sha256, e.initrd_sha256, e.rootfs_sha256) != (
                 image.kernel_sha256, image.initrd_sha256, image.rootfs_sha256):
             raise _not_allowed(f"instance {e.instance_id} booted parts that are not image {image.name}'s")
-        if policy.vmms.get(e.vmm_sha256) != e.vmm:
+        if e.vmm not in policy.vmms.get(e.vmm_sha256, ()):
             raise _not_allowed(f"VMM binary {e.vmm_sha256[:16]}… ({e.vmm}) is not approved")
         if e.security_policy_sha256 not in policy.security_policies:
             raise _not_allowed(f"instance {e.instance_id} ran under an unapproved security policy")

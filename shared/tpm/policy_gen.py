@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from shared.cvm.evidence import CVM_VMMS
 from shared.errors import ConfigError
 from shared.image.manifest import MANIFEST, ImageManifest
 from shared.tpm.digests import QEMU, code_digest, file_digest, security_policy_digest
@@ -37,15 +38,26 @@ def generate_policy(images_dir: Path, vmm_binaries: dict[str, Path], *, ek_ca: P
                        for n in (True, False)})
     fields: dict[str, object] = dict(
         measurement_pcr=measurement_pcr, pcrs=(measurement_pcr,), agents=(code_digest(),), images=images,
-        vmms={file_digest(path.resolve()): name for name, path in vmm_binaries.items()},
+        vmms=_vmms_by_digest(vmm_binaries),
         security_policies=tuple(policies), ek_ca=ek_ca, require_ek_certificate=ek_ca is not None)
     fields.update(overrides)
     return AttestationPolicy.model_validate(fields)
 
 
+def _vmms_by_digest(vmm_binaries: dict[str, Path]) -> dict[str, tuple[str, ...]]:
+    """One binary may serve several drivers (QEMU: microvm and the confidential q35 guests)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, path in sorted(vmm_binaries.items()):
+        digest = file_digest(path.resolve())
+        out[digest] = (*out.get(digest, ()), name)
+    return out
+
+
 def local_policy(images_dir: Path, *, ek_ca: Path | None = None, measurement_pcr: int = 15,
                  qemu: str = QEMU) -> AttestationPolicy:
-    """The policy for this machine: its images, this checkout's agent, the QEMU found on PATH."""
+    """The policy for this machine: its images, this checkout's agent, the QEMU found on PATH (for microvm
+    guests and for confidential ones, which the same binary starts on q35)."""
     found = shutil.which(qemu)
-    return generate_policy(images_dir, {"qemu-microvm": Path(found)} if found else {}, ek_ca=ek_ca,
+    drivers = ("qemu-microvm", *CVM_VMMS)
+    return generate_policy(images_dir, {name: Path(found) for name in drivers} if found else {}, ek_ca=ek_ca,
                            measurement_pcr=measurement_pcr)

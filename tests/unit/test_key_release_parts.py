@@ -16,6 +16,7 @@ from shared.client.bundle import MAX_FILE_BYTES, BundleError, pack_bundle, unpac
 from shared.codec import Event
 from shared.events import (
     AttestPurpose,
+    CvmKind,
     InstanceAttested,
     KeyReleased,
     KeyReleasePolicy,
@@ -127,4 +128,8 @@ def test_decision_table() -> None:
     assert _decide(_record(), _result(trust=TrustState.UNVERIFIED)) == "trust_too_low"
     assert _decide(_record(policy=KeyReleasePolicy(allowed_images=("11" * 32,))), _result()) == "image_not_allowed"
     assert _decide(_record(security=SecurityLevel.CONFIDENTIAL), _result()) == "security_level_not_met"
+    # only a result that carries a verified CVM report earns a confidential job its key
+    assert _decide(_record(security=SecurityLevel.CONFIDENTIAL),
+                   _result(cvm=CvmKind.SEV_SNP, cvm_measurement="ab" * 48)) == "release"
+    assert _decide(_record(security=SecurityLevel.CONFIDENTIAL), _result(cvm=CvmKind.TDX)) == "security_level_not_met"
     assert _decide(_record(holder="i-0"), _result()) == "second_instance"

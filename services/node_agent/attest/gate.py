@@ -4,6 +4,11 @@ has checked a quote bound to the instance's key.
     runtime --measure--> log entry + PCR extend --launch--> VM boots --attest--> attest.requested
     verifier --attest.challenge--> agent quotes (nonce, instance key) --attest.evidence--> verifier
     verifier --instance.attested / instance.attestation_failed--> `resolve` --> workload runs / never runs
+
+A confidential instance (SEV-SNP, TDX) also answers with its CPU's report, fetched inside the guest over
+REPORT_DATA = the same binding as the quote's (nonce, instance key), so the verifier checks both the host's
+TPM quote (what was launched, by which agent) and the guest's hardware report (memory encryption, firmware
+TCB, launch measurement).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from services.node_agent.attest.measure import file_digest, instance_security_po
 from services.node_agent.instance import Instance, InstanceError
 from shared.bus import Bus
 from shared.codec import Event
-from shared.events import AttestPurpose, AttestRequested, InstanceAttestationFailed, InstanceAttested
+from shared.cvm.errors import expected_report_data
+from shared.events import AttestPurpose, AttestRequested, CvmEvidence, InstanceAttestationFailed, InstanceAttested
 from shared.ids import derive_event_id
 from shared.tpm.measurements import InstanceMeasurement
 
@@ -31,6 +37,7 @@ class InstanceGate:
         self.node_id = bus.identity.node_id or ""
         self._waiting: dict[str, asyncio.Future[InstanceAttested]] = {}
         self._keys: dict[str, bytes] = {}
+        self._instances: dict[str, Instance] = {}
 
     async def measure(self, job_id: str, instance: Instance, manifest_sha256: str) -> InstanceMeasurement:
         m = instance.manifest
@@ -57,11 +64,25 @@ class InstanceGate:
     def key_for(self, instance_id: str) -> bytes | None:
         return self._keys.get(instance_id)
 
-    async def attest(self, job_id: str, instance_id: str, public_key: bytes, cause: Event) -> InstanceAttested:
+    async def cvm_evidence(self, instance_id: str, nonce: bytes) -> CvmEvidence | None:
+        """The waiting instance's confidential-VM report for this challenge; None for a plain micro VM.
+        A confidential guest that cannot report raises `InstanceError` (the agent then sends no evidence,
+        and the instance's attestation times out: it never runs unverified)."""
+        instance = self._instances.get(instance_id)
+        key = self._keys.get(instance_id)
+        if instance is None or key is None or instance.cvm_kind is None:
+            return None
+        report = await instance.cvm_report(expected_report_data(nonce, key))
+        return CvmEvidence(kind=instance.cvm_kind, report=report.report.hex(), certificates=report.aux.hex())
+
+    async def attest(self, job_id: str, instance_id: str, public_key: bytes, cause: Event,
+                     instance: Instance | None = None) -> InstanceAttested:
         """Ask for a challenge and wait for the verdict; raises `InstanceError` unless the quote verified."""
         future: asyncio.Future[InstanceAttested] = asyncio.get_running_loop().create_future()
         self._waiting[instance_id] = future
         self._keys[instance_id] = public_key
+        if instance is not None:
+            self._instances[instance_id] = instance
         try:
             await self.bus.publish(AttestRequested(purpose=AttestPurpose.INSTANCE, instance_id=instance_id,
                                                    job_id=job_id, key=public_key.hex()),
@@ -73,6 +94,7 @@ class InstanceGate:
         finally:
             self._waiting.pop(instance_id, None)
             self._keys.pop(instance_id, None)
+            self._instances.pop(instance_id, None)
 
     def resolve(self, event: Event) -> None:
         p = event.payload
