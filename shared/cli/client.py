@@ -85,6 +85,12 @@ def show_verified(v: VerifiedInstance, out: Console) -> None:
         ("result valid until", time.strftime("%H:%M:%S", time.localtime(v.expires_ns / 1e9))),
     ):
         table.add_row(what, value)
+    if v.cvm is not None:  # the confidential VM's own hardware report, beside the host's TPM quote
+        table.add_row(f"{v.cvm.kind} report", "vendor signature and chain to the pinned root, REPORT_DATA = nonce "
+                                              "+ instance key: ok")
+        for name, value in v.cvm.fields.items():
+            if name != "report_data":
+                table.add_row(f"  {name}", value)
     out.print(table)
 
 

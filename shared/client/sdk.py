@@ -27,9 +27,10 @@ from shared.bus import Bus
 from shared.client.bundle import pack_bundle
 from shared.client.evidence import collect_evidence
 from shared.client.output import JobOutput, open_output
-from shared.client.verify import VerifiedInstance, verify_instance
+from shared.client.verify import CLIENT_CVM_POLICY, VerifiedInstance, verify_instance
 from shared.crypto import hpke
 from shared.crypto.secret import zeroize
+from shared.cvm.evidence import CvmPolicy
 from shared.events import JobSubmitted, SecretsReleased
 from shared.ids import derive_event_id
 
@@ -37,22 +38,26 @@ __all__ = ["ConfidentialClient"]
 
 
 class ConfidentialClient:
-    def __init__(self, bus: Bus, measurement_pcr: int = 15) -> None:
-        """`bus` is connected as the marketplace identity (which publishes jobs on the clients' behalf)."""
+    def __init__(self, bus: Bus, measurement_pcr: int = 15, cvm_policy: CvmPolicy = CLIENT_CVM_POLICY) -> None:
+        """`bus` is connected as the marketplace identity (which publishes jobs on the clients' behalf);
+        `cvm_policy` is what this client requires of a confidential VM's hardware report."""
         self.bus = bus
         self.measurement_pcr = measurement_pcr
+        self.cvm_policy = cvm_policy
 
     async def submit(self, job: JobSubmitted, job_id: str | None = None) -> str:
         job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
         await self.bus.publish(job, job_id=job_id)
         return job_id
 
-    async def verify(self, job_id: str, *, expected_images: Collection[str] = (), timeout_s: float = 180.0
-                     ) -> VerifiedInstance:
-        """Wait for the instance's attestation, then check all of its evidence here."""
+    async def verify(self, job_id: str, *, expected_images: Collection[str] = (), timeout_s: float = 180.0,
+                     expected_measurements: Collection[str] = ()) -> VerifiedInstance:
+        """Wait for the instance's attestation, then check all of its evidence here (for a confidential VM
+        its hardware report too, and its launch measurement against `expected_measurements` if given)."""
         evidence = await collect_evidence(self.bus, job_id, timeout_s)
         return await asyncio.to_thread(verify_instance, evidence, expected_images=expected_images,
-                                       measurement_pcr=self.measurement_pcr, now_ns=time.time_ns())
+                                       measurement_pcr=self.measurement_pcr, now_ns=time.time_ns(),
+                                       cvm_policy=self.cvm_policy, expected_measurements=expected_measurements)
 
     async def release_secrets(self, verified: VerifiedInstance, files: Mapping[str, bytes | bytearray]) -> str:
         """Seal `files` to the verified instance and publish them; returns the event id."""

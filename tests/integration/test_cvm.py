@@ -24,8 +24,12 @@ from services.key_broker.store import BUCKET
 from services.node_agent.service import NodeAgent, attester_for
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from services.scheduler.service import Scheduler
+from shared.client.evidence import collect_evidence
+from shared.client.sdk import ConfidentialClient
+from shared.client.verify import CLIENT_CVM_POLICY, ClientVerificationError
 from shared.codec import Event
 from shared.crypto.kek import PassphraseFileSource, create_kek_file
+from shared.cvm.errors import expected_report_data
 from shared.cvm.evidence import CvmPolicy
 from shared.cvm.snp import SnpPolicy
 from shared.events import (
@@ -120,6 +124,17 @@ async def test_a_confidential_job_gets_its_key_only_on_a_verified_cvm_report(
     async with running(*services):
         # 1. the hardware fake's firmware, whose root the policy names: attested as SEV-SNP, key released, job done
         await market.publish(_job("cvm-ok"), job_id="cvm-ok")
+        # the client checks the report itself: with AMD's roots only, the fake's chain is refused; naming the
+        # fake's root (as this test's verifier policy does), it verifies, with the expected measurement
+        client = ConfidentialClient(market, settings.measurement_pcr,
+                                    cvm_policy=CLIENT_CVM_POLICY.model_copy(update={"extra_roots": cvm.extra_roots}))
+        verified = await client.verify("cvm-ok", expected_measurements=[real.measurement.hex()], timeout_s=240)
+        assert verified.cvm is not None and verified.cvm.kind is CvmKind.SEV_SNP
+        assert verified.cvm.fields["report_data"] == expected_report_data(
+            bytes.fromhex((await collect_evidence(market, "cvm-ok")).challenge.nonce), verified.public_key).hex()
+        with pytest.raises(ClientVerificationError) as refused:
+            await ConfidentialClient(market, settings.measurement_pcr).verify("cvm-ok", timeout_s=30)
+        assert refused.value.reason == "cvm_ark_not_pinned"
         await eventually(lambda: ended("cvm-ok"), timeout=240, what="the confidential job to end")
         # 2. a forged VCEK (its ARK is nobody's): refused, no key
         vmm.firmware = FakeSnpFirmware(measurement=real.measurement)
