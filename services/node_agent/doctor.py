@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from services.node_agent import cvm_host
 from services.node_agent.isolation.vfio import PciDevice, Sysfs, VfioError, check_isolation
 from services.node_agent.settings import NodeAgentSettings
 from shared.errors import ConfigError
@@ -332,19 +333,24 @@ def check_nftables(probes: Probes) -> Check:
                  "with an egress allowlist need it")
 
 
-def check_confidential(root: HostRoot) -> Check:
-    found = []
-    if (root.read("/sys/module/kvm_amd/parameters/sev_snp") or "") in ("Y", "1"):
-        found.append("SEV-SNP")
-    if (root.read("/sys/module/kvm_intel/parameters/tdx") or "") in ("Y", "1"):
-        found.append("TDX")
-    if root.file("/dev/sev").exists():
-        found.append("/dev/sev")
-    if found:
-        return Check("confidential vms", "ok", False, ", ".join(found))
-    return Check("confidential vms", "warn", False, "no SEV-SNP or TDX host support (optional)",
-                 "only for confidential jobs: an AMD EPYC with SEV-SNP or an Intel Xeon with TDX, enabled in the "
-                 "firmware and in kvm_amd / kvm_intel")
+_CVM_LABEL = {"sev-snp": "SEV-SNP", "tdx": "TDX"}
+
+
+def check_confidential(root: HostRoot, probes: Probes | None = None) -> Check:
+    """Optional: SEV-SNP / TDX, every layer (`cvm_host.detect`). A kind whose CPU has it but some layer
+    lacks it gets that layer's fix; a host whose CPUs have neither gets the generic hint."""
+    host = cvm_host.detect(root.path, probes.run if probes is not None else None)
+    capable = host.features()
+    found = "; ".join(f"{_CVM_LABEL[k]} {line}" for k, line in host.explain().items())
+    if host.microcode:
+        found += f"; microcode {host.microcode}"
+    if capable:
+        return Check("confidential vms", "ok", False, found)
+    near = [k for k in host.kinds if k.piece("cpu").ok]  # the hardware has it: say what else is missing
+    hint = " ".join(f"{_CVM_LABEL[k.kind]}: " + "; ".join(p.hint for p in k.missing) + "." for k in near) or (
+        "only for confidential jobs: an AMD EPYC with SEV-SNP or an Intel Xeon with TDX, enabled in the "
+        "firmware and in kvm_amd / kvm_intel, with the matching OVMF build and a QEMU that has the guest object")
+    return Check("confidential vms", "warn", False, found, hint)
 
 
 def check_disk(root: HostRoot, probes: Probes, state_dir: Path) -> Check:
@@ -395,7 +401,7 @@ def run_checks(root: HostRoot | None = None, probes: Probes | None = None,
         *check_tpm(root, probes),
         check_cgroups(root),
         check_nftables(probes),
-        check_confidential(root),
+        check_confidential(root, probes),
         check_disk(root, probes, state_dir),
         check_clock(root, probes),
     ]

@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.node_agent import cvm_host
+from services.node_agent.cvm_host import Runner
 from services.node_agent.gpu.nvml import nvml_gpus
 from shared.models import GpuInfo, Inventory, TpmInfo
 from shared.telemetry import get_logger
@@ -53,13 +55,10 @@ class HostReader:
                 return int(line.split()[1]) // 1024
         return 0
 
-    def confidential(self) -> tuple[str, ...]:
-        feats = []
-        if self._read("sys/module/kvm_amd/parameters/sev_snp").strip() in ("Y", "1"):
-            feats.append("sev-snp")
-        if self._read("sys/module/kvm_intel/parameters/tdx").strip() in ("Y", "1"):
-            feats.append("tdx")
-        return tuple(feats)
+    def confidential(self, run: Runner | None = None) -> tuple[str, ...]:
+        """The confidential-VM kinds this host can launch end to end (CPU, kernel, device, OVMF build, QEMU
+        object all present: `cvm_host.detect`); a kind half-configured is not offered to the scheduler."""
+        return cvm_host.detect(self.root, run).features()
 
     def kvm(self) -> bool:
         dev = self.root / "dev/kvm"

@@ -23,9 +23,11 @@ import random
 import time
 from collections.abc import Callable
 
+from services.node_agent import cvm_host
 from services.node_agent.attest.attester import Attester, AttestError
 from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.attest.measure import agent_config, code_digest
+from services.node_agent.cvm_host import Kind
 from services.node_agent.drain import DrainWatch, drain_refusal
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.instance import InstanceError
@@ -40,6 +42,7 @@ from services.node_agent.status import gpu_states, job_states, write_status
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.vmm.cloud_hypervisor import CloudHypervisor
 from services.node_agent.vmm.firecracker import Firecracker
+from services.node_agent.vmm.qemu_cvm import QemuConfidential
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
 from shared.bus import Bus
 from shared.codec import Event
@@ -81,6 +84,18 @@ def attester_for(bus: Bus, settings: NodeAgentSettings) -> Attester | None:
     return Attester(settings.tpm, settings.measurement_log_path(bus.identity.node_id or "node"),
                     settings.measurement_pcr, signing_key_digest(bus.codec.signer.key.public_key()),
                     settings.tpm_ak_algorithm)
+
+
+def _confidential_vmm() -> Vmm | None:
+    """The driver for confidential jobs, when this host proved every layer of SEV-SNP or TDX (CPU, kernel,
+    device, OVMF build, QEMU's guest object: `cvm_host.detect`); None otherwise, and such jobs are refused."""
+    host = cvm_host.detect()
+    kinds = host.features()
+    if not kinds:
+        return None
+    kind: Kind = "sev-snp" if "sev-snp" in kinds else "tdx"
+    log.info("confidential VMs available", extra={"kind": kind, "ovmf": str(host.support(kind).ovmf)})
+    return QemuConfidential(kind, ovmf=host.support(kind).ovmf)
 
 
 class NodeAgent:
@@ -126,7 +141,8 @@ class NodeAgent:
         }
         if settings.vmm not in drivers:
             raise ConfigError(f"unknown VMM {settings.vmm!r} (one of {', '.join(drivers)})")
-        return cls(bus, settings, vmm=drivers[settings.vmm](), attester=attester_for(bus, settings))
+        return cls(bus, settings, vmm=drivers[settings.vmm](), attester=attester_for(bus, settings),
+                   cvm_vmm=await asyncio.to_thread(_confidential_vmm))
 
     def _release(self, job_id: str) -> None:
         self.held.pop(job_id, None)

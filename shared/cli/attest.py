@@ -40,6 +40,7 @@ from shared.cli.attest_files import (
     read_input,
     write_pcr_serialized,
 )
+from shared.cvm.errors import CvmError
 from shared.errors import QvmError
 from shared.tpm.measurements import AgentMeasurement, InstanceMeasurement, entry_digest, parse_log, replay
 from shared.tpm.quote import QuoteError, verify_quote
@@ -237,20 +238,36 @@ def policy(
     out: Annotated[Path, typer.Option(help="Where to write the policy (JSON)")],
     ek_ca: Annotated[Path | None, typer.Option(help="PEM bundle of TPM manufacturer CAs (EK certificates)")] = None,
     qemu: Annotated[str, typer.Option(help="QEMU binary to approve")] = "qemu-system-x86_64",
+    snp_ovmf: Annotated[Path | None, typer.Option(help="The AmdSev OVMF build confidential guests boot: approve "
+                                                       "the images' SEV-SNP launch measurements")] = None,
+    snp_vcpus: Annotated[str, typer.Option(help="vCPU counts to measure for (comma-separated)")] = "1,2,4,8",
 ) -> None:
-    """Write a policy approving this checkout's node-agent, the images in IMAGES and this machine's QEMU;
-    review it before shipping it to the verifiers."""
-    from shared.tpm.policy_gen import local_policy
+    """Write a policy approving this checkout's node-agent, the images in IMAGES and this machine's QEMU
+    (and, with --snp-ovmf, the images' SEV-SNP launch measurements); review it before shipping it to the
+    verifiers."""
+    from shared.tpm.policy_gen import local_policy, snp_measurements
 
     with _clean_errors():
         if not images.is_dir():
             raise InputError(f"{images} is not a directory of image bundles")
         written = local_policy(images, ek_ca=ek_ca, qemu=qemu)
+        if snp_ovmf is not None:
+            try:
+                counts = tuple(sorted({int(n) for n in snp_vcpus.split(",") if n.strip()}))
+            except ValueError:
+                raise InputError(f"--snp-vcpus {snp_vcpus!r} is not a list of numbers") from None
+            try:
+                measured = snp_measurements(images, snp_ovmf, counts)
+            except CvmError as exc:
+                raise InputError(f"SEV-SNP measurement: {exc.reason}: {exc.detail}") from None
+            cvm = written.cvm.model_copy(update={"snp": written.cvm.snp.model_copy(update={"measurements": measured})})
+            written = written.model_copy(update={"cvm": cvm})
         try:
             out.write_text(written.model_dump_json(indent=2))
         except OSError as exc:
             raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     console.print(f"wrote {out}: {len(written.images)} image(s), {len(written.vmms)} VMM binary(ies), "
+                  f"{len(written.cvm.snp.measurements)} SEV-SNP measurement(s), "
                   f"EK certificates {'required' if written.require_ek_certificate else 'not required'}")
 
 

@@ -21,12 +21,16 @@ from shared.image.manifest import ImageError
 __all__ = ["GUEST_MODULES", "GuestKernel", "fetch_kernel", "module_load_order"]
 
 GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio_net",
-                 "dm-mod", "dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher")
+                 "dm-mod", "dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher",
+                 "virtio_pci", "tsm", "sev-guest", "tdx-guest")
 """virtio-mmio transport (microvm, Firecracker, Cloud Hypervisor), disks, the host channel, the RW layer,
 the (isolated) network device; then the encrypted data volume opened inside the guest: device-mapper and
 dm-crypt, the aes-xts-plain64 pieces (the xts and ecb templates, AES-NI with its crypto_simd and cryptd
 dependencies, which TCG's `-cpu max` also implements), and the kernel crypto user API (AF_ALG skcipher),
-through which cryptsetup encrypts its keyslot area without a temporary dm-crypt device."""
+through which cryptsetup encrypts its keyslot area without a temporary dm-crypt device. Last, what a
+confidential guest needs: virtio over PCI (q35), and configfs-tsm (`tsm`, kernel 6.7+) with the SEV-SNP and
+TDX guest drivers under it for its hardware report (each refuses to load outside its kind of guest; a kernel
+without them, like Debian 12's 6.1, skips them, and cannot report as a confidential guest)."""
 
 _DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
 

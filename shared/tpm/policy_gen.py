@@ -19,7 +19,11 @@ from shared.image.manifest import MANIFEST, ImageManifest
 from shared.tpm.digests import QEMU, code_digest, file_digest, security_policy_digest
 from shared.tpm.policy import AttestationPolicy, ImageReference
 
-__all__ = ["generate_policy", "local_policy"]
+__all__ = ["GUEST_NET_ARG", "generate_policy", "local_policy", "snp_measurements"]
+
+GUEST_NET_ARG = "qvm.net=172.31.255.2/30,172.31.255.1"
+"""The kernel argument the node-agent adds for a guest with egress (services/node_agent/isolation/network.py's
+`guest_net_arg`, which a test keeps equal to this): part of the measured command line."""
 
 
 def generate_policy(images_dir: Path, vmm_binaries: dict[str, Path], *, ek_ca: Path | None = None,
@@ -51,6 +55,27 @@ def _vmms_by_digest(vmm_binaries: dict[str, Path]) -> dict[str, tuple[str, ...]]
         digest = file_digest(path.resolve())
         out[digest] = (*out.get(digest, ()), name)
     return out
+
+
+def snp_measurements(images_dir: Path, ovmf: Path, vcpus: tuple[int, ...], *,
+                     vcpu_type: str = "EPYC-v4") -> tuple[str, ...]:
+    """The SEV-SNP launch measurements of every image in `images_dir` as the confidential driver boots it
+    (this OVMF, the image's kernel, initrd and command line, with and without the network argument, for each
+    vCPU count a job may ask for). Blocking: hashes every image."""
+    from shared.cvm.measure import snp_measurement
+
+    out: set[str] = set()
+    for manifest_file in sorted(images_dir.glob(f"*/{MANIFEST}")):
+        try:
+            manifest = ImageManifest.model_validate_json(manifest_file.read_bytes())
+        except (OSError, ValidationError) as exc:
+            raise ConfigError(f"{manifest_file}: not a readable image manifest ({str(exc)[:200]})") from None
+        bundle = manifest_file.parent
+        for cmdline in (manifest.cmdline, f"{manifest.cmdline} {GUEST_NET_ARG}"):
+            for n in vcpus:
+                out.add(snp_measurement(ovmf, bundle / manifest.kernel.file, bundle / manifest.initrd.file, cmdline,
+                                        n, vcpu_type))
+    return tuple(sorted(out))
 
 
 def local_policy(images_dir: Path, *, ek_ca: Path | None = None, measurement_pcr: int = 15,
