@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from services.attestation_verifier.gpu_cc import GpuCcPolicy, verify_gpu_evidence
 from services.attestation_verifier.settings import VerifierSettings
 from services.attestation_verifier.state import Challenge, Kv, NodeAttestation, Stale
 from shared.buckets import ATTEST_CHALLENGES, ATTEST_EKS, ATTEST_NODES
@@ -100,6 +101,7 @@ class Verifier:
         self.nodes = nodes
         self.eks = eks
         self.ek_cas = load_ek_cas(policy.ek_ca)
+        self.gpu_policy: GpuCcPolicy = settings.gpu_cc
         self.verified = 0
         self.failed = 0
 
@@ -270,7 +272,7 @@ class Verifier:
             vmm_sha256=instance.vmm_sha256 if instance else "", public_key=instance.public_key if instance else "",
             pcr_sha256=appraisal.pcr.hex(), reset_count=attest.clock.reset_count,
             restart_count=attest.clock.restart_count, firmware_version=f"{attest.firmware_version:016x}",
-            gpus=tuple(f"{g.uuid}:{'report_attached' if g.report else 'no_report'}" for g in ev.gpus),
+            gpus=await asyncio.to_thread(self._gpu_outcomes, ev, challenge),
             cvm=cvm.kind if cvm else None, cvm_measurement=cvm.measurement if cvm else "",
             cvm_tcb=cvm.tcb if cvm else "", verified_ns=now, expires_ns=now + int(self.policy.result_ttl_s * 1e9))
         self.verified += 1
@@ -324,6 +326,17 @@ class Verifier:
                 raise QuoteError("instance_not_measured", "the log has no launch of this instance with this key")
             return attest, appraisal, self._appraise_cvm(ev, c, m.vmm)
         return attest, appraisal, None
+
+    def _gpu_outcomes(self, ev: AttestEvidence, c: Challenge) -> tuple[str, ...]:
+        """Each GPU's CC evidence checked against this challenge's nonce (report signature, device chain to
+        NVIDIA's root, RIM measurements): `uuid:status` in the signed result, for the operator and the audit.
+        Blocking: a worker thread."""
+        nonce = bytes.fromhex(c.nonce)
+        out = []
+        for gpu in ev.gpus:
+            verdict = verify_gpu_evidence(gpu, nonce, at=datetime.now(UTC), rims=None, policy=self.gpu_policy)
+            out.append(f"{verdict.uuid}:{verdict.status}"[:128])
+        return tuple(out)
 
     def _appraise_cvm(self, ev: AttestEvidence, c: Challenge, vmm: str) -> CvmVerdict | None:
         """The measured launch says whether the instance is a confidential VM (its VMM); then its report must

@@ -29,6 +29,7 @@ from services.node_agent.attest.gate import InstanceGate
 from services.node_agent.attest.measure import agent_config, code_digest
 from services.node_agent.cvm_host import Kind
 from services.node_agent.drain import DrainWatch, drain_refusal
+from services.node_agent.gpu.cc_evidence import collect_gpu_evidence
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.instance import InstanceError
 from services.node_agent.inventory import HostReader, nvml_gpus
@@ -335,6 +336,10 @@ class NodeAgent:
                         return
                 try:
                     evidence = await self.attester.answer(challenge, key)
+                    if challenge.purpose is AttestPurpose.NODE and self.inventory.gpus:
+                        # the GPUs this host still drives (not handed to a VM): their CC evidence, same nonce
+                        gpus = await asyncio.to_thread(collect_gpu_evidence, bytes.fromhex(challenge.nonce))
+                        evidence = evidence.model_copy(update={"gpus": gpus})
                     if challenge.purpose is AttestPurpose.INSTANCE and self.gate is not None:
                         cvm = await self.gate.cvm_evidence(challenge.instance_id or "", bytes.fromhex(challenge.nonce))
                         if cvm is not None:
