@@ -14,6 +14,8 @@
    it verified and only then seals its secret to the instance. The workload reads both and prints their
    digest; its output reaches the bus only sealed to a key the client made for the job, and the client opens
    and verifies it. The keys are destroyed and the volume erased at the end, with evidence.
+   Then the same job as a confidential VM (SEV-SNP / TDX): placed only on a host that proved it can start
+   one; on a host that cannot (most of them), it stays pending with `no_confidential_host` and is cancelled.
 5. The janitor's teardown record (guest RAM scrubbed and verified, volume erased, keys destroyed), then
    `qvm audit replay`: every signature and transition, a complete record per finished job, no key that
    outlived its job; then the stack stops.
@@ -51,6 +53,9 @@ from shared.events import (
     EventType,
     InstanceAttested,
     InstanceDestroyed,
+    JobCancelRequested,
+    JobPending,
+    JobSubmitted,
     KeyReleased,
     KeyReleaseRefused,
     KeysDestroyed,
@@ -64,7 +69,7 @@ from shared.identity import Identity, Role
 from shared.image.demo import ensure_demo_image
 from shared.jobspec import load_job
 from shared.lifecycle import JobState
-from shared.models import TrustState
+from shared.models import SecurityLevel, TrustState
 from shared.registry import NodeRecord
 from shared.replay import fold_jobs
 
@@ -133,6 +138,8 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
                 console.print(f"[red]job ended in {state}, expected done[/red]")
                 return 1
             if not output_ok:
+                return 1
+            if not await _confidential_vm_job(admin, client, job, inv.get("confidential") or [], console):
                 return 1
             verifier = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
             try:
@@ -249,6 +256,48 @@ async def _wait_trusted(admin: Bus, node_id: str, seconds: float) -> None:
             return
         await asyncio.sleep(0.2)
     raise QvmError(f"node {node_id} was not trusted within {seconds:g}s")
+
+
+async def _confidential_vm_job(admin: Bus, client: ConfidentialClient, job: JobSubmitted, features: list[str],
+                               console: Console) -> bool:
+    """The same job at the second protection level (a confidential VM): placed only on a host that proved
+    SEV-SNP or TDX, its key released only on the guest's verified hardware report. A host without either (this
+    one, most likely) never gets it: the scheduler keeps it pending, and the demo cancels it."""
+    job_id = f"cvm-{int(time.time())}"
+    await client.submit(job.model_copy(update={"security": SecurityLevel.CONFIDENTIAL, "client_secrets": False}),
+                        job_id)
+    if features:
+        console.print(f"   4b. submitted [bold]{job_id}[/bold] as a confidential VM: this host offers "
+                      f"{', '.join(features)}")
+        state, _ = await _wait_job(admin, job_id, None, console, 300)
+        attested = await _instance_verdict(admin, job_id)
+        ok = state is JobState.DONE and attested is not None and attested.cvm is not None
+        if attested is not None and attested.cvm is not None:
+            console.print(f"   {attested.cvm} report verified: measurement {attested.cvm_measurement[:16]}…, "
+                          f"TCB {attested.cvm_tcb}")
+        return ok
+    deadline = time.monotonic() + 30
+    pending: JobPending | None = None
+    while pending is None and time.monotonic() < deadline:
+        _, events = await fold_jobs(admin.js, admin.codec, scope_filter(Domain.JOBS, job_id))
+        pending = next((e.payload for e in events if isinstance(e.payload, JobPending)), None)
+        await asyncio.sleep(0.3)
+    if pending is None or pending.reason != "no_confidential_host":
+        console.print(f"[red]confidential job {job_id}: expected pending (no_confidential_host), got {pending}[/red]")
+        return False
+    console.print(f"   4b. the same job as a confidential VM ([bold]{job_id}[/bold]): [yellow]pending[/yellow], "
+                  f"{pending.reason} (this host has no SEV-SNP or TDX: `qvm node doctor` says which layer is "
+                  "missing); its key would be released only on a verified hardware report. Cancelled.")
+    await client.bus.publish(JobCancelRequested(reason="demo: no confidential host"), job_id=job_id)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        view = (await fold_jobs(admin.js, admin.codec, scope_filter(Domain.JOBS, job_id)))[0].get(job_id)
+        if view is not None and view.terminal:
+            await _teardown_record(admin, job_id, 60)  # the janitor's record, even for a job that never ran
+            return True
+        await asyncio.sleep(0.3)
+    console.print(f"[red]confidential job {job_id} was not cancelled[/red]")
+    return False
 
 
 async def _instance_verdict(admin: Bus, job_id: str) -> InstanceAttested | None:
