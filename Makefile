@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvm-installed
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential \
-	busybox-static e2fsprogs libseccomp2 iproute2 nftables wireguard-tools tcpdump
-# Userspace WireGuard, where the distribution has it (the WireGuard tests use it when the kernel has no module).
-APT_OPTIONAL := wireguard-go
+	busybox-static e2fsprogs libseccomp2 iproute2 nftables wireguard-tools tcpdump clang libbpf-dev
+# Userspace WireGuard, where the distribution has it (the WireGuard tests use it when the kernel has no module);
+# bpftool (Debian's package name) makes the runtime guard's vmlinux.h from the kernel's BTF.
+APT_OPTIONAL := wireguard-go bpftool
 
 .PHONY: setup apt demo test bench lint docs clean
 
@@ -21,7 +22,8 @@ $(STAMP): pyproject.toml | apt
 	@touch $(STAMP)
 
 # Debian packages qvm needs (QEMU, busybox-static and e2fsprogs for images, libseccomp, TPM, cryptsetup,
-# WireGuard tools and tcpdump for the tunnel tests); installed only when missing. Optional ones only where the
+# WireGuard tools and tcpdump for the tunnel tests, clang and libbpf for the eBPF runtime guard); installed only
+# when missing. Optional ones only where the
 # distribution has them.
 apt:
 	@missing=$$(for p in $(APT_PACKAGES) $(APT_OPTIONAL); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
