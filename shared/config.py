@@ -93,6 +93,10 @@ class NodeSettings(TpmSettings, MeasurementSettings):
 
     node_id: str | None = Field(None, description="The node-agent's node id (default: from the hostname).")
     images_dir: Path | None = Field(None, description="Signed image bundles <dir>/<image>/; default <state>/images.")
+    guard: str = Field("auto", pattern="^(off|auto|required)$",
+                       description="The eBPF runtime guard over every VMM: auto loads it where the kernel allows "
+                                   "(BPF LSM) and runs without it elsewhere (a node the policy then may not trust), "
+                                   "required refuses to start without it, off never loads it.")
 
     @property
     def images_path(self) -> Path:

@@ -105,8 +105,10 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
                  (E.ATTEST_ENROLL_REQUESTED, E.ATTEST_REQUESTED, E.ATTEST_EVIDENCE),
                  "Enrollments, challenge requests and evidence: one work queue shared by all verifier replicas.",
                  ack_wait_s=10.0, backoff_s=(0.2, 0.5, 1.0, 2.0, 5.0)),
-    ConsumerSpec("withdrawals", Role.ATTESTATION_VERIFIER, Domain.NODES, (E.NODE_REVOKED,),
-                 "Nodes the operator withdrew: revoke their trust (which stops their jobs and keys)."),
+    ConsumerSpec("withdrawals", Role.ATTESTATION_VERIFIER, Domain.NODES, (E.NODE_REVOKED, E.NODE_TAMPERED,
+                                                                           E.NODE_CLEARED),
+                 "Nodes the operator withdrew or a node's runtime guard caught tampering with an instance: revoke "
+                 "their trust (which stops their jobs and keys); the operator's clearance lets them attest again."),
     ConsumerSpec("attestation", Role.NODE_AGENT, Domain.ATTESTATION,
                  (E.ATTEST_CHALLENGE, E.ATTEST_VERIFIED, E.ATTEST_FAILED),
                  "This node's challenges and node-level verdicts."),

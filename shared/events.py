@@ -59,6 +59,8 @@ __all__ = [
     "EventSpec",
     "EventType",
     "GpuEvidence",
+    "GuardAction",
+    "GuardPolicy",
     "InstanceAttestationFailed",
     "InstanceAttested",
     "InstanceBooted",
@@ -68,6 +70,7 @@ __all__ = [
     "InstanceOutput",
     "InstanceProvisioning",
     "InstanceRunning",
+    "InstanceSuspicious",
     "JobAccepted",
     "JobCancelRequested",
     "JobCancelled",
@@ -82,12 +85,15 @@ __all__ = [
     "KeyReleaseRefused",
     "KeyReleased",
     "KeysDestroyed",
+    "NodeCleared",
     "NodeHeartbeat",
     "NodeOffline",
     "NodeRegistered",
     "NodeRevoked",
     "NodeSwept",
+    "NodeTampered",
     "SecretsReleased",
+    "Severity",
     "StreamSpec",
     "TeardownRecord",
     "TeardownRequested",
@@ -150,11 +156,14 @@ class EventType(StrEnum):
     INSTANCE_DESTROYED = "instance.destroyed"
     INSTANCE_ATTESTED = "instance.attested"
     INSTANCE_ATTESTATION_FAILED = "instance.attestation_failed"
+    INSTANCE_SUSPICIOUS = "instance.suspicious"
     NODE_REGISTERED = "node.registered"
     NODE_HEARTBEAT = "node.heartbeat"
     NODE_OFFLINE = "node.offline"
     NODE_SWEPT = "node.swept"
     NODE_REVOKED = "node.revoked"
+    NODE_TAMPERED = "node.tampered"
+    NODE_CLEARED = "node.cleared"
     ATTEST_ENROLL_REQUESTED = "attest.enroll_requested"
     ATTEST_REQUESTED = "attest.requested"
     ATTEST_CHALLENGE = "attest.challenge"
@@ -190,6 +199,30 @@ class KeyReleasePolicy(Frozen):
     max_result_age_s: int = Field(120, ge=1, le=3600, description="How old a verified result may be at release.")
 
 
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class GuardAction(StrEnum):
+    """What the instance's security policy makes of a runtime-guard finding."""
+
+    RECORD = "record"  # reported only
+    STOP = "stop"  # the workload is stopped: the job fails with suspicious_activity, full teardown, keys destroyed
+    REVOKE_NODE = "revoke_node"  # also the node: host-side tampering, untrusted until an operator clears it
+
+
+class GuardPolicy(Frozen):
+    """What each severity of runtime-guard finding does to the job's instance. The platform's floor applies
+    whatever the job says: a critical finding always stops the workload, and a host process reaching into
+    the instance (its memory, its files) always revokes the node too; a job can only ask for more."""
+
+    info: GuardAction = GuardAction.RECORD
+    warning: GuardAction = GuardAction.RECORD
+    critical: GuardAction = GuardAction.STOP
+
+
 class JobSubmitted(Frozen):
     """A client's job, as the marketplace hands it to qvm."""
 
@@ -206,6 +239,7 @@ class JobSubmitted(Frozen):
     client_secrets: bool = Field(False, description="The workload waits for the client's own secret bundle "
                                  "(verified and released by the client, mounted at /run/secrets).")
     key_release: KeyReleasePolicy = KeyReleasePolicy()
+    runtime_guard: GuardPolicy = Field(GuardPolicy(), description="What runtime-guard findings do (per severity).")
     output_key: str | None = Field(None, pattern=_HEX64, description="The client's X25519 public key (hex): each "
                                    "chunk of the workload's output is HPKE-sealed to it (`instance.output`), so "
                                    "only the client reads it. Without one, NO output is published at all "
@@ -340,6 +374,22 @@ class InstanceFailed(Frozen):
     detail: str = Field("", max_length=1024)
 
 
+class InstanceSuspicious(Frozen):
+    """A runtime-guard finding (eBPF) about one instance: the rule, the process, the evidence, and what the
+    instance's security policy did about it."""
+
+    instance_id: str = _INSTANCE_ID
+    rule: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    severity: Severity
+    enforced: bool = Field(description="The kernel denied the operation (BPF LSM), not only reported it.")
+    action: GuardAction
+    pid: int = Field(ge=0)
+    comm: str = Field("", max_length=16)
+    target_pid: int = Field(0, ge=0)
+    detail: str = Field("", max_length=256, description="The file, the access mode, the address family.")
+    detected_ns: int = Field(ge=0)
+
+
 class InstanceDestroyed(Frozen):
     instance_id: str = _INSTANCE_ID
     removed: tuple[str, ...] = Field((), max_length=64, description="What the agent removed (no secrets).")
@@ -373,6 +423,23 @@ class NodeWithdrawn(Frozen):
 
     reason: str = Field(max_length=64, examples=["operator_revoked", "node_left"])
     detail: str = Field("", max_length=1024)
+
+
+class NodeTampered(Frozen):
+    """The node's runtime guard saw a host process reach into an instance (its memory, its files): the node
+    must lose its trust until an operator looked and cleared it (`qvm node clear`)."""
+
+    rule: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    instance_id: str = _INSTANCE_ID
+    pid: int = Field(ge=0)
+    comm: str = Field("", max_length=16)
+    detail: str = Field("", max_length=256)
+
+
+class NodeCleared(Frozen):
+    """The operator cleared a node the runtime guard had revoked: it may enroll and attest again."""
+
+    reason: str = Field(max_length=256, examples=["investigated: test host, tampering by an operator's script"])
 
 
 class NodeSwept(Frozen):
@@ -702,6 +769,8 @@ _SPECS = [
           {_R.NODE_AGENT}, "The workload ended: exit code, run time, output digest."),
     _spec(EventType.INSTANCE_FAILED, InstanceFailed, "qvm.jobs.{job_id}.instance.failed.{node_id}",
           {_R.NODE_AGENT}, "The instance could not start or run; nothing of it is left running."),
+    _spec(EventType.INSTANCE_SUSPICIOUS, InstanceSuspicious, "qvm.jobs.{job_id}.instance.suspicious.{node_id}",
+          {_R.NODE_AGENT}, "The runtime guard (eBPF) saw something the instance's policy forbids, and what it did."),
     _spec(EventType.INSTANCE_DESTROYED, InstanceDestroyed, "qvm.jobs.{job_id}.instance.destroyed.{node_id}",
           {_R.NODE_AGENT}, "VMM stopped, descriptors closed, work directory removed."),
     _spec(EventType.INSTANCE_ATTESTED, InstanceAttested, "qvm.jobs.{job_id}.instance.attested.{node_id}",
@@ -717,6 +786,10 @@ _SPECS = [
           {_R.NODE_AGENT}, "Leftovers no live job owns were reclaimed; GPUs scrubbed, with evidence."),
     _spec(EventType.NODE_REVOKED, NodeWithdrawn, "qvm.nodes.{node_id}.revoked",
           {_R.ADMIN}, "The operator withdrew a node: its certificates no longer open the bus; its trust goes next."),
+    _spec(EventType.NODE_TAMPERED, NodeTampered, "qvm.nodes.{node_id}.tampered",
+          {_R.NODE_AGENT}, "A host process reached into an instance: the node's trust goes until it is cleared."),
+    _spec(EventType.NODE_CLEARED, NodeCleared, "qvm.nodes.{node_id}.cleared",
+          {_R.ADMIN}, "The operator cleared a node the runtime guard revoked: it may attest again."),
     _spec(EventType.NODE_OFFLINE, NodeOffline, "qvm.nodes.{node_id}.offline",
           {_R.SCHEDULER}, "A node's heartbeats stopped."),
     _spec(EventType.ATTEST_ENROLL_REQUESTED, EnrollRequested, "qvm.attestation.{node_id}.enroll",

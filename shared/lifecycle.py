@@ -78,6 +78,9 @@ ALLOWED_FROM: dict[EventType, frozenset[JobState | None]] = {
     EventType.INSTANCE_FAILED: frozenset({_S.PROVISIONING, _S.ATTESTING, _S.RUNNING, _S.FAILED}),
     # Tearing an instance down is always legal, also after the job ended (cancelled, failed).
     EventType.INSTANCE_DESTROYED: frozenset(JobState),
+    # A guard finding can come at any time an instance exists (and be delivered after the job ended); the
+    # instance.failed that stops the workload is what changes the job's state.
+    EventType.INSTANCE_SUSPICIOUS: frozenset(JobState),
 }
 
 
@@ -149,7 +152,7 @@ def apply(view: JobView | None, event: Event) -> JobView:
             return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
         case EventType.JOB_DONE:
             return replace(view, state=_S.DONE, since_ns=t, seen=seen)
-        case EventType.INSTANCE_PROVISIONING | EventType.INSTANCE_OUTPUT:
+        case EventType.INSTANCE_PROVISIONING | EventType.INSTANCE_OUTPUT | EventType.INSTANCE_SUSPICIOUS:
             return replace(view, seen=seen, instance_id=getattr(p, "instance_id", view.instance_id))
         case EventType.INSTANCE_BOOTED:
             return replace(view, state=_S.ATTESTING, since_ns=t, seen=seen,

@@ -115,6 +115,9 @@ class Inventory(Frozen):
     kvm: bool = False
     tpm: TpmInfo = TpmInfo(present=False)
     confidential: tuple[str, ...] = Field((), description="CPU confidential-computing features (sev-snp, tdx).")
+    runtime_guard: str = Field("", pattern="^(|enforce|observe)$",
+                               description="The eBPF runtime guard over the VMMs: enforce (BPF LSM denies), observe "
+                                           "(tracepoints report, the agent stops the job), or none.")
 
 
 class ResourceClaim(Frozen):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,9 @@ from tests.framework.stack import Stack, running_stack
 from tests.framework.tpm import manufactured, start_copy
 
 setup_tracing("tests")
+# The eBPF runtime guard denies what a host process does to a VMM; tests that mean to exercise it turn it on
+# (settings.guard / QVM_GUARD), the others (and every agent, `qvm up` or demo they start) run without it.
+os.environ.setdefault("QVM_GUARD", "off")
 
 
 @pytest.fixture

@@ -46,7 +46,9 @@ from shared.events import (
     EnrollRequested,
     InstanceAttestationFailed,
     InstanceAttested,
+    NodeCleared,
     NodeRevoked,
+    NodeTampered,
     NodeWithdrawn,
 )
 from shared.identity import Identity, Role
@@ -133,16 +135,32 @@ class Verifier:
                 await self.on_evidence(node_id, ev, event)
 
     async def on_withdrawn(self, event: Event) -> None:
-        """The operator withdrew the node (its bus identity is gone already): withdraw its trust too, which
-        the janitor and the key-broker act on. Redelivery publishes the same revocation (same event id)."""
-        assert isinstance(event.payload, NodeWithdrawn)
-        detail = event.payload.detail or "withdrawn by the operator"
-        await self.revoke(event.node_id or "", event.payload.reason, detail, derive_event_id(event.id, "NodeRevoked"))
+        """The operator withdrew the node (its bus identity is gone already), or the node's runtime guard saw a
+        host process reach into an instance: withdraw its trust, which the janitor and the key-broker act on;
+        after tampering the node may not enroll again until the operator clears it. Redelivery publishes the
+        same revocation (same event id)."""
+        node_id = event.node_id or ""
+        match event.payload:
+            case NodeWithdrawn() as withdrawn:
+                await self.revoke(node_id, withdrawn.reason, withdrawn.detail or "withdrawn by the operator",
+                                  derive_event_id(event.id, "NodeRevoked"))
+            case NodeTampered() as tampered:
+                await self.revoke(node_id, "host_tampering",
+                                  f"runtime guard: {tampered.rule} by {tampered.comm or '?'} (pid {tampered.pid}) on "
+                                  f"instance {tampered.instance_id}: {tampered.detail}",
+                                  derive_event_id(event.id, "NodeRevoked"), hold=True)
+            case NodeCleared() as cleared:
+                await self._set_hold(node_id, False)
+                log.warning("node cleared by the operator", extra={"node_id": node_id, "reason": cleared.reason})
 
     # ================================================================ enrollment
     async def on_enroll(self, node_id: str, req: EnrollRequested, event: Event) -> None:
         challenge_id = _challenge_id(event)
         try:
+            held, _, _ = await self.nodes.get(node_id, NodeAttestation)
+            if isinstance(held, NodeAttestation) and held.held_until_cleared:
+                raise QuoteError("held_until_cleared", f"node {node_id} was revoked for {held.revoked_reason}; an "
+                                                       "operator must clear it (qvm node clear) before it enrolls")
             record = await asyncio.to_thread(self._check_enrollment, node_id, req)
             bound = await self.eks.create(record.ek_sha256, _EkOwner(node_id=node_id)) or \
                 await self._ek_owner(record.ek_sha256) == node_id
@@ -324,6 +342,8 @@ class Verifier:
             m = appraisal.instances.get(c.instance_id or "")
             if m is None or m.public_key != c.key or m.job_id != c.job_id:
                 raise QuoteError("instance_not_measured", "the log has no launch of this instance with this key")
+            if self.policy.require_guard and not appraisal.instance_guards.get(m.instance_id):
+                raise QuoteError("guard_missing", "the instance was launched while no runtime guard was loaded")
             return attest, appraisal, self._appraise_cvm(ev, c, m.vmm)
         return attest, appraisal, None
 
@@ -384,15 +404,17 @@ class Verifier:
             await self.revoke(node_id, "attestation_failed", f"{purpose.value} quote: {exc.reason}",
                               derive_event_id(cause.id, "NodeRevoked"))
 
-    async def revoke(self, node_id: str, reason: str, detail: str, event_id: str) -> None:
+    async def revoke(self, node_id: str, reason: str, detail: str, event_id: str, hold: bool = False) -> None:
+        """`hold`: the node may not enroll again until the operator's node.cleared."""
         for _ in range(5):
             record, revision, _ = await self.nodes.get(node_id, NodeAttestation)
             if not isinstance(record, NodeAttestation):
                 break
             try:
-                if not record.revoked:
+                if not record.revoked or (hold and not record.held_until_cleared):
                     await self.nodes.update(node_id, record.model_copy(update={
-                        "revoked": True, "revoked_reason": reason}), revision)
+                        "revoked": True, "revoked_reason": reason if not record.revoked else record.revoked_reason,
+                        "held_until_cleared": hold or record.held_until_cleared}), revision)
                 break
             except Stale:
                 continue
@@ -400,6 +422,17 @@ class Verifier:
         await self.bus.publish(NodeRevoked(reason=reason, detail=detail[:1024], last_verified_ns=last),
                                node_id=node_id, event_id=event_id)
         log.warning("node revoked", extra={"node_id": node_id, "reason": reason})
+
+    async def _set_hold(self, node_id: str, hold: bool) -> None:
+        for _ in range(5):
+            record, revision, _ = await self.nodes.get(node_id, NodeAttestation)
+            if not isinstance(record, NodeAttestation) or record.held_until_cleared == hold:
+                return
+            try:
+                await self.nodes.update(node_id, record.model_copy(update={"held_until_cleared": hold}), revision)
+                return
+            except Stale:
+                continue
 
     async def sweep_deadlines(self, now_ns: int | None = None) -> list[str]:
         """Revoke nodes whose last verified quote is older than the result lifetime."""

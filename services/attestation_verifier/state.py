@@ -58,3 +58,5 @@ class NodeAttestation(Frozen):
     last_result_id: str = ""
     revoked: bool = False
     revoked_reason: str = ""
+    # Set by the runtime guard's node.tampered: enrollment is refused until the operator's node.cleared.
+    held_until_cleared: bool = False

@@ -42,6 +42,7 @@ from shared.events import (
     NodeRevoked,
     TeardownRecord,
     TeardownRequested,
+    scope_filter,
     subject_filter,
 )
 from shared.identity import Role
@@ -160,6 +161,18 @@ class Janitor:
         for job in jobs_on_node(self.book, node):
             await self.act(Action(job, "fail", "node_revoked", f"node {node}: {event.payload.reason}"))
 
+    async def _ended_meanwhile(self, job_id: str) -> bool:
+        """The job's own events, read now: has it ended since this janitor's book folded it? Two causes may
+        end one job at once (a node revoked while its agent stops the instance); the stream says which came
+        first, and a second terminal event would be an illegal transition."""
+        book = JobBook()
+        async for batch in self.bus.read(Domain.JOBS, scope_filter(Domain.JOBS, job_id)):
+            for m in batch:
+                with contextlib.suppress(RejectedEvent, TransitionNotAllowed):
+                    book.apply(self.bus.codec.decode(m.subject, m.data))
+        view = book.get(job_id)
+        return view is not None and view.terminal
+
     # ------------------------------------------------------------ decide + act
     async def _sweeper(self, stop: asyncio.Event) -> None:
         await self.caught_up.wait()
@@ -211,6 +224,8 @@ class Janitor:
                                        event_id=derive_event_id(job.submitted_id, "JobDone"))
                 log.info("job done", extra={"exit_code": job.exit_code})
                 return
+            if await self._ended_meanwhile(job.job_id):
+                return  # another path ended it since this book last saw it (an agent's instance.failed)
             if job.node_id and not job.destroyed:
                 await self.bus.publish(TeardownRequested(node_id=job.node_id, reason=action.reason),
                                        job_id=job.job_id, node_id=job.node_id,

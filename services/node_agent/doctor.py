@@ -114,6 +114,13 @@ class Probes:
         finally:
             os.close(fd)
 
+    def runtime_guard(self) -> tuple[str | None, str]:
+        """The eBPF runtime guard's mode on this host (enforce / observe / None) and why: built and really
+        loaded once (a kernel can list the BPF LSM and still refuse its programs)."""
+        from shared.guard import available
+
+        return available()
+
     def gpus(self) -> tuple[GpuInfo, ...]:
         from services.node_agent.gpu.nvml import nvml_gpus
 
@@ -336,6 +343,21 @@ def check_nftables(probes: Probes) -> Check:
 _CVM_LABEL = {"sev-snp": "SEV-SNP", "tdx": "TDX"}
 
 
+def check_runtime_guard(probes: Probes) -> Check:
+    """Optional but trusted nodes need it where the policy requires it: the eBPF guard over every VMM."""
+    mode, why = probes.runtime_guard()
+    if mode == "enforce":
+        return Check("runtime guard", "ok", False, why)
+    if mode == "observe":
+        return Check("runtime guard", "warn", False, why,
+                     "BPF LSM programs cannot attach here (the kernel needs lsm=...,bpf and BPF trampolines): "
+                     "findings stop the job, but nothing is denied in the kernel")
+    return Check("runtime guard", "warn", False, f"unavailable: {why}",
+                 "install clang, libbpf-dev and bpftool, run as root on a kernel with BTF "
+                 "(/sys/kernel/btf/vmlinux); without the guard the node advertises no runtime guard and a policy "
+                 "that requires one does not trust it")
+
+
 def check_confidential(root: HostRoot, probes: Probes | None = None) -> Check:
     """Optional: SEV-SNP / TDX, every layer (`cvm_host.detect`). A kind whose CPU has it but some layer
     lacks it gets that layer's fix; a host whose CPUs have neither gets the generic hint."""
@@ -402,6 +424,7 @@ def run_checks(root: HostRoot | None = None, probes: Probes | None = None,
         check_cgroups(root),
         check_nftables(probes),
         check_confidential(root, probes),
+        check_runtime_guard(probes),
         check_disk(root, probes, state_dir),
         check_clock(root, probes),
     ]

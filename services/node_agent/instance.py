@@ -61,6 +61,9 @@ MAX_SECRET_FILES = 32  # as shared/client/bundle.py allows
 MAX_SECRETS_BYTES = 256 * 1024  # all files together (the guest's tmpfs is 1 MiB)
 
 
+SCRATCH_FILE = "scratch.ext4"  # the instance's scratch disk (the guest encrypts it under a key it makes)
+
+
 class VmState(StrEnum):
     CREATED = "created"
     VERIFIED = "verified"
@@ -206,7 +209,7 @@ class Instance:
             raise InstanceError("volume_too_small", f"a data volume needs at least {MIN_VOLUME_MIB} MiB "
                                                     f"(asked: {self.spec.volume_mib})")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        scratch = self.workdir / "scratch.ext4"
+        scratch = self.workdir / SCRATCH_FILE
         if self.spec.volume_mib:
             self._volume = self.workdir / VOLUME_FILE
         # The disks and the network namespace are independent subprocess work: prepare them together.

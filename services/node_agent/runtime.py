@@ -23,12 +23,14 @@ import contextlib
 import dataclasses
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from services.node_agent.attest.gate import InstanceGate
-from services.node_agent.instance import Instance, InstanceError, InstanceSpec
+from services.node_agent.guard.respond import JobRef
+from services.node_agent.instance import SCRATCH_FILE, Instance, InstanceError, InstanceSpec
 from services.node_agent.isolation.gpus import GpuPassthrough
 from services.node_agent.isolation.network import NetworkError, parse_egress
 from services.node_agent.isolation.vfio import Binding, VfioError
@@ -45,9 +47,11 @@ from services.node_agent.teardown import (
     write_owner,
 )
 from services.node_agent.vmm.base import Vmm
+from services.node_agent.volume import VOLUME_FILE
 from shared.bus import Bus
 from shared.codec import Event
 from shared.events import (
+    GuardPolicy,
     InstanceBooted,
     InstanceFailed,
     InstanceOutput,
@@ -75,6 +79,16 @@ class _Running:
     instance: Instance | None = None
     bindings: list[Binding] = field(default_factory=list)  # the job's GPUs on vfio-pci while it runs
     cleaning: bool = False  # in its teardown: a stop request waits for it instead of cancelling it
+    guard_policy: GuardPolicy = field(default_factory=GuardPolicy)
+    stopped_for: tuple[str, str] | None = None  # (reason, detail) when the agent stopped it (runtime guard)
+
+
+class Watcher(Protocol):
+    """The runtime guard as the runtime uses it (services/node_agent/guard/guard.py `RuntimeGuard`)."""
+
+    async def watch(self, instance_id: str, vmm_pid: int, protected_files: Sequence[Path]) -> int: ...
+
+    async def unwatch(self, instance_id: str) -> None: ...
 
 
 class InstanceRuntime:
@@ -84,8 +98,10 @@ class InstanceRuntime:
         """With `gate` (a node with a TPM) every instance is measured before launch and its workload waits
         for a verified quote; without one, instances run unattested (only on unverified nodes). `gpus`
         hands a job's claimed GPUs to its VM (VFIO) and scrubs them afterwards. `cvm_vmm` starts the
-        confidential jobs (SEV-SNP / TDX guests on q35), `vmm` the others."""
+        confidential jobs (SEV-SNP / TDX guests on q35), `vmm` the others. `guard` (set by the agent once
+        its runtime guard runs) watches each VMM from its launch to its teardown."""
         self.cvm_vmm = cvm_vmm
+        self.guard: Watcher | None = None
         self.gpus = gpus
         self.on_destroyed = on_destroyed
         self.gate = gate
@@ -103,8 +119,15 @@ class InstanceRuntime:
         instance_id = "i-" + hashlib.sha256(cause.id.encode()).hexdigest()[:16]
         if job_id not in self.jobs:
             task = asyncio.create_task(self._run(job_id, instance_id, spec, cause))
-            self.jobs[job_id] = _Running(task, instance_id)
+            self.jobs[job_id] = _Running(task, instance_id, guard_policy=spec.runtime_guard)
         return instance_id
+
+    def job_of(self, instance_id: str) -> JobRef | None:
+        """The job an instance of this node runs, for the runtime guard's findings."""
+        for job_id, running in self.jobs.items():
+            if running.instance_id == instance_id:
+                return JobRef(job_id, running.guard_policy)
+        return None
 
     def _vmm_for(self, spec: JobSubmitted) -> Vmm:
         """A confidential job runs only in a confidential VM: never falls back to a plain micro VM."""
@@ -157,6 +180,9 @@ class InstanceRuntime:
                 instance.spec = dataclasses.replace(instance.spec, vfio_devices=tuple(b.gpu for b in bindings))
             await instance.launch()
             assert instance.vm is not None
+            if self.guard is not None:  # from now until its teardown, the VMM and what it starts are watched
+                await self.guard.watch(instance_id, instance.vm.pid,
+                                       [p for p in (workdir / SCRATCH_FILE, workdir / VOLUME_FILE) if p.exists()])
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),
                                                     accel=instance.vm.accel), cause)
             if self.gate is not None:
@@ -180,7 +206,14 @@ class InstanceRuntime:
             await self._emit(job_id, InstanceFailed(instance_id=instance_id, reason=exc.reason[:64],
                                                     detail=exc.detail[:1024]), cause)
         except asyncio.CancelledError:
-            log.info("instance torn down before it finished", extra={"instance_id": instance_id})
+            stopped = self.jobs[job_id].stopped_for if job_id in self.jobs else None
+            if stopped is not None:  # the agent stopped it (a runtime-guard finding): the job fails with why
+                log.warning("instance stopped", extra={"instance_id": instance_id, "reason": stopped[0]})
+                with contextlib.suppress(Exception):
+                    await self._emit(job_id, InstanceFailed(instance_id=instance_id, reason=stopped[0][:64],
+                                                            detail=stopped[1][:1024]), cause)
+            else:
+                log.info("instance torn down before it finished", extra={"instance_id": instance_id})
         finally:
             await self._tear_down(job_id, instance_id, instance, workdir, claimed, bindings, cause)
             current_job.reset(token)
@@ -192,6 +225,9 @@ class InstanceRuntime:
             self.jobs[job_id].cleaning = True
         gpus = GpuRelease(self.gpus, bindings, claimed) if claimed and self.gpus is not None else None
         if instance is not None:
+            if self.guard is not None:  # the agent's own teardown tools (cryptsetup erase) open the instance's files
+                with contextlib.suppress(Exception):
+                    await self.guard.unwatch(instance_id)
             evidence = await instance.tear_down(gpus)
         else:  # it failed before its instance existed: only the claimed GPUs (and a work directory) to release
             evidence = await tear_down(Remains(workdir, gpus=gpus))
@@ -211,6 +247,16 @@ class InstanceRuntime:
         return bundle
 
     # ------------------------------------------------------------ stop
+    async def stop_for(self, job_id: str, reason: str, detail: str) -> bool:
+        """Stop the job's workload because the agent must (a runtime-guard finding): the job fails with
+        `reason`, and its instance is torn down as any other."""
+        running = self.jobs.get(job_id)
+        if running is None or running.cleaning:
+            return False
+        if running.stopped_for is None:
+            running.stopped_for = (reason, detail)
+        return await self.teardown(job_id)
+
     async def teardown(self, job_id: str) -> bool:
         """Stop the job's instance if it runs here; returns whether there was one."""
         running = self.jobs.get(job_id)

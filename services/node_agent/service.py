@@ -30,6 +30,8 @@ from services.node_agent.attest.measure import agent_config, code_digest
 from services.node_agent.cvm_host import Kind
 from services.node_agent.drain import DrainWatch, drain_refusal
 from services.node_agent.gpu.cc_evidence import collect_gpu_evidence
+from services.node_agent.guard import GuardError, RuntimeGuard, build_guard
+from services.node_agent.guard.respond import GuardResponder
 from services.node_agent.hardware_check import Refusal, check_assignment
 from services.node_agent.instance import InstanceError
 from services.node_agent.inventory import HostReader, nvml_gpus
@@ -129,6 +131,9 @@ class NodeAgent:
         self.attester = attester
         self.enrolled = False
         self.gate = InstanceGate(bus, attester, settings.attest_timeout_s) if attester else None
+        self.guard: RuntimeGuard | None = None  # the eBPF runtime guard, once loaded (`run`)
+        self.guard_digest = ""
+        self.guard_responder: GuardResponder | None = None
         self.runtime = InstanceRuntime(bus, settings, vmm, on_destroyed=self._release, gate=self.gate,
                                        gpus=gpus or GpuPassthrough(self.inventory.gpus),
                                        cvm_vmm=cvm_vmm) if vmm else None
@@ -169,6 +174,7 @@ class NodeAgent:
         await self.write_status()
         if self.runtime is not None:
             await self.runtime.reclaim()
+            await self._start_guard()  # before the agent measures itself: the guard's digest is in that entry
         await self.bus.publish(NodeRegistered(inventory=self.inventory, agent_version=AGENT_VERSION),
                                node_id=self.node_id)
         self.registered_ns = time.time_ns()
@@ -176,6 +182,7 @@ class NodeAgent:
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
         attesting = [self._attesting(stop)] if self.attester is not None else []
+        guarding = [self._guarding(stop)] if self.guard is not None else []
         try:
             await run_together(
                 self.bus.consume(consumer_spec(Role.NODE_AGENT, "assignments"), self.on_assignment, stop),
@@ -184,15 +191,69 @@ class NodeAgent:
                 self._sweeps(stop),
                 self._membership(stop),
                 *attesting,
+                *guarding,
             )
             if self.bus.unauthorized.is_set():
                 raise Unauthorized(f"node {self.node_id} was withdrawn from the platform: its instances are stopped")
         finally:
             if self.runtime is not None:
                 await self.runtime.stop_all()
+            if self.guard is not None:
+                await self.guard.close()
             if self.attester is not None:
                 await self.attester.close()
             await self.write_status(stopped=True)
+
+    # ------------------------------------------------------------ the runtime guard
+    async def _start_guard(self) -> None:
+        """Load the eBPF guard (`QVM_GUARD`): auto where the kernel allows it, required or not at all. A node
+        without it says so (inventory, status) and its measured launch names no guard, so a policy that
+        requires one does not trust it."""
+        assert self.runtime is not None
+        if self.settings.guard == "off":
+            return
+        try:
+            build = await asyncio.to_thread(build_guard)
+            guard = await RuntimeGuard.start(build)
+        except GuardError as exc:
+            if self.settings.guard == "required":
+                raise ConfigError(f"QVM_GUARD=required, but the runtime guard cannot run here: {exc.reason}: "
+                                  f"{exc.detail}") from None
+            log.warning("runtime guard unavailable: this node runs its VMMs unwatched",
+                        extra={"reason": exc.reason, "detail": exc.detail[:300]})
+            return
+        self.guard, self.guard_digest = guard, build.digest
+        self.runtime.guard = guard
+        self.inventory = self.inventory.model_copy(update={"runtime_guard": guard.mode})
+        log.info("runtime guard loaded", extra={"mode": guard.mode, "digest": build.digest[:16]})
+
+    async def _guarding(self, stop: asyncio.Event) -> None:
+        """Findings -> the responder. A guard that dies leaves the VMMs unwatched: the agent logs that in its
+        measurement (a new agent entry naming no guard), so the node's next quote no longer passes a policy
+        that requires the guard, and stops giving the guard new instances."""
+        assert self.guard is not None and self.runtime is not None
+        responder = GuardResponder(self.bus, self.runtime.job_of, self.runtime.stop_for)
+        self.guard_responder = responder
+        watch = asyncio.create_task(responder.run(self.guard.findings()))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if stop.is_set():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GuardError):
+                await watch
+            return
+        try:
+            await watch
+            detail = "the guard's loader ended"
+        except GuardError as exc:
+            detail = f"{exc.reason}: {exc.detail}"
+        log.error("runtime guard stopped: VMMs are no longer watched", extra={"detail": detail[:300]})
+        self.runtime.guard = None
+        self.guard_digest = ""
+        if self.attester is not None:
+            with contextlib.suppress(AttestError):
+                await self.attester.measure(self._agent_measurement())
 
     # ------------------------------------------------------------ consume
     async def on_assignment(self, event: Event) -> None:
@@ -279,6 +340,12 @@ class NodeAgent:
             self._reattest(stop),
         )
 
+    def _agent_measurement(self) -> AgentMeasurement:
+        return AgentMeasurement(
+            node_id=self.node_id, agent_version=AGENT_VERSION, agent_sha256=code_digest(),
+            config_sha256=digest_of(agent_config(self.settings)), config=agent_config(self.settings),
+            guard_sha256=self.guard_digest)
+
     async def _start_attester(self, stop: asyncio.Event) -> bool:
         """Open the TPM, measure the agent, ask to enroll; on failure try again, with back-off
         (`attest_backoff_s`), then every `attest_retry_s` until it works: a TPM can be briefly busy or full
@@ -286,9 +353,7 @@ class NodeAgent:
         its reason and shown in the node's status; until it works the node runs unverified and the
         scheduler never trusts it. False only when the agent stops first."""
         assert self.attester is not None
-        measurement = AgentMeasurement(
-            node_id=self.node_id, agent_version=AGENT_VERSION, agent_sha256=code_digest(),
-            config_sha256=digest_of(agent_config(self.settings)), config=agent_config(self.settings))
+        measurement = self._agent_measurement()
         started = False
         attempt = 0
         while not stop.is_set():

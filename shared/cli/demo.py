@@ -53,6 +53,7 @@ from shared.events import (
     EventType,
     InstanceAttested,
     InstanceDestroyed,
+    InstanceSuspicious,
     JobCancelRequested,
     JobPending,
     JobSubmitted,
@@ -97,7 +98,8 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
             inv = rec["inventory"]
             console.print(f"3. node [bold]{node_id}[/bold] registered: {inv['cpu_cores']} cores "
                           f"({inv['cpu_model']}), {inv['ram_mib']} MiB RAM, {len(inv['gpus'])} GPU(s), "
-                          f"VMMs {inv['vmms'] or 'none'}, trust {rec['trust']}; TPM {stack.tcti}")
+                          f"VMMs {inv['vmms'] or 'none'}, trust {rec['trust']}; TPM {stack.tcti}; runtime guard "
+                          f"{inv.get('runtime_guard') or 'none'}")
             enrolled = await _wait_enrolled(admin, node_id, 60)
             console.print(f"   enrolled: AK {enrolled.ak_name[:20]}… bound to EK {enrolled.ek_sha256[:16]}… "
                           f"(EK certificate checked, credential activated), agent code "
@@ -141,6 +143,12 @@ async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
                 return 1
             if not await _confidential_vm_job(admin, client, job, inv.get("confidential") or [], console):
                 return 1
+            findings = await _guard_findings(admin)
+            if inv.get("runtime_guard"):
+                console.print(f"   runtime guard ({inv['runtime_guard']}): {len(findings)} finding(s) over the demo"
+                              + ("" if not findings else ": " + ", ".join(findings)))
+                if findings:  # a normal job must not look suspicious
+                    return 1
             verifier = AuditWorkers(stack.pki.trust_bundle.read_bytes(), stack.pki.ca_cert.read_bytes())
             try:
                 report = await audit_replay(admin.js, verifier)
@@ -256,6 +264,17 @@ async def _wait_trusted(admin: Bus, node_id: str, seconds: float) -> None:
             return
         await asyncio.sleep(0.2)
     raise QvmError(f"node {node_id} was not trusted within {seconds:g}s")
+
+
+async def _guard_findings(admin: Bus) -> list[str]:
+    """Every runtime-guard finding on the bus (instance.suspicious, any job)."""
+    out = []
+    async for batch in admin.read(Domain.JOBS, subject_filter(CATALOGUE[EventType.INSTANCE_SUSPICIOUS])):
+        for m in batch:
+            ev = admin.codec.decode(m.subject, m.data)
+            if isinstance(ev.payload, InstanceSuspicious):
+                out.append(f"{ev.payload.rule} by {ev.payload.comm} ({ev.job_id})")
+    return out
 
 
 async def _confidential_vm_job(admin: Bus, client: ConfidentialClient, job: JobSubmitted, features: list[str],

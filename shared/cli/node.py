@@ -26,6 +26,7 @@ from shared.cli.node_install import install, uninstall
 from shared.cli.node_ops import drain, status, undrain
 from shared.config import CommonSettings
 from shared.errors import QvmError
+from shared.events import NodeCleared
 from shared.identity import Role
 from shared.join.client import join as join_node
 from shared.join.client import revoke as revoke_node
@@ -132,6 +133,30 @@ def revoke(
     console.print(f"node {escape(node_id)} was withdrawn already" if done.already else
                   f"node {escape(node_id)} withdrawn" if done.was_member else
                   f"node {escape(node_id)} was not a member (nothing to withdraw)")
+
+
+@node_app.command("clear")
+def clear(
+    node_id: str,
+    reason: Annotated[str, typer.Option(help="What the operator found (kept in the node.cleared event)")],
+) -> None:
+    """(Operator) Let NODE_ID attest again after its runtime guard caught a host process reaching into an
+    instance (the verifier refuses its enrollment until then). Look first: the event says which rule, which
+    process, which instance."""
+
+    async def body() -> None:
+        bus = await connect(Role.ADMIN, CommonSettings())
+        try:
+            await bus.publish(NodeCleared(reason=reason[:256]), node_id=node_id)
+        finally:
+            await bus.close()
+
+    try:
+        run(body)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    console.print(f"node {escape(node_id)} cleared: it enrolls again at its next attestation")
 
 
 def _join_url(settings: CommonSettings) -> str:

@@ -25,6 +25,7 @@ from shared.models import TrustState
 from shared.natsserver import EmbeddedCluster, EmbeddedNats
 from shared.pki import Pki, write_private
 from shared.provision import provision
+from shared.telemetry import get_logger
 from shared.tpm.swtpm import Swtpm, SwtpmState
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from shared.join.tunnel import WireGuardHub
 
 __all__ = ["SERVICE_MODULES", "LocalStack"]
+
+log = get_logger("qvm.cli.stack")
 
 SERVICE_MODULES = {"scheduler": "services.scheduler", "janitor": "services.janitor",
                    "attestation-verifier": "services.attestation_verifier", "key-broker": "services.key_broker",
@@ -81,6 +84,19 @@ class LocalStack:
     children: list[Child] = field(default_factory=list)
     admin: Bus | None = None
     join: JoinService | None = None
+
+    def _guard_digest(self) -> str:
+        """The runtime guard this host's node-agent will load (QVM_GUARD auto / required), which the policy
+        then requires; none where it cannot run here (the agent then runs without it, and says so)."""
+        if self.settings.guard == "off":
+            return ""
+        from shared.guard import available, build_guard
+
+        mode, why = available()
+        if mode is None:
+            log.warning("runtime guard unavailable: the policy does not require one", extra={"why": why[:300]})
+            return ""
+        return build_guard().digest
 
     @property
     def pki(self) -> Pki:
@@ -168,7 +184,7 @@ class LocalStack:
             self.tpm = Swtpm(SwtpmState(self.settings.state_dir / "tpm" / "swtpm")).start()
             ek_ca = self.tpm.state.ek_ca
         policy = local_policy(self.settings.images_path, ek_ca=ek_ca.resolve() if ek_ca else None,
-                              measurement_pcr=self.settings.measurement_pcr)
+                              measurement_pcr=self.settings.measurement_pcr, guard_digest=self._guard_digest())
         path = self.settings.attest_policy_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(policy.model_dump_json(indent=2))

@@ -48,6 +48,9 @@ class AgentMeasurement(Frozen):
     agent_sha256: str = Field(pattern=_HEX64, description="Digest of the agent's code (shared.tpm.code_digest).")
     config_sha256: str = Field(pattern=_HEX64, description="Digest of the agent's security settings.")
     config: dict[str, str] = Field(default_factory=dict, max_length=32, description="Those settings, readable.")
+    guard_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$",
+                              description="The runtime guard loaded (its BPF programs, rules and loader); empty: "
+                                          "none. A guard that stops is logged as a new entry with none.")
 
 
 class InstanceMeasurement(Frozen):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -60,6 +60,9 @@ class AttestationPolicy(Frozen):
     result_ttl_s: float = Field(150.0, gt=0, description="How long a node result keeps the node trusted.")
     reattest_interval_s: float = Field(60.0, gt=0)
     cvm: CvmPolicy = Field(CvmPolicy(), description="Confidential VMs: SEV-SNP and TDX report checks.")
+    guards: tuple[str, ...] = Field((), description="Approved runtime-guard digests (eBPF programs + rules).")
+    require_guard: bool = Field(False, description="Every agent measurement must name an approved runtime guard: "
+                                                   "a node without it, or with other rules, fails attestation.")
 
     @field_validator("vmms", mode="before")
     @classmethod
@@ -92,6 +95,8 @@ class Appraisal:
     agent: AgentMeasurement | None
     instances: Mapping[str, InstanceMeasurement]
     pcr: bytes
+    # instance id -> the runtime guard (digest, "" for none) the agent had loaded when it launched the instance
+    instance_guards: Mapping[str, str] = field(default_factory=dict)
 
 
 def _not_allowed(what: str) -> QuoteError:
@@ -118,10 +123,13 @@ def appraise(policy: AttestationPolicy, attest: Attest, pcr_values: Mapping[int,
                                                 f"the quoted PCR {policy.measurement_pcr}")
     agent: AgentMeasurement | None = None
     instances: dict[str, InstanceMeasurement] = {}
+    guards: dict[str, str] = {}
     for e in entries:
         if isinstance(e, AgentMeasurement):
             if e.agent_sha256 not in policy.agents:
                 raise _not_allowed(f"agent code {e.agent_sha256[:16]}… is not approved")
+            if e.guard_sha256 and e.guard_sha256 not in policy.guards and (policy.require_guard or policy.guards):
+                raise QuoteError("guard_not_approved", f"runtime guard {e.guard_sha256[:16]}… is not approved")
             agent = e
             continue
         image = policy.images.get(e.image_manifest_sha256)
@@ -135,9 +143,14 @@ def appraise(policy: AttestationPolicy, attest: Attest, pcr_values: Mapping[int,
         if e.security_policy_sha256 not in policy.security_policies:
             raise _not_allowed(f"instance {e.instance_id} ran under an unapproved security policy")
         instances[e.instance_id] = e
+        guards[e.instance_id] = agent.guard_sha256 if agent else ""
     if agent is None:
         raise QuoteError("log_incomplete", "the log has no agent measurement")
-    return Appraisal(agent, instances, pcr)
+    # What runs now is what the last agent entry says (an earlier run without the guard, since restarted with
+    # it, is history); an instance's own quote also needs the guard that was loaded when it was launched.
+    if policy.require_guard and not agent.guard_sha256:
+        raise QuoteError("guard_missing", "the agent runs without its runtime guard (or the guard stopped)")
+    return Appraisal(agent, instances, pcr, guards)
 
 
 @dataclass(frozen=True)

@@ -79,10 +79,12 @@ def snp_measurements(images_dir: Path, ovmf: Path, vcpus: tuple[int, ...], *,
 
 
 def local_policy(images_dir: Path, *, ek_ca: Path | None = None, measurement_pcr: int = 15,
-                 qemu: str = QEMU) -> AttestationPolicy:
+                 qemu: str = QEMU, guard_digest: str = "") -> AttestationPolicy:
     """The policy for this machine: its images, this checkout's agent, the QEMU found on PATH (for microvm
-    guests and for confidential ones, which the same binary starts on q35)."""
+    guests and for confidential ones, which the same binary starts on q35), and, given its digest, this
+    machine's runtime guard, then required (a node without it, or with other rules, is not trusted)."""
     found = shutil.which(qemu)
     drivers = ("qemu-microvm", *CVM_VMMS)
+    guard: dict[str, object] = {"guards": (guard_digest,), "require_guard": True} if guard_digest else {}
     return generate_policy(images_dir, {name: Path(found) for name in drivers} if found else {}, ek_ca=ek_ca,
-                           measurement_pcr=measurement_pcr)
+                           measurement_pcr=measurement_pcr, **guard)

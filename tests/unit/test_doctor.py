@@ -36,9 +36,10 @@ H100 = GpuInfo(index=0, uuid="GPU-1", name="NVIDIA H100", memory_mib=81559, pci_
 class FakeProbes(Probes):
     def __init__(self, *, euid: int = 0, binaries: tuple[str, ...] = ("qemu-system-x86_64", "nft"),
                  kvm: int | str = KVM_API_VERSION, gpus: tuple[GpuInfo, ...] = (), ek: bool | None = True,
-                 free: int = 100 * 1024**3, ntp: str | None = "yes") -> None:
+                 free: int = 100 * 1024**3, ntp: str | None = "yes",
+                 guard: tuple[str | None, str] = ("enforce", "BPF LSM guard loads and attaches")) -> None:
         self._euid, self.binaries, self.kvm, self._gpus, self.ek = euid, binaries, kvm, gpus, ek
-        self.free, self.ntp = free, ntp
+        self.free, self.ntp, self.guard = free, ntp, guard
 
     def euid(self) -> int:
         return self._euid
@@ -54,6 +55,9 @@ class FakeProbes(Probes):
 
     def gpus(self) -> tuple[GpuInfo, ...]:
         return self._gpus
+
+    def runtime_guard(self) -> tuple[str | None, str]:  # the real probe is tests/integration/test_guard.py's
+        return self.guard
 
     def ek_certificate(self, dev: Path) -> bool | None:
         return self.ek
@@ -220,3 +224,14 @@ def test_the_doctor_runs_for_real_on_this_machine(capsys: pytest.CaptureFixture[
         assert name in names
     assert all(c.status in ("ok", "warn", "fail") and (c.status == "ok" or c.hint) for c in report)
     assert code == (1 if any(c.hard and c.status == "fail" for c in report) else 0)
+
+
+@pytest.mark.parametrize(("guard", "status", "says"), [
+    (("enforce", "BPF LSM guard loads and attaches"), "ok", "loads and attaches"),
+    (("observe", "observe only: BPF LSM unavailable"), "warn", "nothing is denied"),
+    ((None, "lsm_inactive: no BTF"), "warn", "advertises no runtime guard"),
+])
+def test_the_runtime_guard_is_reported(tmp_path: Path, guard: tuple[str | None, str], status: str, says: str) -> None:
+    check = by_name(run_checks(host(tmp_path), FakeProbes(guard=guard)))["runtime guard"]
+    assert check.status == status and not check.hard
+    assert says in check.found + " " + check.hint

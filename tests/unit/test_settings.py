@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "kek_passphrase_file": None, "deadline_pending_s": 3600, "deadline_placed_s": 60,
     "deadline_provisioning_s": 900, "deadline_run_grace_s": 300, "deadline_teardown_s": 300,
     "min_trust": TrustState.TRUSTED, "offline_after_s": 20.0, "node_doctor": "warn",
-    "gpu_cc": {"require_cc": False, "allow_rim_unavailable": False, "rim_cache_dir": None},
+    "gpu_cc": {"require_cc": False, "allow_rim_unavailable": False, "rim_cache_dir": None}, "guard": "auto",
 }
 
 
