@@ -50,13 +50,9 @@ it over the channel (`CVM_REPORT`, shared/image/guest_init.sh).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +60,7 @@ from services.node_agent.cvm_host import OVMF_CANDIDATES, Kind, find_ovmf, snp_c
 from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.isolation.vfio import VfioError, pci_address
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
-from services.node_agent.vmm.qemu_microvm import QemuMicrovm
+from services.node_agent.vmm.qemu_microvm import QemuMicrovm, spawn_qemu
 from shared.telemetry import get_logger
 from shared.tpm.digests import QEMU
 
@@ -258,25 +254,7 @@ class QemuConfidential:
 
     async def launch(self, spec: LaunchSpec) -> VmProcess:
         self._preflight()
-        control, qmp_end = socket.socketpair()
-        channel, guest_end = socket.socketpair()
-        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, guest_end.fileno(), qmp_end.fileno(), *spec.extra_fds]
-        started = time.time_ns()
-        try:
-            with open(spec.workdir / "vmm.log", "wb") as vmm_log:
-                proc = await asyncio.create_subprocess_exec(
-                    *self.argv(spec, qmp_end.fileno(), guest_end.fileno()), pass_fds=fds,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log,
-                    start_new_session=True, preexec_fn=spec.confine)
-        except (OSError, subprocess.SubprocessError) as exc:
-            control.close()
-            channel.close()
-            raise VmmError("vmm_start_failed", f"{type(exc).__name__}: {exc}") from None
-        finally:
-            qmp_end.close()
-            guest_end.close()
-        return VmProcess(proc.pid, proc, self.name, "kvm", started, spec.workdir / "console.log", channel=channel,
-                         control=control, volume=spec.volume)
+        return await spawn_qemu(spec, self.name, "kvm", lambda qmp_fd, channel_fd: self.argv(spec, qmp_fd, channel_fd))
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
         await self._stopper.stop(vm, grace_s)

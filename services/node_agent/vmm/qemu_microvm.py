@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.node_agent.isolation.seccomp import QEMU_ALLOW
@@ -32,7 +33,7 @@ from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.qmp import Qmp
 from shared.tpm.digests import QEMU  # the binary name a local policy approves, too
 
-__all__ = ["QemuMicrovm", "detect_accel", "tsc_khz"]
+__all__ = ["QemuMicrovm", "detect_accel", "spawn_qemu", "tsc_khz"]
 
 _accel_cache: dict[str, tuple[str, str]] = {}  # per qemu binary: the host's answer does not change
 
@@ -80,6 +81,33 @@ def _bdf(dev: str) -> str:
         return pci_address(dev)
     except VfioError as exc:
         raise VmmError(exc.reason, exc.detail) from None
+
+
+async def spawn_qemu(spec: LaunchSpec, name: str, accel: str, argv: Callable[[int, int], list[str]]) -> VmProcess:
+    """Start QEMU with the guest channel and QMP on socketpairs, the image files (and the agent's RAM memfd)
+    as inherited descriptors, its own session, stderr to vmm.log, and the spec's confinement before exec.
+    Shared by the microvm and the confidential (q35) drivers: `argv(qmp_fd, channel_fd)` is theirs."""
+    control, qmp_end = socket.socketpair()
+    channel, guest_end = socket.socketpair()
+    fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, guest_end.fileno(), qmp_end.fileno(), *spec.extra_fds]
+    if spec.memory_fd is not None:
+        fds.append(spec.memory_fd)
+    started = time.time_ns()
+    try:
+        with open(spec.workdir / "vmm.log", "wb") as vmm_log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv(qmp_end.fileno(), guest_end.fileno()), pass_fds=fds,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log,
+                start_new_session=True, preexec_fn=spec.confine)
+    except (OSError, subprocess.SubprocessError) as exc:
+        control.close()
+        channel.close()
+        raise VmmError("vmm_start_failed", f"{type(exc).__name__}: {exc}") from None
+    finally:
+        qmp_end.close()
+        guest_end.close()
+    return VmProcess(proc.pid, proc, name, accel, started, spec.workdir / "console.log", channel=channel,
+                     control=control, volume=spec.volume)
 
 
 class QemuMicrovm:
@@ -156,28 +184,8 @@ class QemuMicrovm:
         accel = self.accel
         if accel == "auto":
             accel, _why = await detect_accel(Path(f"/proc/{os.getpid()}/fd/{spec.kernel_fd}"), self.qemu)
-        control, qmp_end = socket.socketpair()
-        channel, guest_end = socket.socketpair()
-        fds = [spec.kernel_fd, spec.initrd_fd, spec.rootfs_fd, guest_end.fileno(), qmp_end.fileno(), *spec.extra_fds]
-        if spec.memory_fd is not None:
-            fds.append(spec.memory_fd)
-        started = time.time_ns()
-        try:
-            with open(spec.workdir / "vmm.log", "wb") as vmm_log:
-                proc = await asyncio.create_subprocess_exec(
-                    *self.argv(spec, accel, qmp_end.fileno(), guest_end.fileno()), pass_fds=fds,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=vmm_log,
-                    start_new_session=True,
-                    preexec_fn=spec.confine)
-        except (OSError, subprocess.SubprocessError) as exc:
-            control.close()
-            channel.close()
-            raise VmmError("vmm_start_failed", f"{type(exc).__name__}: {exc}") from None
-        finally:
-            qmp_end.close()
-            guest_end.close()
-        return VmProcess(proc.pid, proc, self.name, accel, started, spec.workdir / "console.log", channel=channel,
-                         control=control, volume=spec.volume)
+        return await spawn_qemu(spec, self.name, accel,
+                                lambda qmp_fd, channel_fd: self.argv(spec, accel, qmp_fd, channel_fd))
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
         if vm.proc.returncode is None and vm.control is not None:
