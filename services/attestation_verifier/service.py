@@ -24,10 +24,11 @@ import hashlib
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from services.attestation_verifier.gpu_cc import GpuCcPolicy, verify_gpu_evidence
+from services.attestation_verifier.gpu_cc import verify_gpu_evidence
 from services.attestation_verifier.settings import VerifierSettings
 from services.attestation_verifier.state import Challenge, Kv, NodeAttestation, Stale
 from shared.buckets import ATTEST_CHALLENGES, ATTEST_EKS, ATTEST_NODES
@@ -103,7 +104,6 @@ class Verifier:
         self.nodes = nodes
         self.eks = eks
         self.ek_cas = load_ek_cas(policy.ek_ca)
-        self.gpu_policy: GpuCcPolicy = settings.gpu_cc
         self.verified = 0
         self.failed = 0
 
@@ -258,7 +258,8 @@ class Verifier:
             else:
                 enrolled, revision = await self._node_record(node_id)
                 ak_public, qualified = enrolled.ak_public, enrolled.ak_qualified_name
-            attest, appraisal, cvm = await asyncio.to_thread(self._appraise, ev, challenge, ak_public, qualified)
+            attest, appraisal, cvm, gpus = await asyncio.to_thread(self._appraise, ev, challenge, ak_public,
+                                                                   qualified)
             counters = check_counters(self.policy, _counters(enrolled), attest) if enrolled is not None else \
                 check_counters(self.policy, Counters(attest.clock.reset_count, attest.clock.restart_count, 0), attest)
         except QuoteError as exc:
@@ -290,7 +291,7 @@ class Verifier:
             vmm_sha256=instance.vmm_sha256 if instance else "", public_key=instance.public_key if instance else "",
             pcr_sha256=appraisal.pcr.hex(), reset_count=attest.clock.reset_count,
             restart_count=attest.clock.restart_count, firmware_version=f"{attest.firmware_version:016x}",
-            gpus=await asyncio.to_thread(self._gpu_outcomes, ev, challenge),
+            gpus=gpus,
             cvm=cvm.kind if cvm else None, cvm_measurement=cvm.measurement if cvm else "",
             cvm_tcb=cvm.tcb if cvm else "", verified_ns=now, expires_ns=now + int(self.policy.result_ttl_s * 1e9))
         self.verified += 1
@@ -326,7 +327,7 @@ class Verifier:
         raise QuoteError("nonce_replayed", "the challenge is being answered concurrently")
 
     def _appraise(self, ev: AttestEvidence, c: Challenge, ak_public: str, qualified: str
-                  ) -> tuple[Attest, Appraisal, CvmVerdict | None]:
+                  ) -> tuple[Attest, Appraisal, CvmVerdict | None, tuple[str, ...]]:
         """Blocking (signature checks, hashing): runs in a worker thread."""
         try:
             pcrs = {int(i): bytes.fromhex(v) for i, v in ev.pcrs.items()}
@@ -344,8 +345,8 @@ class Verifier:
                 raise QuoteError("instance_not_measured", "the log has no launch of this instance with this key")
             if self.policy.require_guard and not appraisal.instance_guards.get(m.instance_id):
                 raise QuoteError("guard_missing", "the instance was launched while no runtime guard was loaded")
-            return attest, appraisal, self._appraise_cvm(ev, c, m.vmm)
-        return attest, appraisal, None
+            return attest, appraisal, self._appraise_cvm(ev, c, m.vmm), self._gpu_outcomes(ev, c)
+        return attest, appraisal, None, self._gpu_outcomes(ev, c)
 
     def _gpu_outcomes(self, ev: AttestEvidence, c: Challenge) -> tuple[str, ...]:
         """Each GPU's CC evidence checked against this challenge's nonce (report signature, device chain to
@@ -354,7 +355,7 @@ class Verifier:
         nonce = bytes.fromhex(c.nonce)
         out = []
         for gpu in ev.gpus:
-            verdict = verify_gpu_evidence(gpu, nonce, at=datetime.now(UTC), rims=None, policy=self.gpu_policy)
+            verdict = verify_gpu_evidence(gpu, nonce, at=datetime.now(UTC), rims=None, policy=self.settings.gpu_cc)
             out.append(f"{verdict.uuid}:{verdict.status}"[:128])
         return tuple(out)
 
@@ -406,33 +407,38 @@ class Verifier:
 
     async def revoke(self, node_id: str, reason: str, detail: str, event_id: str, hold: bool = False) -> None:
         """`hold`: the node may not enroll again until the operator's node.cleared."""
-        for _ in range(5):
-            record, revision, _ = await self.nodes.get(node_id, NodeAttestation)
-            if not isinstance(record, NodeAttestation):
-                break
-            try:
-                if not record.revoked or (hold and not record.held_until_cleared):
-                    await self.nodes.update(node_id, record.model_copy(update={
-                        "revoked": True, "revoked_reason": reason if not record.revoked else record.revoked_reason,
-                        "held_until_cleared": hold or record.held_until_cleared}), revision)
-                break
-            except Stale:
-                continue
-        last = record.last_verified_ns if isinstance(record, NodeAttestation) else 0
+        def change(r: NodeAttestation) -> NodeAttestation | None:
+            if r.revoked and (not hold or r.held_until_cleared):
+                return None
+            return r.model_copy(update={"revoked": True, "revoked_reason": r.revoked_reason if r.revoked else reason,
+                                        "held_until_cleared": hold or r.held_until_cleared})
+        record = await self._change_node(node_id, change)
+        last = record.last_verified_ns if record is not None else 0
         await self.bus.publish(NodeRevoked(reason=reason, detail=detail[:1024], last_verified_ns=last),
                                node_id=node_id, event_id=event_id)
         log.warning("node revoked", extra={"node_id": node_id, "reason": reason})
 
     async def _set_hold(self, node_id: str, hold: bool) -> None:
+        await self._change_node(node_id, lambda r: None if r.held_until_cleared == hold else
+                                r.model_copy(update={"held_until_cleared": hold}))
+
+    async def _change_node(self, node_id: str, change: Callable[[NodeAttestation], NodeAttestation | None]
+                           ) -> NodeAttestation | None:
+        """Apply `change` to the node's record by compare-and-set, re-reading after a concurrent write (a few
+        times); `change` returns None when there is nothing to write. Returns the record as last read."""
+        record: NodeAttestation | None = None
         for _ in range(5):
-            record, revision, _ = await self.nodes.get(node_id, NodeAttestation)
-            if not isinstance(record, NodeAttestation) or record.held_until_cleared == hold:
-                return
+            got, revision, _ = await self.nodes.get(node_id, NodeAttestation)
+            record = got if isinstance(got, NodeAttestation) else None
+            updated = change(record) if record is not None else None
+            if updated is None:
+                break
             try:
-                await self.nodes.update(node_id, record.model_copy(update={"held_until_cleared": hold}), revision)
-                return
+                await self.nodes.update(node_id, updated, revision)
+                break
             except Stale:
                 continue
+        return record
 
     async def sweep_deadlines(self, now_ns: int | None = None) -> list[str]:
         """Revoke nodes whose last verified quote is older than the result lifetime."""
