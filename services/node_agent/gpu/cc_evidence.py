@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.node_agent.gpu.nvml import _cc_mode, _text
+from services.node_agent.gpu.nvml import cc_mode, nvml_session, text
 from shared.events import GpuEvidence
 from shared.telemetry import get_logger
 
@@ -51,13 +51,10 @@ def collect_gpu_evidence(nonce: bytes, *, nvml: Any = None) -> tuple[GpuEvidence
         except ImportError:  # pragma: no cover - nvidia-ml-py comes with the node-agent extra
             return ()
         nvml = pynvml
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        log.info("no NVML on this host; no GPU evidence", extra={"error": str(exc)[:200]})
-        return ()
-    try:
-        mode = _cc_mode(nvml)
+    with nvml_session(nvml, "no GPU evidence") as up:
+        if not up:
+            return ()
+        mode = cc_mode(nvml)
         try:
             count = int(nvml.nvmlDeviceGetCount())
         except nvml.NVMLError as exc:
@@ -72,17 +69,12 @@ def collect_gpu_evidence(nonce: bytes, *, nvml: Any = None) -> tuple[GpuEvidence
             if ev is not None:
                 out.append(ev)
         return tuple(out)
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except nvml.NVMLError as exc:  # pragma: no cover - only after a driver fault mid-read
-            log.warning("nvmlShutdown failed", extra={"error": str(exc)[:200]})
 
 
 def _device(nvml: Any, index: int, nonce: bytes, mode: str) -> GpuEvidence | None:
     try:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        uuid = _text(nvml.nvmlDeviceGetUUID(handle))[:96]
+        uuid = text(nvml.nvmlDeviceGetUUID(handle))[:96]
     except nvml.NVMLError as exc:
         log.warning("GPU left out of the evidence: NVML cannot identify it",
                     extra={"index": index, "error": str(exc)[:200]})

@@ -18,12 +18,14 @@ cannot be placed anyway.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from shared.models import GpuInfo
 from shared.telemetry import get_logger
 
-__all__ = ["CcMode", "nvml_gpus", "read_inventory"]
+__all__ = ["CcMode", "cc_mode", "nvml_gpus", "nvml_session", "read_inventory", "text"]
 
 log = get_logger("qvm.node_agent.gpu.nvml")
 
@@ -54,21 +56,32 @@ def read_inventory(nvml: Any) -> tuple[GpuInfo, ...]:
     `nvml` is the `pynvml` module or an object with the same functions and `NVMLError` class. Init and
     shutdown are balanced here; no NVML error escapes (no driver: an empty tuple, logged).
     """
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        log.info("no NVML on this host; no GPUs reported", extra={"error": str(exc)[:200]})
-        return ()
-    try:
-        driver = _text(_query(nvml, "system", "nvmlSystemGetDriverVersion"))
-        cc_mode = _cc_mode(nvml)
+    with nvml_session(nvml, "no GPUs reported") as up:
+        if not up:
+            return ()
+        driver = text(_query(nvml, "system", "nvmlSystemGetDriverVersion"))
+        mode = cc_mode(nvml)
         count = _query(nvml, "system", "nvmlDeviceGetCount")
         gpus = []
         for i in range(count or 0):
-            gpu = _device(nvml, i, driver, cc_mode)
+            gpu = _device(nvml, i, driver, mode)
             if gpu is not None:
                 gpus.append(gpu)
         return tuple(gpus)
+
+
+@contextlib.contextmanager
+def nvml_session(nvml: Any, without: str) -> Iterator[bool]:
+    """nvmlInit ... nvmlShutdown, balanced, no NVML error escaping: yields False (logged with `without`, what
+    the caller does without it) when there is no NVML on this host."""
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        log.info(f"no NVML on this host; {without}", extra={"error": str(exc)[:200]})
+        yield False
+        return
+    try:
+        yield True
     finally:
         try:
             nvml.nvmlShutdown()
@@ -79,10 +92,10 @@ def read_inventory(nvml: Any) -> tuple[GpuInfo, ...]:
 def _device(nvml: Any, index: int, driver: str, cc_mode: CcMode) -> GpuInfo | None:
     try:
         h = nvml.nvmlDeviceGetHandleByIndex(index)
-        uuid = _text(nvml.nvmlDeviceGetUUID(h))
-        name = _text(nvml.nvmlDeviceGetName(h))
+        uuid = text(nvml.nvmlDeviceGetUUID(h))
+        name = text(nvml.nvmlDeviceGetName(h))
         memory = int(nvml.nvmlDeviceGetMemoryInfo(h).total)
-        pci = _text(nvml.nvmlDeviceGetPciInfo(h).busId)
+        pci = text(nvml.nvmlDeviceGetPciInfo(h).busId)
     except nvml.NVMLError as exc:
         log.warning("GPU left out of the inventory: NVML cannot identify it",
                     extra={"index": index, "error": str(exc)[:200]})
@@ -95,7 +108,7 @@ def _device(nvml: Any, index: int, driver: str, cc_mode: CcMode) -> GpuInfo | No
     return GpuInfo(
         index=index, uuid=uuid[:96], name=name[:96], memory_mib=memory // (1 << 20), pci_bus_id=pci[:32],
         driver_version=driver[:32],
-        vbios_version=_text(_query(nvml, where, "nvmlDeviceGetVbiosVersion", h))[:32],
+        vbios_version=text(_query(nvml, where, "nvmlDeviceGetVbiosVersion", h))[:32],
         compute_capability=f"{int(cap[0])}.{int(cap[1])}" if cap is not None else "",
         ecc_enabled=None if ecc is None else int(ecc[0]) == _FEATURE_ENABLED,
         retired_pages=_retired_pages(nvml, h, where),
@@ -119,7 +132,7 @@ def _retired_pages(nvml: Any, handle: Any, where: str) -> int | None:
     return total
 
 
-def _cc_mode(nvml: Any) -> CcMode:
+def cc_mode(nvml: Any) -> CcMode:
     """NVML's CC state is system-wide: GPUs not CC-capable, or a driver without the query, is unsupported."""
     caps = _query(nvml, "system", "nvmlSystemGetConfComputeCapabilities")
     if caps is not None and int(caps.gpusCaps) == _CC_GPUS_NOT_CAPABLE:
@@ -151,7 +164,7 @@ def _flag(v: Any) -> bool | None:
     return None if v is None else bool(int(v))
 
 
-def _text(v: Any) -> str:
+def text(v: Any) -> str:
     if v is None:
         return ""
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
