@@ -1,6 +1,7 @@
 """`qvm image build`: kernel + initramfs (busybox-static, qvm's guest init, the needed modules, and the
 host's `cryptsetup` and `mke2fs` with their shared libraries) + rootfs, then a manifest of their digests,
-signed by the publisher's key.
+signed by the publisher's key. The kernel is qvm's minimal guest kernel by default (kernel_build.py,
+everything built in: no modules in the initramfs), or the distribution's cloud kernel (`flavor="cloud"`).
 
 The encrypted data volume is formatted and opened inside the guest (the host never sees its plaintext),
 so the initramfs carries the build host's own cryptsetup (Debian `cryptsetup-bin`) and mke2fs (`e2fsprogs`,
@@ -20,17 +21,30 @@ from importlib import resources
 from pathlib import Path
 
 from shared.image.cpio import initramfs_from_dir
-from shared.image.kernel import GuestKernel, module_load_order
+from shared.image.kernel import GuestKernel, fetch_kernel, module_load_order
+from shared.image.kernel_build import build_guest_kernel
 from shared.image.manifest import MANIFEST, SIGNATURE, ImageError, ImageManifest, Part, load_private_key, publisher_id
 from shared.image.rootfs import add_busybox, apply_container_tar, make_ext4
 from shared.image.verify import file_sha256
 from shared.image.vmlinux import extract_vmlinux
 
-__all__ = ["DEFAULT_CMDLINE", "GUEST_TOOLS", "BuildRequest", "add_host_tools", "build_image", "find_host_tool",
-           "find_static_busybox",
-           "shared_libraries"]
+__all__ = ["DEFAULT_CMDLINE", "GUEST_TOOLS", "KERNEL_FLAVORS", "BuildRequest", "add_host_tools", "build_image",
+           "find_host_tool", "find_static_busybox", "guest_kernel", "shared_libraries"]
 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1 reboot=t quiet"
+
+KERNEL_FLAVORS = ("minimal", "cloud")
+"""`minimal`: qvm's own guest kernel (kernel_build.py: everything built in, no modules, lockdown; built once,
+cached). `cloud`: the distribution's cloud kernel package with the guest's modules in the initramfs."""
+
+
+def guest_kernel(flavor: str = "minimal") -> GuestKernel:
+    """The guest kernel of a flavor (see KERNEL_FLAVORS): built or fetched once, then from the cache."""
+    if flavor == "minimal":
+        return build_guest_kernel()[0]
+    if flavor == "cloud":
+        return fetch_kernel()
+    raise ImageError("bad_request", f"unknown kernel flavor {flavor!r} (one of {', '.join(KERNEL_FLAVORS)})")
 
 
 @dataclass(frozen=True)
@@ -128,13 +142,14 @@ def build_initramfs(kernel: GuestKernel, busybox: Path, dest: Path) -> None:
         init.chmod(0o755)
         add_host_tools(root)
         (root / "run" / "cryptsetup").mkdir(parents=True)  # cryptsetup's lock directory
-        mods = root / "lib" / "modules"
-        mods.mkdir(parents=True)
-        names = []
-        for path in module_load_order(kernel.modules_dir):
-            shutil.copy2(path, mods / path.name)
-            names.append(path.name.removesuffix(".ko"))
-        (mods / "order").write_text("\n".join(names) + "\n")
+        if kernel.modules_dir is not None:  # a distribution kernel: the guest's modules, in load order
+            mods = root / "lib" / "modules"
+            mods.mkdir(parents=True)
+            names = []
+            for path in module_load_order(kernel.modules_dir):
+                shutil.copy2(path, mods / path.name)
+                names.append(path.name.removesuffix(".ko"))
+            (mods / "order").write_text("\n".join(names) + "\n")
         dest.write_bytes(initramfs_from_dir(root))
 
 
@@ -145,7 +160,9 @@ def build_image(req: BuildRequest) -> ImageManifest:
     busybox = find_static_busybox()
     req.out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(req.kernel.vmlinuz, req.out / "vmlinuz")
-    if req.with_vmlinux:
+    if req.with_vmlinux and req.kernel.vmlinux is not None:
+        shutil.copyfile(req.kernel.vmlinux, req.out / "vmlinux")
+    elif req.with_vmlinux:
         (req.out / "vmlinux").write_bytes(extract_vmlinux(req.kernel.vmlinuz.read_bytes()))
     build_initramfs(req.kernel, busybox, req.out / "initrd.img")
     with tempfile.TemporaryDirectory(prefix="qvm-rootfs-") as tmp:
@@ -167,7 +184,7 @@ def build_image(req: BuildRequest) -> ImageManifest:
     manifest = ImageManifest(
         name=req.name, created_ns=time.time_ns(), kernel=part("vmlinuz"), initrd=part("initrd.img"),
         rootfs=part("rootfs.ext4"), cmdline=req.cmdline, kernel_release=req.kernel.release,
-        vmlinux=part("vmlinux") if req.with_vmlinux else None,
+        vmlinux=part("vmlinux") if req.with_vmlinux else None, kernel_build=req.kernel.build,
         publisher=publisher_id(key.public_key()),
     )
     raw = manifest.canonical()

@@ -16,9 +16,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.image.manifest import ImageError
+from shared.image.manifest import ImageError, KernelBuild
 
-__all__ = ["GUEST_MODULES", "GuestKernel", "fetch_kernel", "module_load_order"]
+__all__ = ["GUEST_MODULES", "GuestKernel", "cache_dir", "download_package", "fetch_kernel", "module_load_order"]
 
 GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio_net",
                  "dm-mod", "dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher",
@@ -38,8 +38,10 @@ _DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
 @dataclass(frozen=True)
 class GuestKernel:
     release: str
-    vmlinuz: Path
-    modules_dir: Path  # lib/modules/<release>
+    vmlinuz: Path  # the bzImage
+    modules_dir: Path | None  # lib/modules/<release>; None: everything built in (qvm's minimal kernel)
+    vmlinux: Path | None = None  # the ELF image, where the build has it (else extracted from vmlinuz)
+    build: KernelBuild | None = None  # qvm's minimal kernel: how it was built
 
 
 def cache_dir() -> Path:
@@ -54,7 +56,7 @@ def fetch_kernel(package: str = "linux-image-cloud-amd64", deb: Path | None = No
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch at a time (parallel builds, parallel tests)
         if deb is None:
-            deb = _download(package, cache)
+            deb = download_package(package, cache)
         unpacked = cache / deb.stem
         if not unpacked.is_dir():
             tmp = cache / (deb.stem + ".tmp")
@@ -68,12 +70,13 @@ def fetch_kernel(package: str = "linux-image-cloud-amd64", deb: Path | None = No
     return GuestKernel(release, images[-1], unpacked / "lib" / "modules" / release)
 
 
-def _download(package: str, cache: Path) -> Path:
+def download_package(package: str, cache: Path) -> Path:
+    """The .deb of `package` (a meta-package's first real dependency) in `cache`, downloaded once."""
     real = package
     depends = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True)
     for line in depends.stdout.splitlines():
         line = line.strip()
-        if line.startswith("Depends: linux-image-"):
+        if line.startswith(("Depends: linux-image-", "Depends: linux-source-")):
             real = line.split()[1]
             break
     existing = sorted(cache.glob(f"{real}_*.deb"))

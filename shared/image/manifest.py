@@ -26,6 +26,7 @@ __all__ = [
     "SIGNATURE",
     "ImageError",
     "ImageManifest",
+    "KernelBuild",
     "Part",
     "generate_publisher_key",
     "load_private_key",
@@ -48,6 +49,18 @@ class Part(Frozen):
     size: int = Field(ge=0)
 
 
+class KernelBuild(Frozen):
+    """How qvm's minimal guest kernel was built (shared/image/kernel_build.py): enough to rebuild the same
+    bytes, recorded beside the cached kernel and in the manifest of every image that boots it."""
+
+    source: str = Field(max_length=128, description="The Debian source package and its version.")
+    fragment_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The checked-in config fragment.")
+    config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The resolved .config built with.")
+    compiler: str = Field(max_length=128)
+    build_s: float = Field(ge=0, description="How long the (first) build took.")
+    bzimage_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class ImageManifest(Frozen):
     format: int = Field(1, ge=1, le=1)
     name: str = Field(max_length=128)
@@ -58,6 +71,8 @@ class ImageManifest(Frozen):
     cmdline: str = Field(max_length=2048, description="Kernel command line (qvm adds host-specific timing).")
     kernel_release: str = Field(max_length=128)
     vmlinux: Part | None = Field(None, description="The kernel as an ELF image (Firecracker, Cloud Hypervisor).")
+    kernel_build: KernelBuild | None = Field(None, description="qvm's minimal kernel: how it was built (None: a "
+                                                               "distribution kernel, `kernel_release` names it).")
     publisher: str = Field(pattern=r"^[0-9a-f]{16}$", description="Publisher key id (SHA-256 prefix).")
 
     def parts(self) -> list[Part]:
