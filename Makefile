@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvm-installed
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential \
-	busybox-static e2fsprogs libseccomp2 iproute2 nftables wireguard-tools tcpdump clang libbpf-dev
+	busybox-static e2fsprogs libseccomp2 iproute2 nftables wireguard-tools tcpdump clang libbpf-dev \
+	flex bison bc libelf-dev libssl-dev lz4 xz-utils
 # Userspace WireGuard, where the distribution has it (the WireGuard tests use it when the kernel has no module);
 # bpftool (Debian's package name) makes the runtime guard's vmlinux.h from the kernel's BTF.
 APT_OPTIONAL := wireguard-go bpftool
@@ -22,7 +23,8 @@ $(STAMP): pyproject.toml | apt
 	@touch $(STAMP)
 
 # Debian packages qvm needs (QEMU, busybox-static and e2fsprogs for images, libseccomp, TPM, cryptsetup,
-# WireGuard tools and tcpdump for the tunnel tests, clang and libbpf for the eBPF runtime guard); installed only
+# WireGuard tools and tcpdump for the tunnel tests, clang and libbpf for the eBPF runtime guard, the kernel
+# build's tools for qvm's minimal guest kernel); installed only
 # when missing. Optional ones only where the
 # distribution has them.
 apt:
@@ -39,7 +41,9 @@ apt:
 demo: setup
 	$(VENV)/bin/qvm demo
 
+# qvm's minimal guest kernel first (minutes once, then cached): the VM tests boot it.
 test: setup
+	$(VENV)/bin/qvm image kernel
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 bench: setup

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import attestation, audit, codec, cvm, guard, join, key_release, teardown, vm
+from bench import attestation, audit, codec, cvm, guard, join, key_release, teardown, vm, warm
 from bench.common import Figure, LogCounter, say, section
 from bench.placement import check_claims, kv_sizes, node_ids, paced_line, report_run, run_jobs
 from bench.report import summary
@@ -178,6 +178,7 @@ async def _run_all(tmp: Path, logs: LogCounter) -> list[Figure]:
     figs += await _guarded("8. joining", logs, lambda: join.run(tmp / "join"))
     figs += await _guarded("9. CVM evidence", logs, lambda: cvm.run(tmp / "cvm"))
     figs += await _guarded("10. runtime guard", logs, lambda: guard.run(tmp / "guard"))
+    figs += await _guarded("11. warm instances", logs, lambda: warm.run(tmp / "warm"))
     return figs
 
 

@@ -15,8 +15,7 @@ from bench.common import Figure, say, section
 from services.node_agent.guard import RuntimeGuard, available, build_guard
 from services.node_agent.instance import Instance, InstanceSpec
 from services.node_agent.vmm.qemu_microvm import QemuMicrovm
-from shared.image.build import BuildRequest, build_image
-from shared.image.kernel import fetch_kernel
+from shared.image.build import BuildRequest, build_image, guest_kernel
 from shared.image.manifest import generate_publisher_key, load_public_keys
 
 __all__ = ["run"]
@@ -93,7 +92,7 @@ async def run(tmp: Path) -> list[Figure]:
     priv, pub = generate_publisher_key(images)
     root = tmp / "root"
     root.mkdir()
-    build_image(BuildRequest(name="bench", out=images / "bench", kernel=fetch_kernel(), publisher_key=priv,
+    build_image(BuildRequest(name="bench", out=images / "bench", kernel=guest_kernel(), publisher_key=priv,
                              rootfs_dir=root, with_busybox=True))
     keys = dict(load_public_keys([pub]))
     guard = await RuntimeGuard.start(build_guard())

@@ -51,6 +51,7 @@ __all__ = [
     "AttestRequested",
     "AttestationFailed",
     "AttestationResult",
+    "BootBreakdown",
     "CvmEvidence",
     "CvmKind",
     "Domain",
@@ -324,10 +325,42 @@ class InstanceProvisioning(Frozen):
     public_key: str = Field(pattern=_HEX64, description="The instance's ephemeral X25519 public key (hex).")
 
 
+class BootBreakdown(Frozen):
+    """Where a boot's time went, in milliseconds, in order; they add up to `InstanceBooted.boot_ms`. The
+    guest's stages come from its init's uptime stamps (the guest's clock starts with its kernel's)."""
+
+    accel_probe_ms: float = Field(0.0, ge=0, le=86_400_000,
+                                  description="Waiting for the host's KVM-or-TCG answer (0 once known: it is asked "
+                                              "once per host boot, when the agent starts).")
+    vmm_start_ms: float = Field(0.0, ge=0, le=86_400_000,
+                                description="The VMM process started and configured (QEMU spawned; Firecracker "
+                                            "and Cloud Hypervisor through their API up to InstanceStart).")
+    firmware_ms: float = Field(0.0, ge=0, le=86_400_000,
+                               description="From the VMM running to the guest kernel's clock starting: firmware, "
+                                           "kernel and initramfs loading, decompression (and READY's trip to "
+                                           "the host, which the guest's clock cannot see).")
+    kernel_ms: float = Field(0.0, ge=0, le=86_400_000, description="Guest kernel start to init (PID 1).")
+    modules_ms: float = Field(0.0, ge=0, le=86_400_000,
+                              description="init loading kernel modules (0 with qvm's minimal kernel: none).")
+    channel_ms: float = Field(0.0, ge=0, le=86_400_000, description="init waiting for the host channel's device.")
+    disks_ms: float = Field(0.0, ge=0, le=86_400_000,
+                            description="Waiting for the root and scratch disks, mounting the read-only root.")
+    scratch_ms: float = Field(0.0, ge=0, le=86_400_000, description="Opening the scratch disk's dm-crypt mapping.")
+    mkfs_ms: float = Field(0.0, ge=0, le=86_400_000, description="Formatting the encrypted scratch disk (ext4).")
+    overlay_ms: float = Field(0.0, ge=0, le=86_400_000,
+                              description="The overlay root and its /proc, /sys, /dev (and the network, if any).")
+    ready_ms: float = Field(0.0, ge=0, le=86_400_000, description="From init's last stage to sending READY.")
+
+
 class InstanceBooted(Frozen):
     instance_id: str = _INSTANCE_ID
     boot_ms: float = Field(ge=0, description="VMM start to the guest init's READY.")
     accel: str = Field(max_length=16, description="kvm or tcg.")
+    kernel: str = Field("", max_length=128, description="The guest kernel's release (the image manifest's).")
+    breakdown: BootBreakdown | None = Field(None, description="Where the boot's time went (None from a guest "
+                                                              "init that sends no stamps).")
+    warm: bool = Field(False, description="The instance was taken from the node's warm pool: booted before "
+                                          "the job was assigned (`boot_ms` is that earlier boot).")
 
 
 class InstanceRunning(Frozen):

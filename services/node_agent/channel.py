@@ -1,7 +1,9 @@
 """The host side of the guest channel (virtio-serial port `qvm.0`; vsock on Firecracker/Cloud Hypervisor).
 
 A line protocol with qvm's guest init (see shared/image/guest_init.sh), one frame per line:
-    guest -> host  READY                     init is up, the disks are mounted
+    guest -> host  READY [<stage>=<s> ...]   init is up, the disks are mounted; each stage the guest's uptime
+                                             (seconds since its kernel's clock started) when it ended:
+                                             init modules channel disks scratch mkfs overlay ready
                    VOLUME_OK <luks uuid>     the data volume is formatted, open and mounted at /data
                    SECRET_OK <name>          the secret file is in the guest's tmpfs
                    CVM_REPORT_OK <provider> <base64 report> <base64 aux or ->
@@ -42,6 +44,7 @@ from shared.crypto.secret import zeroize
 from shared.errors import ReasonedError
 
 __all__ = [
+    "BOOT_STAGES",
     "KEY_BYTES",
     "MAX_HOST_LINE",
     "MAX_SECRET_BYTES",
@@ -51,6 +54,7 @@ __all__ = [
     "RunOutput",
     "check_key",
     "check_secret",
+    "parse_boot_stamps",
 ]
 
 MAX_LINE = 256 * 1024  # the longest line the guest may send
@@ -62,6 +66,9 @@ SECRET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", re.ASCII)
 MAX_CVM_BLOB = 16 * 1024  # an SNP report is 1184 bytes, a TDX quote with its PCK chain ~5 KiB
 _PROVIDER = re.compile(r"[a-z0-9_]{1,32}", re.ASCII)
 _LUKS_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+BOOT_STAGES = ("init", "modules", "channel", "disks", "scratch", "mkfs", "overlay", "ready")
+"""The guest init's boot stages in order, each stamped with the guest's uptime when it ended (READY frame)."""
+_STAMP = re.compile(r"([a-z]{1,16})=([0-9]{1,5}(?:\.[0-9]{1,6})?)", re.ASCII)
 _HEX = b"0123456789abcdef"
 _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
@@ -140,6 +147,24 @@ class CvmReport:
     aux: bytes  # SEV-SNP extended report: the host-provided certificate table (VCEK...); else empty
 
 
+def parse_boot_stamps(text: str) -> dict[str, float]:
+    """The READY frame's `stage=seconds` pairs. The guest is untrusted: only known stages, each once, in
+    order, non-decreasing, below a day; anything else is a `bad_frame`."""
+    stamps: dict[str, float] = {}
+    for word in text.split(" ") if text else ():
+        match = _STAMP.fullmatch(word)
+        if match is None or match.group(1) not in BOOT_STAGES or match.group(1) in stamps:
+            raise ChannelError("bad_frame", f"bad boot stamp {word[:40]!r} in READY")
+        value = float(match.group(2))
+        if value > 86_400 or (stamps and value < max(stamps.values())):
+            raise ChannelError("bad_frame", f"boot stamp {word[:40]!r} out of order")
+        stamps[match.group(1)] = value
+    order = [s for s in BOOT_STAGES if s in stamps]
+    if list(stamps) != order:
+        raise ChannelError("bad_frame", "boot stamps out of order")
+    return stamps
+
+
 class GuestChannel:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -161,14 +186,15 @@ class GuestChannel:
         kind, _, rest = text.partition(" ")
         return kind, rest
 
-    async def wait_ready(self, shared: bool = False) -> None:
-        """Wait for the guest init. On a `shared` channel (a serial port that is also the kernel console
+    async def wait_ready(self, shared: bool = False) -> dict[str, float]:
+        """Wait for the guest init; returns its boot stamps (`BOOT_STAGES` -> guest uptime, seconds; empty
+        from an init that sends none). On a `shared` channel (a serial port that is also the kernel console
         until init silences it) lines before READY are boot messages and are skipped; after READY the
         protocol is strict either way."""
         for _ in range(100_000):
             kind, rest = await self._frame()
             if kind == "READY":
-                return
+                return parse_boot_stamps(rest)
             if kind == "ERROR":
                 raise ChannelError("guest_error", rest[:500])
             if not shared:

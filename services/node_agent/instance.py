@@ -35,13 +35,21 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from services.node_agent import teardown
-from services.node_agent.channel import ChannelError, CvmReport, GuestChannel, RunOutput, check_key, check_secret
+from services.node_agent.channel import (
+    BOOT_STAGES,
+    ChannelError,
+    CvmReport,
+    GuestChannel,
+    RunOutput,
+    check_key,
+    check_secret,
+)
 from services.node_agent.isolation.cgroups import CgroupError, VmCgroup
 from services.node_agent.isolation.confine import confinement
 from services.node_agent.isolation.network import EgressRule, InstanceNetwork, guest_net_arg
@@ -50,7 +58,7 @@ from services.node_agent.vmm.base import LaunchSpec, Vmm, VmmError, VmProcess
 from services.node_agent.volume import MIN_VOLUME_MIB, VOLUME_FILE, make_volume
 from shared.crypto import hpke
 from shared.errors import ReasonedError
-from shared.events import CvmKind
+from shared.events import BootBreakdown, CvmKind
 from shared.image.manifest import ImageError, ImageManifest
 from shared.image.verify import verify_open
 from shared.models import MemoryScrub, VolumeErasure
@@ -112,6 +120,30 @@ class InstanceSpec:
     vfio_devices: tuple[str, ...] = ()  # the job's GPUs, already bound to vfio-pci (isolation.gpus)
 
 
+def boot_breakdown(boot_ms: float, vmm_start_ms: float, stamps: Mapping[str, float],
+                   accel_probe_ms: float = 0.0) -> BootBreakdown | None:
+    """Split a boot (VMM start to READY, host clock) by the guest init's stamps (guest uptime, seconds). What
+    the guest's clock cannot see (before its kernel started, and READY's trip to the host) is the VMM's start
+    plus the firmware's share; the stages after follow the stamps, so the parts add up to `boot_ms`."""
+    if "ready" not in stamps:
+        return None  # an init from before the stamps
+    guest_ms = stamps["ready"] * 1000
+    firmware = max(0.0, boot_ms - vmm_start_ms - guest_ms)
+    parts: dict[str, float] = {"accel_probe_ms": min(accel_probe_ms, vmm_start_ms),
+                               "vmm_start_ms": max(0.0, vmm_start_ms - accel_probe_ms), "firmware_ms": firmware}
+    before = 0.0
+    for stage, field_name in zip(BOOT_STAGES, _STAGE_FIELDS, strict=True):
+        at = stamps.get(stage, before)
+        parts[field_name] = max(0.0, (at - before) * 1000)
+        before = at
+    return BootBreakdown(**{k: round(v, 1) for k, v in parts.items()})
+
+
+_STAGE_FIELDS = ("kernel_ms", "modules_ms", "channel_ms", "disks_ms", "scratch_ms", "mkfs_ms", "overlay_ms",
+                 "ready_ms")
+"""BootBreakdown's field for each of the guest's BOOT_STAGES (the time up to that stage's stamp)."""
+
+
 @dataclass
 class Instance:
     spec: InstanceSpec
@@ -122,6 +154,7 @@ class Instance:
     manifest: ImageManifest | None = None
     vm: VmProcess | None = None
     boot_ms: float = 0.0
+    boot_breakdown: BootBreakdown | None = None  # set by launch() when the guest init sent its stamps
     runtime_ms: float = 0.0
     on_state: Callable[[VmState], None] | None = None
     _key: x25519.X25519PrivateKey = field(default_factory=x25519.X25519PrivateKey.generate, repr=False)
@@ -181,6 +214,14 @@ class Instance:
         del plain
         return out
 
+    def boots_elf(self) -> bool:
+        """Whether the VMM boots the image's ELF vmlinux rather than its bzImage: always for Firecracker and
+        Cloud Hypervisor; for QEMU (`pvh`) whenever the image ships one, since its PVH entry skips the
+        kernel's real-mode setup and self-decompression (~0.3 s of a TCG boot). The measured launch names
+        the one booted."""
+        assert self.manifest is not None
+        return self.manifest.vmlinux is not None and (self.vmm.elf_kernel or getattr(self.vmm, "pvh", False))
+
     def guest_cmdline(self) -> str:
         """The kernel command line the VMM gets (measured before launch)."""
         assert self.manifest is not None
@@ -239,11 +280,11 @@ class Instance:
             self._memfd = os.memfd_create(f"qvm-ram-{self.spec.instance_id}", 0)
             os.ftruncate(self._memfd, self.spec.memory_mib << 20)
         kernel, initrd, rootfs = (f.fileno() for f in self._files[:3])
-        if self.vmm.elf_kernel:
-            if self.manifest.vmlinux is None:
-                self._to(VmState.FAILED)
-                raise InstanceError("image_needs_vmlinux", f"{self.vmm.name} boots an ELF kernel; build the image "
-                                                           "with --with-vmlinux")
+        if self.vmm.elf_kernel and self.manifest.vmlinux is None:
+            self._to(VmState.FAILED)
+            raise InstanceError("image_needs_vmlinux", f"{self.vmm.name} boots an ELF kernel; build the image "
+                                                       "with --with-vmlinux")
+        if self.boots_elf():
             kernel = self._files[3].fileno()
         spec = LaunchSpec(
             instance_id=self.spec.instance_id, workdir=self.workdir, kernel_fd=kernel, initrd_fd=initrd,
@@ -267,16 +308,17 @@ class Instance:
         self._channel = await GuestChannel.open(self.vm.channel)
         self.vm.channel = None  # the channel's stream owns the socket now
         try:
-            await asyncio.wait_for(self._ready_or_exit(), self.spec.boot_timeout_s)
+            stamps = await asyncio.wait_for(self._ready_or_exit(), self.spec.boot_timeout_s)
         except TimeoutError:
             await self._fail("boot_timeout", f"no READY from the guest within {self.spec.boot_timeout_s:g}s")
         self.boot_ms = (time.monotonic() - started) * 1000
+        self.boot_breakdown = boot_breakdown(self.boot_ms, self.timings["spawn_ms"], stamps, self.vm.accel_probe_ms)
         self._to(VmState.RUNNING)
 
-    async def _ready_or_exit(self) -> None:
+    async def _ready_or_exit(self) -> dict[str, float]:
         assert self.vm is not None
         try:
-            await self._channel.wait_ready(shared=self.vmm.shared_channel)
+            return await self._channel.wait_ready(shared=self.vmm.shared_channel)
         except ChannelError as exc:
             await asyncio.sleep(0.2)
             await self._fail(exc.reason, exc.detail + _console_tail(self.workdir))
@@ -362,7 +404,7 @@ class Instance:
                 await asyncio.wait_for(self.vm.wait(), 15.0)  # the guest powers off by itself
         return out
 
-    async def _fail(self, reason: str, detail: str) -> None:
+    async def _fail(self, reason: str, detail: str) -> NoReturn:
         if self.vm is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.vm.wait(), 0.5)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from services.node_agent.teardown import (
 )
 from services.node_agent.vmm.base import Vmm
 from services.node_agent.volume import VOLUME_FILE
+from services.node_agent.warm_pool import PoolKey, Warm, WarmPool
 from shared.bus import Bus
 from shared.codec import Event
 from shared.events import (
@@ -63,6 +65,7 @@ from shared.events import (
 )
 from shared.ids import derive_event_id
 from shared.image.manifest import ImageError, load_public_keys
+from shared.image.verify import verify_open
 from shared.models import Frozen, SecurityLevel
 from shared.telemetry import current_job, get_logger
 
@@ -112,15 +115,71 @@ class InstanceRuntime:
         self.work = settings.instances_path
         self.jobs: dict[str, _Running] = {}
         self.keys = KeyInbox()
+        self.pool = WarmPool(settings.warm_pool, self._launch_warm, self._destroy_warm) if settings.warm_pool \
+            else None
 
     # ------------------------------------------------------------ start
     def start(self, job_id: str, spec: JobSubmitted, cause: Event) -> str:
-        """Start the job's instance in the background (idempotent per job); returns the instance id."""
-        instance_id = "i-" + hashlib.sha256(cause.id.encode()).hexdigest()[:16]
-        if job_id not in self.jobs:
-            task = asyncio.create_task(self._run(job_id, instance_id, spec, cause))
-            self.jobs[job_id] = _Running(task, instance_id, guard_policy=spec.runtime_guard)
+        """Start the job's instance in the background (idempotent per job): a warm one when the pool has one
+        of the job's exact shape, else a new one. Returns the instance id."""
+        if job_id in self.jobs:
+            return self.jobs[job_id].instance_id
+        warm = self._take_warm(spec, cause)
+        instance_id = warm.instance.spec.instance_id if warm else \
+            "i-" + hashlib.sha256(cause.id.encode()).hexdigest()[:16]
+        task = asyncio.create_task(self._run(job_id, instance_id, spec, cause, warm))
+        self.jobs[job_id] = _Running(task, instance_id, guard_policy=spec.runtime_guard)
         return instance_id
+
+    def _take_warm(self, spec: JobSubmitted, cause: Event) -> Warm | None:
+        """A warm instance fits a job with the same image, vCPUs, RAM and volume size, and nothing a boot would
+        have to set up for it: no GPUs (passed through at launch), no egress (the instance's network is made
+        at launch), not a confidential VM (another VMM)."""
+        if self.pool is None or spec.egress or spec.security is SecurityLevel.CONFIDENTIAL:
+            return None
+        if isinstance(cause.payload, JobPlaced) and cause.payload.claim.gpu_uuids:
+            return None
+        return self.pool.take(PoolKey(spec.image, spec.profile.cpu_cores, max(128, spec.profile.ram_mib),
+                                      spec.volume_mib))
+
+    async def _launch_warm(self, key: PoolKey, instance_id: str) -> Warm:
+        """A warm instance for the pool: verified, measured with no job, booted to READY, watched."""
+        workdir = self.work / instance_id
+        trusted = await asyncio.to_thread(load_public_keys, self.settings.publisher_key_files())
+        instance = Instance(self._instance_spec(instance_id, "", self._bundle(key.image), (), key.vcpus,
+                                                key.memory_mib, 3600.0, (), key.volume_mib),
+                            workdir, self.vmm, dict(trusted))
+        try:
+            await instance.verify()
+            digest = hashlib.sha256((instance.spec.bundle / "manifest.json").read_bytes()).hexdigest()
+            if self.gate is not None:
+                await self.gate.measure("", instance, digest)
+            await instance.launch()
+            assert instance.vm is not None
+            if self.guard is not None:
+                await self.guard.watch(instance_id, instance.vm.pid,
+                                       [p for p in (workdir / SCRATCH_FILE, workdir / VOLUME_FILE) if p.exists()])
+        except BaseException:
+            await self._destroy_warm(Warm(instance, ""))
+            raise
+        return Warm(instance, digest)
+
+    async def _destroy_warm(self, warm: Warm) -> None:
+        """A warm instance no job took (agent shutdown, a failed boot): the same teardown, nothing to report."""
+        if self.guard is not None:
+            with contextlib.suppress(Exception):
+                await self.guard.unwatch(warm.instance.spec.instance_id)
+        with contextlib.suppress(Exception):
+            await warm.instance.tear_down(None)
+
+    def _instance_spec(self, instance_id: str, job_id: str, bundle: Path, command: tuple[str, ...], vcpus: int,
+                       memory_mib: int, run_timeout_s: float, egress: tuple[str, ...],
+                       volume_mib: int) -> InstanceSpec:
+        return InstanceSpec(instance_id=instance_id, job_id=job_id, bundle=bundle, command=command, vcpus=vcpus,
+                            memory_mib=memory_mib, run_timeout_s=run_timeout_s, cgroups=self.settings.vm_cgroups,
+                            seccomp=self.settings.vm_seccomp, network=self.settings.vm_network == "netns",
+                            egress=tuple(parse_egress(list(egress))), uplink=self.settings.egress_netns,
+                            volume_mib=volume_mib)
 
     def job_of(self, instance_id: str) -> JobRef | None:
         """The job an instance of this node runs, for the runtime guard's findings."""
@@ -142,49 +201,25 @@ class InstanceRuntime:
         await self.bus.publish(payload, job_id=job_id, node_id=self.node_id,
                                event_id=derive_event_id(cause.id, type(payload).__name__, *parts))
 
-    async def _run(self, job_id: str, instance_id: str, spec: JobSubmitted, cause: Event) -> None:
+    async def _run(self, job_id: str, instance_id: str, spec: JobSubmitted, cause: Event,
+                   warm: Warm | None = None) -> None:
         token = current_job.set(job_id)
         workdir = self.work / instance_id
-        instance: Instance | None = None
+        instance: Instance | None = warm.instance if warm else None
         claimed = tuple(cause.payload.claim.gpu_uuids) if isinstance(cause.payload, JobPlaced) else ()
         bindings: list[Binding] = []
         try:
-            bundle = self._bundle(spec.image)
-            trusted = await asyncio.to_thread(load_public_keys, self.settings.publisher_key_files())
-            instance = Instance(
-                InstanceSpec(instance_id=instance_id, job_id=job_id, bundle=bundle, command=spec.command,
-                             vcpus=spec.profile.cpu_cores, memory_mib=max(128, spec.profile.ram_mib),
-                             run_timeout_s=float(spec.max_runtime_s), cgroups=self.settings.vm_cgroups,
-                             seccomp=self.settings.vm_seccomp,
-                             network=self.settings.vm_network == "netns",
-                             egress=tuple(parse_egress(spec.egress)), uplink=self.settings.egress_netns,
-                             volume_mib=spec.volume_mib),
-                workdir, self._vmm_for(spec), dict(trusted))
-            self.jobs[job_id].instance = instance
-            await instance.verify()
-            write_owner(workdir, job_id, instance_id, self.node_id, cause.id)  # for a teardown after a crash
-            digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-            if (spec.volume_mib or spec.client_secrets) and self.gate is None:
-                raise InstanceError("attestation_required", "keys and client secrets go only to attested "
-                                                            "instances; this node has no TPM")
-            if self.gate is not None:
-                await self.gate.measure(job_id, instance, digest)  # measured launch: extend before the VMM starts
-            await self._emit(job_id, InstanceProvisioning(
-                instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=instance.vmm.name,
-                public_key=instance.public_key.hex()), cause)
-            if claimed:
-                if self.gpus is None:
-                    raise InstanceError("gpu_passthrough_unavailable", "this node cannot hand GPUs to a VM")
-                bindings = await asyncio.to_thread(self.gpus.attach, claimed)
-                self.jobs[job_id].bindings = bindings
-                instance.spec = dataclasses.replace(instance.spec, vfio_devices=tuple(b.gpu for b in bindings))
-            await instance.launch()
-            assert instance.vm is not None
-            if self.guard is not None:  # from now until its teardown, the VMM and what it starts are watched
-                await self.guard.watch(instance_id, instance.vm.pid,
-                                       [p for p in (workdir / SCRATCH_FILE, workdir / VOLUME_FILE) if p.exists()])
+            if warm is not None:
+                await self._assign_warm(job_id, spec, warm, cause)
+            else:
+                instance = await self._launch_for(job_id, instance_id, spec, cause, claimed, bindings)
+            assert instance is not None and instance.vm is not None
+            manifest = instance.manifest
             await self._emit(job_id, InstanceBooted(instance_id=instance_id, boot_ms=round(instance.boot_ms, 1),
-                                                    accel=instance.vm.accel), cause)
+                                                    accel=instance.vm.accel,
+                                                    kernel=manifest.kernel_release[:128] if manifest else "",
+                                                    breakdown=instance.boot_breakdown, warm=warm is not None),
+                             cause)
             if self.gate is not None:
                 verdict = await self.gate.attest(job_id, instance_id, instance.public_key, cause, instance)
                 log.info("instance attested", extra={"instance_id": instance_id,
@@ -215,8 +250,65 @@ class InstanceRuntime:
             else:
                 log.info("instance torn down before it finished", extra={"instance_id": instance_id})
         finally:
+            if instance is None and job_id in self.jobs:  # a launch that failed half-way: what exists of it
+                instance = self.jobs[job_id].instance
             await self._tear_down(job_id, instance_id, instance, workdir, claimed, bindings, cause)
             current_job.reset(token)
+
+    async def _launch_for(self, job_id: str, instance_id: str, spec: JobSubmitted, cause: Event,
+                          claimed: tuple[str, ...], bindings: list[Binding]) -> Instance:
+        """A new instance for the job: verified, measured (with the job), given its GPUs, booted to READY,
+        watched. The instance is the job's (`self.jobs[job_id].instance`) from its creation, so a failure
+        half-way still tears down what exists."""
+        bundle = self._bundle(spec.image)
+        workdir = self.work / instance_id
+        trusted = await asyncio.to_thread(load_public_keys, self.settings.publisher_key_files())
+        instance = Instance(
+            self._instance_spec(instance_id, job_id, bundle, spec.command, spec.profile.cpu_cores,
+                                max(128, spec.profile.ram_mib), float(spec.max_runtime_s), tuple(spec.egress),
+                                spec.volume_mib),
+            workdir, self._vmm_for(spec), dict(trusted))
+        self.jobs[job_id].instance = instance
+        await instance.verify()
+        write_owner(workdir, job_id, instance_id, self.node_id, cause.id)  # for a teardown after a crash
+        digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+        if (spec.volume_mib or spec.client_secrets) and self.gate is None:
+            raise InstanceError("attestation_required", "keys and client secrets go only to attested "
+                                                        "instances; this node has no TPM")
+        if self.gate is not None:
+            await self.gate.measure(job_id, instance, digest)  # measured launch: extend before the VMM starts
+        await self._emit(job_id, InstanceProvisioning(
+            instance_id=instance_id, image=spec.image, image_manifest_sha256=digest, vmm=instance.vmm.name,
+            public_key=instance.public_key.hex()), cause)
+        if claimed:
+            if self.gpus is None:
+                raise InstanceError("gpu_passthrough_unavailable", "this node cannot hand GPUs to a VM")
+            bindings.extend(await asyncio.to_thread(self.gpus.attach, claimed))
+            self.jobs[job_id].bindings = bindings
+            instance.spec = dataclasses.replace(instance.spec, vfio_devices=tuple(b.gpu for b in bindings))
+        await instance.launch()
+        assert instance.vm is not None
+        if self.guard is not None:  # from now until its teardown, the VMM and what it starts are watched
+            await self.guard.watch(instance_id, instance.vm.pid,
+                                   [p for p in (workdir / SCRATCH_FILE, workdir / VOLUME_FILE) if p.exists()])
+        return instance
+
+    async def _assign_warm(self, job_id: str, spec: JobSubmitted, warm: Warm, cause: Event) -> None:
+        """A warm instance becomes the job's: its spec takes the job's command and limits, the TPM log binds
+        the job to its launch (the assignment entry), and the job's events say what runs it."""
+        instance = warm.instance
+        self.jobs[job_id].instance = instance
+        instance.spec = dataclasses.replace(instance.spec, job_id=job_id, command=spec.command,
+                                            run_timeout_s=float(spec.max_runtime_s))
+        write_owner(instance.workdir, job_id, instance.spec.instance_id, self.node_id, cause.id)
+        if (spec.volume_mib or spec.client_secrets) and self.gate is None:
+            raise InstanceError("attestation_required", "keys and client secrets go only to attested "
+                                                        "instances; this node has no TPM")
+        if self.gate is not None:
+            await self.gate.assign(job_id, instance)
+        await self._emit(job_id, InstanceProvisioning(
+            instance_id=instance.spec.instance_id, image=spec.image, image_manifest_sha256=warm.manifest_sha256,
+            vmm=instance.vmm.name, public_key=instance.public_key.hex()), cause)
 
     async def _tear_down(self, job_id: str, instance_id: str, instance: Instance | None, workdir: Path,
                          claimed: tuple[str, ...], bindings: list[Binding], cause: Event) -> None:
@@ -273,8 +365,55 @@ class InstanceRuntime:
         return True
 
     async def stop_all(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
         for job_id in list(self.jobs):
             await self.teardown(job_id)
+
+    # ------------------------------------------------------------ start
+    async def warm_up(self) -> None:
+        """At start, before any job: have the VMM settle what it must find out once (QEMU: KVM or TCG, by a
+        probe boot of a verified image's kernel), so no job's boot waits for it. Best effort: a failure
+        here only means the first launch asks again."""
+        probe = getattr(self.vmm, "probe_accel", None)
+        bundles = sorted(self.settings.images_path.iterdir()) if self.settings.images_path.is_dir() else []
+        try:
+            trusted = dict(await asyncio.to_thread(load_public_keys, self.settings.publisher_key_files()))
+        except ImageError:
+            trusted, bundles = {}, []
+        if probe is None:
+            return
+        for bundle in bundles:
+            if not (bundle / "manifest.json").is_file():
+                continue
+            try:
+                _manifest, files = await asyncio.to_thread(verify_open, bundle, trusted)
+            except ImageError:
+                continue
+            try:
+                accel = await probe(Path(f"/proc/{os.getpid()}/fd/{files[0].fileno()}"))
+                log.info("accelerator known", extra={"accel": accel, "image": bundle.name})
+            except Exception as exc:  # the probe is an optimisation: the launch asks again
+                log.warning("accelerator probe failed", extra={"reason": type(exc).__name__})
+            finally:
+                for f in files:
+                    f.close()
+            break
+
+    async def discard_warm(self, instance_id: str) -> bool:
+        """Tear down a warm instance (a runtime-guard finding at it before any job took it); the pool boots a
+        fresh one. False when no warm instance has that id."""
+        warm = self.pool.discard(instance_id) if self.pool is not None else None
+        if warm is None:
+            return False
+        await self._destroy_warm(warm)
+        return True
+
+    def fill_pool(self) -> None:
+        """Boot the configured warm instances, in the background. The agent calls it once its own measurement
+        is in the TPM log and its runtime guard runs, so each warm launch is measured and watched like any."""
+        if self.pool is not None:
+            self.pool.fill()
 
     # ------------------------------------------------------------ crash recovery
     async def reclaim(self) -> list[str]:
@@ -284,7 +423,7 @@ class InstanceRuntime:
     async def sweep(self) -> list[str]:
         """Periodically: remove any instance directory (with its VMM, namespace, cgroup, volume, RAM) that
         no live job of this agent owns, and give back GPUs left on vfio-pci by no live instance, scrubbed."""
-        live = {r.instance_id for r in self.jobs.values()}
+        live = {r.instance_id for r in self.jobs.values()} | (self.pool.instance_ids() if self.pool else set())
         return await self._reclaim(live, "sweep")
 
     async def _reclaim(self, live: set[str], why: str) -> list[str]:

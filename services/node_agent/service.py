@@ -174,6 +174,7 @@ class NodeAgent:
         await self.write_status()
         if self.runtime is not None:
             await self.runtime.reclaim()
+            await self.runtime.warm_up()  # KVM or TCG settled now, not in the first job's boot
             await self._start_guard()  # before the agent measures itself: the guard's digest is in that entry
         await self.bus.publish(NodeRegistered(inventory=self.inventory, agent_version=AGENT_VERSION),
                                node_id=self.node_id)
@@ -182,6 +183,8 @@ class NodeAgent:
         log.info("registered", extra={"node_id": self.node_id, "cpu_cores": self.inventory.cpu_cores,
                                       "gpus": len(self.inventory.gpus)})
         attesting = [self._attesting(stop)] if self.attester is not None else []
+        if self.attester is None and self.runtime is not None:
+            self.runtime.fill_pool()  # no TPM: nothing to measure first
         guarding = [self._guarding(stop)] if self.guard is not None else []
         try:
             await run_together(
@@ -232,7 +235,7 @@ class NodeAgent:
         measurement (a new agent entry naming no guard), so the node's next quote no longer passes a policy
         that requires the guard, and stops giving the guard new instances."""
         assert self.guard is not None and self.runtime is not None
-        responder = GuardResponder(self.bus, self.runtime.job_of, self.runtime.stop_for)
+        responder = GuardResponder(self.bus, self.runtime.job_of, self.runtime.stop_for, self.runtime.discard_warm)
         self.guard_responder = responder
         watch = asyncio.create_task(responder.run(self.guard.findings()))
         stopped = asyncio.create_task(stop.wait())
@@ -333,6 +336,8 @@ class NodeAgent:
         challenges, take instance verdicts and sealed keys, and re-attest on schedule."""
         if not await self._start_attester(stop):
             return
+        if self.runtime is not None:
+            self.runtime.fill_pool()  # warm instances: measured after the agent, under its guard
         await run_together(
             self.bus.consume(consumer_spec(Role.NODE_AGENT, "attestation"), self.on_attestation, stop),
             self.bus.consume(consumer_spec(Role.NODE_AGENT, "verdicts"), self.on_verdict, stop),

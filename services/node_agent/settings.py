@@ -8,8 +8,20 @@ from pathlib import Path
 from pydantic import Field
 
 from shared.config import NodeSettings
+from shared.models import Frozen
 
-__all__ = ["NodeAgentSettings"]
+__all__ = ["NodeAgentSettings", "WarmPoolEntry"]
+
+
+class WarmPoolEntry(Frozen):
+    """How many warm instances of one image and size this node keeps booted."""
+
+    image: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    cpu_cores: int = Field(1, ge=1, le=64)
+    ram_mib: int = Field(256, ge=128, le=1 << 20)
+    volume_mib: int = Field(0, ge=0, description="A data volume disk of this size (formatted in the guest only "
+                                                 "when the job's key arrives); 0: none.")
+    count: int = Field(1, ge=0, le=16)
 
 
 class NodeAgentSettings(NodeSettings):
@@ -31,6 +43,9 @@ class NodeAgentSettings(NodeSettings):
                              description="Host checks at start (`qvm node doctor`): enforce refuses to start on a "
                                          "failed hard requirement, warn logs it, off skips them.")
     instances_dir: Path | None = Field(None, description="Per-instance work dirs; default <state_dir>/instances.")
+    warm_pool: tuple[WarmPoolEntry, ...] = Field((), description="Warm instances kept booted per image and size "
+                                                 "(JSON list of {image, cpu_cores, ram_mib, volume_mib, count}); "
+                                                 "empty: none (small hosts).")
 
     tpm_ak_algorithm: str = Field("ecc-p256", pattern="^(ecc-p256|rsa-2048)$", description="Attestation key type.")
     measurement_log: Path | None = Field(None, description="Append-only measurement log; default "

@@ -52,6 +52,7 @@ from shared.events import (
     Domain,
     EventType,
     InstanceAttested,
+    InstanceBooted,
     InstanceDestroyed,
     InstanceSuspicious,
     JobCancelRequested,
@@ -77,15 +78,16 @@ from shared.replay import fold_jobs
 __all__ = ["run_demo"]
 
 
-async def run_demo(state_dir: Path, job_file: Path, console: Console) -> int:
+async def run_demo(state_dir: Path, job_file: Path, console: Console, kernel: str = "minimal") -> int:
     await asyncio.to_thread(shutil.rmtree, state_dir, True)  # a fresh demo every time
     settings = StackSettings(state_dir=state_dir)
 
     node_id = settings.node_id or local_node_id()
     stack = LocalStack(settings, node_id, TrustState.TRUSTED)
-    with console.status("preparing the signed demo image (kernel from the distribution package)"):
-        bundle = await asyncio.to_thread(ensure_demo_image, settings.images_path)
-    console.print(f"0. signed demo image ready: {bundle}")
+    with console.status(f"preparing the signed demo image ({kernel} guest kernel; qvm's minimal one is built "
+                        "once, in minutes, then cached)"):
+        bundle = await asyncio.to_thread(ensure_demo_image, settings.images_path, kernel_flavor=kernel)
+    console.print(f"0. signed demo image ready: {bundle} ({kernel} guest kernel)")
     console.rule("[bold]qvm demo")
     try:
         url = await stack.start()
@@ -328,6 +330,18 @@ async def _instance_verdict(admin: Bus, job_id: str) -> InstanceAttested | None:
     return None
 
 
+def _show_boot(events: list[Event], console: Console) -> None:
+    """The instance's boot, stage by stage, as its node-agent measured it (instance.booted)."""
+    for ev in events:
+        p = ev.payload
+        if isinstance(p, InstanceBooted):
+            console.print(f"   boot to READY: {p.boot_ms:,.0f} ms ({p.accel}, kernel {p.kernel or 'unknown'}"
+                          f"{', warm pool' if p.warm else ''})")
+            if p.breakdown is not None:
+                parts = [(name.removesuffix("_ms"), ms) for name, ms in p.breakdown.model_dump().items()]
+                console.print("     " + ", ".join(f"{name} {ms:,.0f}" for name, ms in parts if ms >= 0.5) + " (ms)")
+
+
 async def _wait_job(admin: Bus, job_id: str, output_key: x25519.X25519PrivateKey | None, console: Console,
                     seconds: float) -> tuple[JobState | None, bool]:
     """The job's end state, and whether its output opened and verified with the client's key."""
@@ -343,6 +357,7 @@ async def _wait_job(admin: Bus, job_id: str, output_key: x25519.X25519PrivateKey
                 table.add_row(str(ev.spec.type), ev.envelope.producer, summarize(ev.payload, 110))
             console.print(table)
             console.print(f"   job state: [bold]{view.state}[/bold] on node {view.node_id}; exit code {view.exit_code}")
+            _show_boot(events, console)
             console.print("   output from the guest (on the bus only sealed; opened by the client with its key):")
             ok = show_output(events, job_id, output_key, console, prefix="     | ", indent="   ")
             return view.state, ok

@@ -119,26 +119,52 @@ def image_build(
     with_busybox: Annotated[bool, typer.Option(help="Add busybox as /bin/sh and friends")] = False,
     with_vmlinux: Annotated[bool, typer.Option(help="Also ship the ELF kernel (Firecracker, Cloud Hypervisor)")]
     = False,
-    kernel_package: Annotated[str, typer.Option(help="Distribution kernel package")] = "linux-image-cloud-amd64",
-    kernel_deb: Annotated[Path | None, typer.Option(help="Use this kernel .deb instead of downloading")] = None,
+    kernel: Annotated[str, typer.Option(help="minimal: qvm's guest kernel (built once from linux-source, "
+                                             "cached); cloud: a distribution kernel package")] = "minimal",
+    kernel_package: Annotated[str, typer.Option(help="Distribution kernel package (--kernel cloud)")]
+    = "linux-image-cloud-amd64",
+    kernel_deb: Annotated[Path | None, typer.Option(help="Use this kernel .deb instead of downloading "
+                                                         "(--kernel cloud)")] = None,
 ) -> None:
-    """Build a signed image bundle: distribution kernel, qvm initramfs, read-only ext4 root."""
-    from shared.image.build import BuildRequest, build_image
+    """Build a signed image bundle: guest kernel, qvm initramfs, read-only ext4 root."""
+    from shared.image.build import BuildRequest, build_image, guest_kernel
     from shared.image.kernel import fetch_kernel
 
     async def body() -> None:
         def work() -> Any:
-            kernel = fetch_kernel(kernel_package, kernel_deb)
-            return build_image(BuildRequest(name=name, out=out, kernel=kernel, publisher_key=key,
+            guest = fetch_kernel(kernel_package, kernel_deb) if kernel == "cloud" else guest_kernel(kernel)
+            return build_image(BuildRequest(name=name, out=out, kernel=guest, publisher_key=key,
                                             rootfs_dir=rootfs_dir, rootfs_tar=rootfs_tar, with_busybox=with_busybox,
                                             with_vmlinux=with_vmlinux))
-        with console.status(f"building {name}"):
+        with console.status(f"building {name}" + (" (the first build of qvm's guest kernel takes minutes)"
+                                                   if kernel == "minimal" else "")):
             manifest = await asyncio.to_thread(work)
         table = Table(title=f"image {name} (publisher {manifest.publisher}, kernel {manifest.kernel_release})")
         for col in ("part", "size", "sha256"):
             table.add_column(col)
         for part in manifest.parts():
             table.add_row(part.file, f"{part.size:,}", part.sha256)
+        console.print(table)
+
+    run(body)
+
+
+@image_app.command("kernel")
+def image_kernel() -> None:
+    """Build qvm's minimal guest kernel now (once per config, minutes; then cached) and show how it was built."""
+    from shared.image.kernel_build import build_guest_kernel
+
+    async def body() -> None:
+        with console.status("qvm's minimal guest kernel (the first build takes minutes; cached after)"):
+            kernel, build = await asyncio.to_thread(build_guest_kernel)
+        table = Table(title=f"guest kernel {kernel.release}")
+        for col in ("", ""):
+            table.add_column(col)
+        for name, value in (("bzImage", str(kernel.vmlinuz)), ("vmlinux (PVH / ELF)", str(kernel.vmlinux)),
+                            ("source", build.source), ("compiler", build.compiler),
+                            ("config fragment sha256", build.fragment_sha256), ("config sha256", build.config_sha256),
+                            ("bzImage sha256", build.bzimage_sha256), ("build time", f"{build.build_s:.0f} s")):
+            table.add_row(name, value)
         console.print(table)
 
     run(body)
@@ -304,11 +330,13 @@ async def _follow_job(job_id: str, seconds: float, output_key: x25519.X25519Priv
 
 @app.command()
 def demo(state_dir: Annotated[Path, typer.Option(help="Where the demo stack keeps its state")] = Path(".qvm/demo"),
-         job_file: Path = Path("deploy/examples/confidential-job.yaml")) -> None:
+         job_file: Path = Path("deploy/examples/confidential-job.yaml"),
+         kernel: Annotated[str, typer.Option(help="Guest kernel: minimal (qvm's, built once) or cloud (the "
+                                                  "distribution's)")] = "minimal") -> None:
     """Bring the embedded stack up, register this host, place and accept a job, audit, stop."""
     from shared.cli.demo import run_demo
 
-    raise typer.Exit(run(lambda: run_demo(state_dir, job_file, console)))
+    raise typer.Exit(run(lambda: run_demo(state_dir, job_file, console, kernel)))
 
 
 if __name__ == "__main__":

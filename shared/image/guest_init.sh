@@ -12,7 +12,7 @@
 #       hvc0       a virtio console (Cloud Hypervisor), dedicated to the channel
 #       ttyS0      the serial port (Firecracker), shared with the kernel console until init silences it
 #   line protocol with the node-agent (services/node_agent/channel.py), one frame per line:
-#       guest -> host  READY | VOLUME_OK <luks uuid> | SECRET_OK <name> | OUT <base64 line> | EXIT <code>
+#       guest -> host  READY <stage>=<uptime s>... | VOLUME_OK <luks uuid> | SECRET_OK <name> | OUT <base64 line> | EXIT <code>
 #                      | CVM_REPORT_OK <provider> <base64 report> <base64 aux blob, or -> | ERROR <text>
 #       host -> guest  VOLUME <64 lowercase hex digits>  after READY, before RUN, once: the 32-byte data key
 #                      SECRET <name> <base64>            after READY, before RUN: /run/secrets/<name>
@@ -32,8 +32,15 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Boot stamps: the guest's uptime when each stage ended, sent with READY (the host's boot breakdown).
+uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
+read -r up _ </proc/uptime
+STAMPS="init=$up"
+stamp() { read -r up _ </proc/uptime; STAMPS="$STAMPS $1=$up"; }  # no subshell: a fork costs under TCG
 mkdir -p /run/cryptsetup  # cryptsetup's lock directory
-for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+# A distribution kernel's modules, in load order (a minimal qvm kernel has everything built in: no list).
+[ -f /lib/modules/order ] && for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+stamp modules
 
 fail() { [ -n "$PORT" ] && printf 'ERROR %s\n' "$*" >&3; echo "qvm-init: $*" >&2; sync; reboot -f; }
 
@@ -58,6 +65,7 @@ while [ -z "$PORT" ] && [ $i -lt 600 ]; do
   [ -n "$PORT" ] && [ -e "$PORT" ] || { PORT=; i=$((i + 1)); sleep 0.05; }
 done
 [ -n "$PORT" ] || fail "no host channel"
+stamp channel
 if [ "$CHANNEL" = ttyS0 ]; then
   echo 0 > /proc/sys/kernel/printk   # the serial is the channel now: no kernel messages on it
   exec >/dev/null 2>&1               # nor anything a tool prints (cryptsetup warns on stdout)
@@ -69,6 +77,7 @@ i=0
 while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
   i=$((i + 1)); [ $i -gt 600 ] && fail "root or scratch disk missing"; sleep 0.05
 done
+stamp disks
 mount -o ro /dev/vda /mnt/lower || fail "cannot mount the root image"
 # The host's cryptsetup and mke2fs, carried in the initramfs at their host paths (busybox's applets are links).
 tool() {
@@ -84,8 +93,10 @@ tool() {
 CS=$(tool cryptsetup) && MK=$(tool mke2fs) || fail "cryptsetup or mke2fs missing from the initramfs"
 $CS open --type plain --cipher aes-xts-plain64 --key-size 512 --key-file /dev/urandom --keyfile-size 64 \
   /dev/vdb qvm-scratch >/dev/null 2>&1 || fail "cannot open the scratch disk"
+stamp scratch
 $MK -q -t ext4 -O ^has_journal -E lazy_itable_init=1 -L qvm-scratch /dev/mapper/qvm-scratch >/dev/null 2>&1 \
   || fail "cannot format the scratch disk"
+stamp mkfs
 mount -t ext4 /dev/mapper/qvm-scratch /mnt/scratch || fail "cannot mount the scratch disk"
 mkdir -p /mnt/scratch/upper /mnt/scratch/work
 mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work /mnt/root \
@@ -99,8 +110,7 @@ if [ -n "$NET" ]; then
   ip link set eth0 up && ip addr add "${NET%,*}" dev eth0 && ip route add default via "${NET#*,}" \
     || fail "cannot configure the network"
 fi
-
-uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
+stamp overlay
 
 VOLUME=   # the LUKS UUID, once the volume is open
 SECRETS=  # set once the secrets tmpfs is mounted
@@ -187,7 +197,8 @@ cvm_report() {  # $RD: 128 hex digits of REPORT_DATA (the challenge nonce bound 
   printf 'CVM_REPORT_OK %s %s %s\n' "${provider:-unknown}" "$out" "${aux:--}" >&3
 }
 
-printf 'READY\n' >&3
+stamp ready
+printf 'READY %s\n' "$STAMPS" >&3
 eofs=0
 while :; do
   if ! IFS= read -r line <&3 && [ -z "$line" ]; then

@@ -3,7 +3,9 @@
 The node-agent appends an entry and extends the PCR with the entry's digest, in that order, for
     agent     its own code digest and security-relevant configuration, once per boot of the host TPM
     instance  every instance before its VMM starts: image manifest, kernel, initrd, command line, VMM
-              binary, security policy and the instance's ephemeral public key
+              binary, security policy and the instance's ephemeral public key (the job it was started for;
+              none for a warm instance, booted ahead of any job)
+    assignment  a warm instance given to a job: which instance (and key), which job; once per instance
 A verifier replays the log (PCR := SHA-256(PCR || digest), from zero) and compares the result with the
 quoted PCR: a log that was edited, reordered or truncated no longer replays. The digest of an entry is
 recomputed from its content, so an entry cannot claim one digest and describe another.
@@ -25,6 +27,8 @@ from shared.models import Frozen
 
 __all__ = [
     "AgentMeasurement",
+    "AssignmentMeasurement",
+    "Entry",
     "InstanceMeasurement",
     "LogError",
     "Measurement",
@@ -56,7 +60,8 @@ class AgentMeasurement(Frozen):
 class InstanceMeasurement(Frozen):
     kind: Literal["instance"] = "instance"
     instance_id: str = Field(max_length=64)
-    job_id: str = Field(max_length=64)
+    job_id: str = Field(max_length=64, description="The job it was launched for; empty: a warm instance (its "
+                                                   "job comes with an assignment entry).")
     image_manifest_sha256: str = Field(pattern=_HEX64)
     kernel_sha256: str = Field(pattern=_HEX64)
     initrd_sha256: str = Field(pattern=_HEX64)
@@ -69,15 +74,26 @@ class InstanceMeasurement(Frozen):
     public_key: str = Field(pattern=_HEX64, description="The instance's ephemeral X25519 public key.")
 
 
-Measurement = Annotated[AgentMeasurement | InstanceMeasurement, Field(discriminator="kind")]
+class AssignmentMeasurement(Frozen):
+    """A warm instance (launched with no job) given to a job. A verifier accepts one per instance, for an
+    instance the log launched warm, with the same key: the quote then binds that job to that launch."""
+
+    kind: Literal["assignment"] = "assignment"
+    instance_id: str = Field(max_length=64)
+    job_id: str = Field(min_length=1, max_length=64)
+    public_key: str = Field(pattern=_HEX64, description="The instance's key, as its launch entry gave it.")
+
+
+Entry = AgentMeasurement | InstanceMeasurement | AssignmentMeasurement
+Measurement = Annotated[Entry, Field(discriminator="kind")]
 _LOG = TypeAdapter(list[Measurement])
 
 
-def canonical(entry: AgentMeasurement | InstanceMeasurement) -> bytes:
+def canonical(entry: Entry) -> bytes:
     return json.dumps(entry.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
 
 
-def entry_digest(entry: AgentMeasurement | InstanceMeasurement) -> bytes:
+def entry_digest(entry: Entry) -> bytes:
     return hashlib.sha256(canonical(entry)).digest()
 
 
@@ -86,7 +102,7 @@ def digest_of(values: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def parse_log(raw: Sequence[object]) -> list[AgentMeasurement | InstanceMeasurement]:
+def parse_log(raw: Sequence[object]) -> list[Entry]:
     if len(raw) > MAX_LOG_ENTRIES:
         raise LogError("malformed_log", f"{len(raw)} entries (at most {MAX_LOG_ENTRIES})")
     try:
@@ -98,7 +114,7 @@ def parse_log(raw: Sequence[object]) -> list[AgentMeasurement | InstanceMeasurem
         raise LogError("malformed_log", f"entry {where}: {msg}"[:300]) from None
 
 
-def replay(entries: Iterable[AgentMeasurement | InstanceMeasurement], start: bytes = b"\x00" * 32) -> bytes:
+def replay(entries: Iterable[Entry], start: bytes = b"\x00" * 32) -> bytes:
     pcr = start
     for e in entries:
         pcr = hashlib.sha256(pcr + entry_digest(e)).digest()

@@ -22,7 +22,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from shared.cvm.evidence import CvmPolicy
 from shared.errors import ConfigError
 from shared.models import Frozen
-from shared.tpm.measurements import AgentMeasurement, InstanceMeasurement, LogError, parse_log, replay
+from shared.tpm.measurements import (
+    AgentMeasurement,
+    AssignmentMeasurement,
+    InstanceMeasurement,
+    LogError,
+    parse_log,
+    replay,
+)
 from shared.tpm.quote import ALLOWED_AK_ALGORITHMS, QuoteError
 from shared.tpm.structures import Attest
 
@@ -38,6 +45,12 @@ class ImageReference(Frozen):
     kernel_sha256: str = Field(pattern=_HEX64)
     initrd_sha256: str = Field(pattern=_HEX64)
     rootfs_sha256: str = Field(pattern=_HEX64)
+    vmlinux_sha256: str | None = Field(None, pattern=_HEX64, description="The same kernel as an ELF image, where "
+                                       "the manifest ships one (Firecracker, Cloud Hypervisor, QEMU's PVH boot).")
+
+    def kernels(self) -> tuple[str, ...]:
+        """The kernel digests a launch of this image may name: its bzImage, or its ELF vmlinux."""
+        return (self.kernel_sha256, *((self.vmlinux_sha256,) if self.vmlinux_sha256 else ()))
 
 
 class AttestationPolicy(Frozen):
@@ -103,6 +116,18 @@ def _not_allowed(what: str) -> QuoteError:
     return QuoteError("measurement_not_allowed", what)
 
 
+def _assigned(launched: InstanceMeasurement | None, a: AssignmentMeasurement) -> InstanceMeasurement:
+    """A warm instance's launch, now bound to its job: only an instance launched warm (no job), with the key
+    it was launched with, and only once (a warm instance is never reused)."""
+    if launched is None:
+        raise QuoteError("assignment_unlaunched", f"the log assigns instance {a.instance_id}, which it never launched")
+    if launched.job_id:
+        raise QuoteError("instance_reassigned", f"instance {a.instance_id} already served job {launched.job_id}")
+    if launched.public_key != a.public_key:
+        raise QuoteError("assignment_key_mismatch", f"instance {a.instance_id} was assigned under another key")
+    return launched.model_copy(update={"job_id": a.job_id})
+
+
 def appraise(policy: AttestationPolicy, attest: Attest, pcr_values: Mapping[int, bytes],
              raw_log: Sequence[object]) -> Appraisal:
     """Check a verified quote's PCRs and log against the policy; raises `QuoteError` on the first problem."""
@@ -125,6 +150,9 @@ def appraise(policy: AttestationPolicy, attest: Attest, pcr_values: Mapping[int,
     instances: dict[str, InstanceMeasurement] = {}
     guards: dict[str, str] = {}
     for e in entries:
+        if isinstance(e, AssignmentMeasurement):
+            instances[e.instance_id] = _assigned(instances.get(e.instance_id), e)
+            continue
         if isinstance(e, AgentMeasurement):
             if e.agent_sha256 not in policy.agents:
                 raise _not_allowed(f"agent code {e.agent_sha256[:16]}… is not approved")
@@ -135,8 +163,8 @@ def appraise(policy: AttestationPolicy, attest: Attest, pcr_values: Mapping[int,
         image = policy.images.get(e.image_manifest_sha256)
         if image is None:
             raise _not_allowed(f"image {e.image_manifest_sha256[:16]}… ({e.instance_id}) is not approved")
-        if (e.kernel_sha256, e.initrd_sha256, e.rootfs_sha256) != (
-                image.kernel_sha256, image.initrd_sha256, image.rootfs_sha256):
+        if e.kernel_sha256 not in image.kernels() or (e.initrd_sha256, e.rootfs_sha256) != (
+                image.initrd_sha256, image.rootfs_sha256):
             raise _not_allowed(f"instance {e.instance_id} booted parts that are not image {image.name}'s")
         if e.vmm not in policy.vmms.get(e.vmm_sha256, ()):
             raise _not_allowed(f"VMM binary {e.vmm_sha256[:16]}… ({e.vmm}) is not approved")

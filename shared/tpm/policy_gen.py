@@ -35,7 +35,8 @@ def generate_policy(images_dir: Path, vmm_binaries: dict[str, Path], *, ek_ca: P
         except (OSError, ValidationError) as exc:
             raise ConfigError(f"{manifest_file}: not a readable image manifest ({str(exc)[:200]})") from None
         ref = ImageReference(name=manifest.name, kernel_sha256=manifest.kernel.sha256,
-                             initrd_sha256=manifest.initrd.sha256, rootfs_sha256=manifest.rootfs.sha256)
+                             initrd_sha256=manifest.initrd.sha256, rootfs_sha256=manifest.rootfs.sha256,
+                             vmlinux_sha256=manifest.vmlinux.sha256 if manifest.vmlinux else None)
         images[file_digest(manifest_file)] = ref
     # Every combination the agent can run with; operators drop the ones they do not allow.
     policies = sorted({security_policy_digest(s, c, n) for s in (True, False) for c in (True, False)

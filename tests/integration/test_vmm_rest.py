@@ -158,7 +158,7 @@ async def test_the_stand_in_rejects_what_the_real_api_rejects(tmp_path: Path) ->
 
 
 async def test_an_image_without_vmlinux_is_refused_by_elf_kernel_vmms(tmp_path: Path) -> None:
-    bundle = build_test_image(tmp_path / "images")
+    bundle = build_test_image(tmp_path / "images", with_vmlinux=False)
     keys = load_public_keys([tmp_path / "images" / "publisher.pub"])
     inst = Instance(InstanceSpec("no-vmlinux", "job", bundle, ("true",), cgroups=False, network=False),
                     tmp_path / "instance", Firecracker(_binary(tmp_path, "firecracker")), dict(keys))

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "deadline_provisioning_s": 900, "deadline_run_grace_s": 300, "deadline_teardown_s": 300,
     "min_trust": TrustState.TRUSTED, "offline_after_s": 20.0, "node_doctor": "warn",
     "gpu_cc": {"require_cc": False, "allow_rim_unavailable": False, "rim_cache_dir": None}, "guard": "auto",
+    "warm_pool": (),
 }
 
 

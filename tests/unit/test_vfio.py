@@ -256,7 +256,7 @@ def test_qemu_gets_a_pcie_bus_and_vfio_devices_only_when_given(tmp_path: Path) -
     plain = qemu.argv(_spec(tmp_path), "tcg", 10, 11)
     assert "pcie=on" not in _machine(plain) and not any("vfio-pci" in a for a in plain)
     gpu = qemu.argv(_spec(tmp_path, (GPU, f"/sys/bus/pci/devices/{AUDIO}/")), "tcg", 10, 11)
-    assert _machine(gpu) == "microvm,x-option-roms=off,rtc=off,acpi=on,pcie=on"
+    assert _machine(gpu) == "microvm,x-option-roms=off,rtc=on,acpi=on,pcie=on"
     assert [gpu[i + 1] for i, a in enumerate(gpu) if a == "-device" and gpu[i + 1].startswith("vfio-pci")] == [
         f"vfio-pci,host={GPU},id=vfio0", f"vfio-pci,host={AUDIO},id=vfio1"]
     # everything else is the same command line

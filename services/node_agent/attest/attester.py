@@ -29,7 +29,7 @@ from shared.telemetry import get_logger
 from shared.tpm.device import TpmDevice, TpmError
 from shared.tpm.measurements import (
     AgentMeasurement,
-    InstanceMeasurement,
+    Entry,
     LogError,
     entry_digest,
     parse_log,
@@ -41,7 +41,6 @@ __all__ = ["AttestError", "Attester"]
 
 log = get_logger("qvm.node_agent.attest")
 T = TypeVar("T")
-Entry = AgentMeasurement | InstanceMeasurement
 
 
 class AttestError(ReasonedError):

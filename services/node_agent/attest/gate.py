@@ -24,7 +24,7 @@ from shared.codec import Event
 from shared.cvm.errors import expected_report_data
 from shared.events import AttestPurpose, AttestRequested, CvmEvidence, InstanceAttestationFailed, InstanceAttested
 from shared.ids import derive_event_id
-from shared.tpm.measurements import InstanceMeasurement
+from shared.tpm.measurements import AssignmentMeasurement, InstanceMeasurement
 
 __all__ = ["InstanceGate"]
 
@@ -45,7 +45,7 @@ class InstanceGate:
         binary = vmm_binary(instance.vmm)
         if binary is None:
             raise InstanceError("vmm_missing", f"{instance.vmm.name}: no binary to measure")
-        kernel = m.vmlinux if instance.vmm.elf_kernel and m.vmlinux else m.kernel
+        kernel = m.vmlinux if instance.boots_elf() and m.vmlinux else m.kernel
         spec = instance.spec
         entry = InstanceMeasurement(
             instance_id=spec.instance_id, job_id=job_id, image_manifest_sha256=manifest_sha256,
@@ -55,6 +55,17 @@ class InstanceGate:
             security_policy_sha256=security_policy_digest(spec.seccomp, spec.cgroups, spec.network),
             security_policy=instance_security_policy(spec.seccomp, spec.cgroups, spec.network),
             public_key=instance.public_key.hex())
+        try:
+            await self.attester.measure(entry)
+        except AttestError as exc:
+            raise InstanceError(exc.reason, exc.detail) from None
+        return entry
+
+    async def assign(self, job_id: str, instance: Instance) -> AssignmentMeasurement:
+        """A warm instance (measured at launch with no job) given to `job_id`: the log binds the job to that
+        launch and key before the instance is attested for it (a verifier takes one per instance)."""
+        entry = AssignmentMeasurement(instance_id=instance.spec.instance_id, job_id=job_id,
+                                      public_key=instance.public_key.hex())
         try:
             await self.attester.measure(entry)
         except AttestError as exc:

@@ -75,13 +75,17 @@ class GuardResponder:
     """consume findings -> decide -> emit instance.suspicious (and node.tampered) -> act (stop the workload)."""
 
     def __init__(self, bus: Bus, job_of: Callable[[str], JobRef | None],
-                 stop: Callable[[str, str, str], Awaitable[bool]]) -> None:
+                 stop: Callable[[str, str, str], Awaitable[bool]],
+                 discard_warm: Callable[[str], Awaitable[bool]] | None = None) -> None:
         """`job_of(instance_id)`: the job the instance runs here (None: gone); `stop(job_id, reason, detail)`
-        stops the job's workload with that reason (InstanceRuntime.stop_for)."""
+        stops the job's workload with that reason (InstanceRuntime.stop_for); `discard_warm(instance_id)`
+        tears down a warm instance no job holds yet (True if it was one): whatever was seen at it, no job
+        will be given an instance something was caught at."""
         self.bus = bus
         self.node_id = bus.identity.node_id or ""
         self.job_of = job_of
         self.stop = stop
+        self.discard_warm = discard_warm
         self.findings = 0
         self.last_ns = 0
         self._seen: set[str] = set()
@@ -98,6 +102,10 @@ class GuardResponder:
         self.findings += 1
         self.last_ns = time.monotonic_ns()
         ref = self.job_of(f.instance_id) if f.instance_id else None
+        if ref is None and f.instance_id and self.discard_warm is not None and await self.discard_warm(f.instance_id):
+            log.warning("guard finding at a warm instance: discarded", extra={"rule": f.rule,
+                                                                              "instance_id": f.instance_id})
+            return None
         if ref is None or f.instance_id is None:
             log.warning("guard finding for an instance no longer here", extra={"rule": f.rule,
                                                                                "instance_id": f.instance_id})

@@ -64,6 +64,7 @@ class VmProcess:
     jail: Path | None = None  # the jailer's chroot directory, removed on stop
     volume: Path | None = None  # the file the VMM writes the data volume to (a copy inside a jail)
     volume_erasure: VolumeErasure | None = None  # set by a driver that erased a jail's copy on stop
+    accel_probe_ms: float = 0.0  # how long this launch waited for the KVM-or-TCG answer (0: already known)
 
     async def wait(self) -> int:
         return await self.proc.wait()

@@ -1,7 +1,10 @@
 """QEMU's `microvm` machine: a minimal virtio-mmio VM, controlled over QMP on a unix socket.
 
-- KVM when it works on this host, TCG otherwise: detected once by booting the kernel with no initramfs
-  under KVM (it panics and exits at once where KVM works); never hard-coded.
+- KVM when it works on this host, TCG otherwise: detected by booting the kernel with no initramfs under KVM
+  (it panics and exits at once where KVM works; where /dev/kvm exists but nested virtualisation is broken
+  it hangs, so the probe is bounded). Never hard-coded. The answer is kept per host boot and QEMU binary
+  (in the cache directory, for every agent process) and the agent asks at start, so no job's boot waits for
+  it (`InstanceBooted.breakdown.accel_probe_ms` shows when one did).
 - Guest RAM comes from a memfd the agent owns (`memory-backend-file` on `/proc/self/fd/N`), so the agent
   can scrub it after the VM exits.
 - The image's kernel, initramfs and root filesystem are the files the agent verified, passed as open
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -31,11 +36,13 @@ from services.node_agent.isolation.seccomp import QEMU_ALLOW
 from services.node_agent.isolation.vfio import VfioError, pci_address
 from services.node_agent.vmm.base import LaunchSpec, VmmError, VmProcess
 from services.node_agent.vmm.qmp import Qmp
+from shared.image.kernel import cache_dir
 from shared.tpm.digests import QEMU  # the binary name a local policy approves, too
 
 __all__ = ["QemuMicrovm", "detect_accel", "spawn_qemu", "tsc_khz"]
 
-_accel_cache: dict[str, tuple[str, str]] = {}  # per qemu binary: the host's answer does not change
+_accel_probes: dict[str, asyncio.Future[tuple[str, str]]] = {}  # per qemu binary, this process: one probe
+PROBE_TIMEOUT_S = 10.0  # KVM boots a kernel to its panic in well under a second; a broken KVM hangs
 
 
 def tsc_khz() -> int | None:
@@ -50,10 +57,48 @@ def tsc_khz() -> int | None:
 
 
 async def detect_accel(kernel: Path, qemu: str = QEMU) -> tuple[str, str]:
-    """("kvm" | "tcg", why). Cached for the life of the process."""
-    cached = _accel_cache.get(qemu)
-    if cached:
-        return cached
+    """("kvm" | "tcg", why): one probe per process at most (concurrent callers share it), and none where an
+    earlier process on this host boot already answered for this QEMU binary."""
+    probe = _accel_probes.get(qemu)
+    if probe is None:
+        probe = _accel_probes[qemu] = asyncio.ensure_future(_probe_cached(kernel, qemu))
+    try:
+        return await asyncio.shield(probe)
+    except Exception:
+        _accel_probes.pop(qemu, None)  # a failed probe (no such binary...) is not an answer
+        raise
+
+
+def _probe_key(qemu: str) -> str | None:
+    """This host boot and this QEMU binary: what the probe's answer depends on."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        binary = Path(shutil.which(qemu) or qemu).resolve()
+        st = binary.stat()
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot_id}\0{binary}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+async def _probe_cached(kernel: Path, qemu: str) -> tuple[str, str]:
+    key = _probe_key(qemu)
+    where = cache_dir() / "accel" / f"{key}.json" if key else None
+    if where is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            known = json.loads(where.read_text())
+            if known["accel"] in ("kvm", "tcg"):
+                return str(known["accel"]), str(known["why"])[:200]
+    result = await _probe(kernel, qemu)
+    if where is not None:
+        with contextlib.suppress(OSError):
+            where.parent.mkdir(parents=True, exist_ok=True)
+            tmp = where.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"accel": result[0], "why": result[1]}))
+            tmp.rename(where)
+    return result
+
+
+async def _probe(kernel: Path, qemu: str) -> tuple[str, str]:
     dev = Path("/dev/kvm")
     if not dev.exists():
         result = ("tcg", "no /dev/kvm")
@@ -64,15 +109,14 @@ async def detect_accel(kernel: Path, qemu: str = QEMU) -> tuple[str, str]:
             "-append", "console=ttyS0 panic=-1 reboot=t", "-serial", "null",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), 20.0)
+            _, err = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT_S)
             ok = proc.returncode == 0
             why = "kvm boots" if ok else f"kvm probe exited {proc.returncode}: {err.decode(errors='replace')[:160]}"
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            ok, why = False, "kvm probe hung"
+            ok, why = False, f"kvm probe hung (no guest kernel panic within {PROBE_TIMEOUT_S:g} s under KVM)"
         result = ("kvm", why) if ok else ("tcg", why.strip())
-    _accel_cache[qemu] = result
     return result
 
 
@@ -124,10 +168,17 @@ class QemuMicrovm:
         self.shared_channel = channel == "serial"
         self.seccomp_allow: frozenset[str] | None = QEMU_ALLOW
         self.elf_kernel = False
+        self.pvh = True  # boots the image's ELF vmlinux (PVH entry) when it ships one (Instance.boots_elf)
         self.ram_from_agent = True
 
     def available(self) -> bool:
         return shutil.which(self.qemu) is not None
+
+    async def probe_accel(self, kernel: Path) -> str:
+        """The accelerator this driver will use ("kvm" / "tcg"); asks the host once (see `detect_accel`)."""
+        if self.accel != "auto":
+            return self.accel
+        return (await detect_accel(kernel, self.qemu))[0]
 
     def argv(self, spec: LaunchSpec, accel: str, qmp_fd: int, channel_fd: int) -> list[str]:
         khz = tsc_khz()
@@ -147,7 +198,10 @@ class QemuMicrovm:
         # reaches it; the guest formats and opens it.
         volume = ["-drive", f"id=volume,file={spec.volume},format=raw,if=none",
                   "-device", "virtio-blk-device,drive=volume"] if spec.volume is not None else []
-        machine = "microvm,x-option-roms=off,rtc=off"
+        # The RTC stays on: without one a guest kernel with no kvmclock (TCG) spends about a second of every
+        # boot waiting on CMOS reads that never settle ("Unable to read current time from RTC"), and with it
+        # the guest has the wall-clock time.
+        machine = "microvm,x-option-roms=off,rtc=on"
         if spec.vfio_devices:
             machine += ",acpi=on,pcie=on"
         argv = [self.qemu, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
@@ -182,10 +236,14 @@ class QemuMicrovm:
         if not self.available():
             raise VmmError("vmm_missing", f"{self.qemu} not found (install qemu-system-x86)")
         accel = self.accel
+        probe_started = time.monotonic()
         if accel == "auto":
             accel, _why = await detect_accel(Path(f"/proc/{os.getpid()}/fd/{spec.kernel_fd}"), self.qemu)
-        return await spawn_qemu(spec, self.name, accel,
-                                lambda qmp_fd, channel_fd: self.argv(spec, accel, qmp_fd, channel_fd))
+        probe_ms = (time.monotonic() - probe_started) * 1000
+        vm = await spawn_qemu(spec, self.name, accel,
+                              lambda qmp_fd, channel_fd: self.argv(spec, accel, qmp_fd, channel_fd))
+        vm.accel_probe_ms = probe_ms
+        return vm
 
     async def stop(self, vm: VmProcess, grace_s: float = 5.0) -> None:
         if vm.proc.returncode is None and vm.control is not None:
