@@ -228,6 +228,8 @@ class InstanceRuntime:
                 await self.keys.deliver(instance, bool(spec.volume_mib), bool(spec.client_secrets),
                                         self.settings.key_release_timeout_s, self.settings.client_secrets_timeout_s)
             await self._emit(job_id, InstanceRunning(instance_id=instance_id), cause)
+            if warm is not None:
+                self.fill_pool()  # its replacement, now that this job's start no longer needs the CPU
 
             async def publish(chunk: InstanceOutput) -> None:
                 await self._emit(job_id, chunk, cause, str(chunk.seq))
@@ -254,6 +256,8 @@ class InstanceRuntime:
                 instance = self.jobs[job_id].instance
             await self._tear_down(job_id, instance_id, instance, workdir, claimed, bindings, cause)
             current_job.reset(token)
+            if warm is not None:
+                self.fill_pool()  # (again, for a job that ended before it ran: fill is idempotent)
 
     async def _launch_for(self, job_id: str, instance_id: str, spec: JobSubmitted, cause: Event,
                           claimed: tuple[str, ...], bindings: list[Binding]) -> Instance:

@@ -114,14 +114,13 @@ class WarmPool:
         self.fill()
 
     def take(self, key: PoolKey) -> Warm | None:
-        """A ready warm instance for a job of exactly this shape (never handed out twice), or None; the pool
-        starts booting its replacement."""
+        """A ready warm instance for a job of exactly this shape (never handed out twice), or None. Its
+        replacement is booted when the runtime calls `fill` again, once the job runs: a boot started now
+        would take the CPU the job's own attestation needs."""
         ready = self._ready.get(key)
         if not ready:
             return None
-        warm = ready.pop(0)
-        self.fill()
-        return warm
+        return ready.pop(0)
 
     def discard(self, instance_id: str) -> Warm | None:
         """Take a ready warm instance out of the pool without a job (to tear it down); None if not here."""

@@ -51,6 +51,9 @@ async def test_each_warm_instance_goes_to_one_job_and_the_pool_refills() -> None
     assert first is not None and second is not None
     assert first.instance.spec.instance_id != second.instance.spec.instance_id
     assert pool.take(PoolKey("img", 1, 512, 0)) is None  # another shape: nothing
+    await asyncio.sleep(0.02)
+    assert pool.ready == 0  # no replacement until the runtime asks (once the job runs)
+    pool.fill()
     await _settle(pool, 2)  # two fresh ones
     ids = pool.instance_ids()
     assert first.instance.spec.instance_id not in ids and second.instance.spec.instance_id not in ids
@@ -67,7 +70,7 @@ async def test_a_discarded_instance_is_replaced_and_never_handed_out() -> None:
     (bad,) = pool.instance_ids()
     warm = pool.discard(bad)
     assert warm is not None and pool.discard(bad) is None
-    await _settle(pool, 1)
+    await _settle(pool, 1)  # discard refills at once: no job is starting
     taken = pool.take(PoolKey.of(WarmPoolEntry(image="img", count=1)))
     assert taken is not None and taken.instance.spec.instance_id != bad
     await pool.close()
