@@ -332,14 +332,15 @@ async def _instance_verdict(admin: Bus, job_id: str) -> InstanceAttested | None:
 
 def _show_boot(events: list[Event], console: Console) -> None:
     """The instance's boot, stage by stage, as its node-agent measured it (instance.booted)."""
-    for ev in events:
-        p = ev.payload
-        if isinstance(p, InstanceBooted):
-            console.print(f"   boot to READY: {p.boot_ms:,.0f} ms ({p.accel}, kernel {p.kernel or 'unknown'}"
-                          f"{', warm pool' if p.warm else ''})")
-            if p.breakdown is not None:
-                parts = [(name.removesuffix("_ms"), ms) for name, ms in p.breakdown.model_dump().items()]
-                console.print("     " + ", ".join(f"{name} {ms:,.0f}" for name, ms in parts if ms >= 0.5) + " (ms)")
+    booted = next((e.payload for e in events if isinstance(e.payload, InstanceBooted)), None)
+    if booted is None:
+        return
+    console.print(f"   boot to READY: {booted.boot_ms:,.0f} ms ({booted.accel}, kernel {booted.kernel or 'unknown'}"
+                  f"{', warm pool' if booted.warm else ''})")
+    stages = booted.breakdown.model_dump() if booted.breakdown is not None else {}
+    if stages:
+        console.print("     " + ", ".join(f"{name.removesuffix('_ms')} {ms:,.0f}" for name, ms in stages.items()
+                                          if ms >= 0.5) + " (ms)")
 
 
 async def _wait_job(admin: Bus, job_id: str, output_key: x25519.X25519PrivateKey | None, console: Console,

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from shared.image.manifest import ImageError, KernelBuild
 
-__all__ = ["GUEST_MODULES", "GuestKernel", "cache_dir", "download_package", "fetch_kernel", "module_load_order"]
+__all__ = ["GUEST_MODULES", "GuestKernel", "cache_dir", "download_package", "fetch_kernel", "module_load_order",
+           "run_tool"]
 
 GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "overlay", "virtio_net",
                  "dm-mod", "dm-crypt", "xts", "ecb", "aesni-intel", "af_alg", "algif_skcipher",
@@ -61,7 +62,7 @@ def fetch_kernel(package: str = "linux-image-cloud-amd64", deb: Path | None = No
         if not unpacked.is_dir():
             tmp = cache / (deb.stem + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}")
+            run_tool(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}")
             tmp.rename(unpacked)
     images = sorted((unpacked / "boot").glob("vmlinuz-*"))
     if not images:
@@ -83,24 +84,27 @@ def download_package(package: str, cache: Path) -> Path:
     if existing:
         return existing[-1]
     try:
-        _run(["apt-get", "download", real], f"download {real}", cwd=cache)
+        run_tool(["apt-get", "download", real], f"download {real}", cwd=cache)
     except ImageError:
         # A fresh machine may have no package lists yet: refresh them once, then try again.
-        _run(["apt-get", "update", "-qq"], "refresh the package lists")
-        _run(["apt-get", "download", real], f"download {real}", cwd=cache)
+        run_tool(["apt-get", "update", "-qq"], "refresh the package lists")
+        run_tool(["apt-get", "download", real], f"download {real}", cwd=cache)
     found = sorted(cache.glob(f"{real}_*.deb"))
     if not found:
         raise ImageError("kernel_missing", f"apt-get download {real} produced no .deb")
     return found[-1]
 
 
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
+def run_tool(argv: list[str], what: str, reason: str = "kernel_fetch_failed", cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> None:
+    """Run a build or fetch step; an `ImageError` (`tool_missing`, or `reason` with the tail of its output)
+    when it cannot run or fails."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env)
     except FileNotFoundError:
         raise ImageError("tool_missing", f"{argv[0]} not found (needed to {what})") from None
     if proc.returncode != 0:
-        raise ImageError("kernel_fetch_failed", f"{what}: {proc.stderr.strip()[-400:]}")
+        raise ImageError(reason, f"{what}: {(proc.stderr or proc.stdout).strip()[-800:]}")
 
 
 def module_load_order(modules_dir: Path, wanted: tuple[str, ...] = GUEST_MODULES) -> list[Path]:

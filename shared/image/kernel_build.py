@@ -33,7 +33,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from shared.image.kernel import GuestKernel, cache_dir, download_package
+from shared.image.kernel import GuestKernel, cache_dir, download_package, run_tool
 from shared.image.manifest import ImageError, KernelBuild
 
 __all__ = ["DEFAULT_SOURCE", "KernelBuild", "build_guest_kernel", "config_fragment", "fragment_options"]
@@ -42,6 +42,7 @@ DEFAULT_SOURCE = "linux-source-6.12"
 """Debian 12's newest kernel source (bookworm-security): 6.7+ has configfs-tsm, which a confidential guest
 reports through."""
 
+_FAILED = "kernel_build_failed"
 _RECIPE = "1"  # bump when the steps below change what is built
 _EPOCH = "2024-11-17 00:00:00 UTC"  # KBUILD_BUILD_TIMESTAMP: any fixed date (6.12's release)
 
@@ -121,12 +122,12 @@ def _build(deb: Path, fragment: str, out: Path, compiler: str, source: str, jobs
                "KBUILD_BUILD_HOST": "qvm", "KBUILD_BUILD_VERSION": "1", "LC_ALL": "C", "TZ": "UTC",
                "SOURCE_DATE_EPOCH": "1731801600"}
         make = ["make", "-s", "-C", str(src), f"O={obj}", "ARCH=x86_64"]
-        _run([*make, f"KCONFIG_ALLCONFIG={frag}", "allnoconfig"], env, "configure the guest kernel")
+        run_tool([*make, f"KCONFIG_ALLCONFIG={frag}", "allnoconfig"], "configure the guest kernel", _FAILED, env=env)
         config = (obj / ".config").read_text()
         unmet = unmet_options(fragment_options(fragment), fragment_options(config))
         if unmet:
             raise ImageError("kernel_config_unmet", "the guest kernel config did not take: " + ", ".join(unmet[:12]))
-        _run([*make, f"-j{jobs}", "bzImage"], env, "build the guest kernel")
+        run_tool([*make, f"-j{jobs}", "bzImage"], "build the guest kernel", _FAILED, env=env)
         release = (obj / "include" / "config" / "kernel.release").read_text().strip()
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,23 +156,15 @@ def unmet_options(wanted: dict[str, str], resolved: dict[str, str]) -> list[str]
 def _unpack(deb: Path, work: Path) -> Path:
     """The source tree from the package's tarball (/usr/src/<name>.tar.xz)."""
     pkg = work / "pkg"
-    _run(["dpkg-deb", "-x", str(deb), str(pkg)], {**os.environ}, f"unpack {deb.name}")
+    run_tool(["dpkg-deb", "-x", str(deb), str(pkg)], f"unpack {deb.name}", _FAILED)
     tarballs = sorted((pkg / "usr" / "src").glob("linux-source-*.tar.xz"))
     if not tarballs:
         raise ImageError("kernel_source_missing", f"{deb.name} holds no /usr/src/linux-source-*.tar.xz")
-    _run(["tar", "-xJf", str(tarballs[-1]), "-C", str(work), "--no-same-owner"], {**os.environ},
-         f"unpack {tarballs[-1].name}")
+    run_tool(["tar", "-xJf", str(tarballs[-1]), "-C", str(work), "--no-same-owner"], f"unpack {tarballs[-1].name}",
+             _FAILED)
     shutil.rmtree(pkg)
     trees = [p for p in work.iterdir() if p.is_dir() and p.name.startswith("linux-source-")]
     if len(trees) != 1:
         raise ImageError("kernel_source_missing", f"{tarballs[-1].name} did not unpack to one linux-source tree")
     return trees[0]
 
-
-def _run(argv: list[str], env: dict[str, str], what: str) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-    except FileNotFoundError:
-        raise ImageError("tool_missing", f"{argv[0]} not found (needed to {what})") from None
-    if proc.returncode != 0:
-        raise ImageError("kernel_build_failed", f"{what}: {(proc.stderr or proc.stdout).strip()[-800:]}")

@@ -55,10 +55,7 @@ class InstanceGate:
             security_policy_sha256=security_policy_digest(spec.seccomp, spec.cgroups, spec.network),
             security_policy=instance_security_policy(spec.seccomp, spec.cgroups, spec.network),
             public_key=instance.public_key.hex())
-        try:
-            await self.attester.measure(entry)
-        except AttestError as exc:
-            raise InstanceError(exc.reason, exc.detail) from None
+        await self._log(entry)
         return entry
 
     async def assign(self, job_id: str, instance: Instance) -> AssignmentMeasurement:
@@ -66,11 +63,15 @@ class InstanceGate:
         launch and key before the instance is attested for it (a verifier takes one per instance)."""
         entry = AssignmentMeasurement(instance_id=instance.spec.instance_id, job_id=job_id,
                                       public_key=instance.public_key.hex())
+        await self._log(entry)
+        return entry
+
+    async def _log(self, entry: InstanceMeasurement | AssignmentMeasurement) -> None:
+        """Into the TPM log and PCR; the instance cannot go on without it."""
         try:
             await self.attester.measure(entry)
         except AttestError as exc:
             raise InstanceError(exc.reason, exc.detail) from None
-        return entry
 
     def key_for(self, instance_id: str) -> bytes | None:
         return self._keys.get(instance_id)
