@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qvm-installed
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev qemu-system-x86 cryptsetup-bin pkg-config build-essential \
 	busybox-static e2fsprogs libseccomp2 iproute2 nftables wireguard-tools tcpdump clang libbpf-dev \
-	flex bison bc libelf-dev libssl-dev lz4 xz-utils
+	dmsetup flex bison bc libelf-dev libssl-dev lz4 xz-utils
 # Userspace WireGuard, where the distribution has it (the WireGuard tests use it when the kernel has no module);
 # bpftool (Debian's package name) makes the runtime guard's vmlinux.h from the kernel's BTF.
 APT_OPTIONAL := wireguard-go bpftool

@@ -71,8 +71,9 @@ def find_static_busybox() -> Path:
     return path
 
 
-GUEST_TOOLS = (("cryptsetup", "cryptsetup-bin"), ("mke2fs", "e2fsprogs"))
-"""Host binaries the guest init needs (name, Debian package): LUKS2 and ext4 on the data volume."""
+GUEST_TOOLS = (("cryptsetup", "cryptsetup-bin"), ("mke2fs", "e2fsprogs"), ("dmsetup", "dmsetup"))
+"""Host binaries the guest init needs (name, Debian package): LUKS2 and ext4 on the data volume, the scratch
+disk's plain dm-crypt mapping."""
 
 _SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
