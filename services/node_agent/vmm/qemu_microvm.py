@@ -70,14 +70,17 @@ async def detect_accel(kernel: Path, qemu: str = QEMU) -> tuple[str, str]:
 
 
 def _probe_key(qemu: str) -> str | None:
-    """This host boot and this QEMU binary: what the probe's answer depends on."""
+    """This host boot, this QEMU binary and this /dev/kvm (a kvm module loaded later makes a new one): what
+    the probe's answer depends on."""
     try:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         binary = Path(shutil.which(qemu) or qemu).resolve()
         st = binary.stat()
+        kvm = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
     except OSError:
         return None
-    return hashlib.sha256(f"{boot_id}\0{binary}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    device = f"{kvm.st_ino}:{kvm.st_ctime_ns}" if kvm else "none"
+    return hashlib.sha256(f"{boot_id}\0{binary}\0{st.st_size}\0{st.st_mtime_ns}\0{device}".encode()).hexdigest()[:32]
 
 
 async def _probe_cached(kernel: Path, qemu: str) -> tuple[str, str]:
