@@ -68,7 +68,11 @@ async def _placed_to_running(admin: Bus, job_id: str) -> tuple[float, InstanceBo
     if EventType.INSTANCE_RUNNING not in at:
         raise RuntimeError(f"{job_id} never ran: {[str(e.spec.type) for e in events]}")
     booted = next(e.payload for e in events if isinstance(e.payload, InstanceBooted))
-    return (at[EventType.INSTANCE_RUNNING] - at[EventType.JOB_PLACED]) / 1e6, booted
+    t0 = at[EventType.JOB_PLACED]
+    steps = [f"{e.spec.type} +{(e.envelope.time_ns - t0) / 1e6:.0f}" for e in events
+             if e.envelope.time_ns >= t0 and e.spec.type is not EventType.INSTANCE_OUTPUT]
+    say(f"    {job_id}: " + ", ".join(steps)[:400])
+    return (at[EventType.INSTANCE_RUNNING] - t0) / 1e6, booted
 
 
 async def run(tmp: Path) -> list[Figure]:

@@ -75,6 +75,23 @@ def tls_context(pki: Pki, ident: Identity) -> ssl.SSLContext:
     return ctx
 
 
+async def _fetch_now(sub: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
+    """Up to `room` messages, handed over as soon as the first arrives (a second wait of at most 1 s).
+
+    One `fetch(room, timeout=1.0)` is a pull request the server holds open for the whole second when fewer than
+    `room` messages are there, and nats-py returns only at its end: each hop of a quiet pipeline (evidence to
+    verdict, placement to acceptance) then waited up to a second, 0.5 s on average. Here a one-message pull
+    waits for the first (the server answers it the moment one is stored), then a pull of at most 5 ms takes
+    what else is already there, so a burst still moves in batches."""
+    first = await sub.fetch(1, timeout=1.0)
+    if room <= 1:
+        return first
+    try:
+        return first + await sub.fetch(room - 1, timeout=0.005)
+    except (nats.errors.TimeoutError, TimeoutError):
+        return first
+
+
 @dataclass
 class Bus:
     nc: NatsClient
@@ -223,7 +240,7 @@ class Bus:
                     await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await sub.fetch(room, timeout=1.0)
+                    msgs = await _fetch_now(sub, room)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
