@@ -76,18 +76,22 @@ def tls_context(pki: Pki, ident: Identity) -> ssl.SSLContext:
 
 
 async def _fetch_now(sub: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
-    """Up to `room` messages, handed over as soon as the first arrives (a second wait of at most 1 s).
+    """Up to `room` messages, handed over as soon as the first is stored.
 
     One `fetch(room, timeout=1.0)` is a pull request the server holds open for the whole second when fewer than
     `room` messages are there, and nats-py returns only at its end: each hop of a quiet pipeline (evidence to
     verdict, placement to acceptance) then waited up to a second, 0.5 s on average. Here a one-message pull
-    waits for the first (the server answers it the moment one is stored), then a pull of at most 5 ms takes
-    what else is already there, so a burst still moves in batches."""
+    waits for the first (the server answers it the moment one is stored); the message says how many more the
+    consumer has waiting (`num_pending`), and only those are pulled, which the server hands over at once. A
+    quiet pipeline makes no second request; a burst still moves in batches. (A replica of the same durable may
+    take some first: the second pull then waits at most 50 ms.)"""
     first = await sub.fetch(1, timeout=1.0)
-    if room <= 1:
+    meta = first[-1].metadata if first else None
+    more = min(room - 1, (meta.num_pending or 0) if meta is not None else 0)
+    if more <= 0:
         return first
     try:
-        return first + await sub.fetch(room - 1, timeout=0.005)
+        return first + await sub.fetch(more, timeout=0.05)
     except (nats.errors.TimeoutError, TimeoutError):
         return first
 
