@@ -75,6 +75,11 @@ log = get_logger("qvm.node_agent.runtime")
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def _manifest_digest(bundle: Path) -> str:
+    """The image's identity in events and the measured launch: SHA-256 of its signed manifest."""
+    return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
 @dataclass
 class _Running:
     task: asyncio.Task[None]
@@ -151,14 +156,12 @@ class InstanceRuntime:
                             workdir, self.vmm, dict(trusted))
         try:
             await instance.verify()
-            digest = hashlib.sha256((instance.spec.bundle / "manifest.json").read_bytes()).hexdigest()
+            digest = _manifest_digest(instance.spec.bundle)
             if self.gate is not None:
                 await self.gate.measure("", instance, digest)
             await instance.launch()
             assert instance.vm is not None
-            if self.guard is not None:
-                await self.guard.watch(instance_id, instance.vm.pid,
-                                       [p for p in (workdir / SCRATCH_FILE, workdir / VOLUME_FILE) if p.exists()])
+            await self._watch(instance)
         except BaseException:
             await self._destroy_warm(Warm(instance, ""))
             raise
@@ -275,10 +278,8 @@ class InstanceRuntime:
         self.jobs[job_id].instance = instance
         await instance.verify()
         write_owner(workdir, job_id, instance_id, self.node_id, cause.id)  # for a teardown after a crash
-        digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-        if (spec.volume_mib or spec.client_secrets) and self.gate is None:
-            raise InstanceError("attestation_required", "keys and client secrets go only to attested "
-                                                        "instances; this node has no TPM")
+        digest = _manifest_digest(bundle)
+        self._refuse_keys_unattested(spec)
         if self.gate is not None:
             await self.gate.measure(job_id, instance, digest)  # measured launch: extend before the VMM starts
         await self._emit(job_id, InstanceProvisioning(
@@ -292,9 +293,7 @@ class InstanceRuntime:
             instance.spec = dataclasses.replace(instance.spec, vfio_devices=tuple(b.gpu for b in bindings))
         await instance.launch()
         assert instance.vm is not None
-        if self.guard is not None:  # from now until its teardown, the VMM and what it starts are watched
-            await self.guard.watch(instance_id, instance.vm.pid,
-                                   [p for p in (workdir / SCRATCH_FILE, workdir / VOLUME_FILE) if p.exists()])
+        await self._watch(instance)
         return instance
 
     async def _assign_warm(self, job_id: str, spec: JobSubmitted, warm: Warm, cause: Event) -> None:
@@ -305,14 +304,24 @@ class InstanceRuntime:
         instance.spec = dataclasses.replace(instance.spec, job_id=job_id, command=spec.command,
                                             run_timeout_s=float(spec.max_runtime_s))
         write_owner(instance.workdir, job_id, instance.spec.instance_id, self.node_id, cause.id)
-        if (spec.volume_mib or spec.client_secrets) and self.gate is None:
-            raise InstanceError("attestation_required", "keys and client secrets go only to attested "
-                                                        "instances; this node has no TPM")
+        self._refuse_keys_unattested(spec)
         if self.gate is not None:
             await self.gate.assign(job_id, instance)
         await self._emit(job_id, InstanceProvisioning(
             instance_id=instance.spec.instance_id, image=spec.image, image_manifest_sha256=warm.manifest_sha256,
             vmm=instance.vmm.name, public_key=instance.public_key.hex()), cause)
+
+    def _refuse_keys_unattested(self, spec: JobSubmitted) -> None:
+        if (spec.volume_mib or spec.client_secrets) and self.gate is None:
+            raise InstanceError("attestation_required", "keys and client secrets go only to attested "
+                                                        "instances; this node has no TPM")
+
+    async def _watch(self, instance: Instance) -> None:
+        """From its launch until its teardown, the VMM, what it starts, and the instance's disks are watched."""
+        if self.guard is not None and instance.vm is not None:
+            await self.guard.watch(instance.spec.instance_id, instance.vm.pid,
+                                   [p for p in (instance.workdir / SCRATCH_FILE, instance.workdir / VOLUME_FILE)
+                                    if p.exists()])
 
     async def _tear_down(self, job_id: str, instance_id: str, instance: Instance | None, workdir: Path,
                          claimed: tuple[str, ...], bindings: list[Binding], cause: Event) -> None:
