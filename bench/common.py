@@ -1,22 +1,32 @@
-"""Shared helpers: figures against targets, percentiles, windowed concurrency, log counting."""
+"""Shared helpers: figures against targets or against the machine's own limits, percentiles, windowed
+concurrency, log counting."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
-__all__ = ["Figure", "LogCounter", "fmt_rate", "percentile", "say", "section", "windowed"]
+__all__ = ["Figure", "LogCounter", "fmt_rate", "percentile", "say", "say_to", "section", "windowed"]
 
 T = TypeVar("T")
 
 
+_out: list[TextIO] = []
+
+
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    """Progress and per-benchmark lines: stdout, or stderr when `--json` keeps stdout for the document."""
+    print(text, file=_out[0] if _out else sys.stdout, flush=True)
+
+
+def say_to(stream: TextIO) -> None:
+    _out[:] = [stream]
 
 
 def section(title: str, method: str) -> None:
@@ -27,7 +37,13 @@ def section(title: str, method: str) -> None:
 
 @dataclass(frozen=True)
 class Figure:
-    """One summary row: a measured value and, optionally, its target."""
+    """One summary row: a measured value and, optionally, what it is held against.
+
+    Either a `limit`: the physical or library bound of the same work, measured on this machine in the same
+    run (`limit_of` says what it is), with `target` then the ratio value / limit to reach (at least it when
+    `higher_is_better`, at most it otherwise); a machine that is faster or slower moves both. Or, with no
+    limit, a fixed `target` in the figure's own unit (figures whose budget is absolute: a latency a user
+    waits on)."""
 
     name: str
     value: float | None
@@ -37,12 +53,16 @@ class Figure:
     note: str = ""
     check: bool | None = None  # a pass/fail row without a numeric target
     check_target: str = ""
+    limit: float | None = None
+    limit_of: str = ""
 
     @property
     def ratio(self) -> float | None:
-        if self.value is None or not self.target:
+        """value / limit when the figure has a limit, else value / target."""
+        base = self.limit if self.limit is not None else self.target
+        if self.value is None or not base:
             return None
-        return self.value / self.target
+        return self.value / base
 
     @property
     def met(self) -> bool | None:
@@ -50,7 +70,17 @@ class Figure:
             return self.check
         if self.value is None or self.target is None:
             return None
+        if self.limit is not None:
+            ratio = self.ratio
+            if ratio is None:
+                return None
+            return ratio >= self.target if self.higher_is_better else ratio <= self.target
         return self.value >= self.target if self.higher_is_better else self.value < self.target
+
+    def limit_text(self) -> str:
+        if self.limit is None:
+            return "-"
+        return f"{_num(self.limit)} {self.unit}".strip()
 
     def value_text(self) -> str:
         if self.value is None:
@@ -62,11 +92,23 @@ class Figure:
             return self.check_target
         if self.target is None:
             return "-"
+        if self.limit is not None:
+            return f"{'>=' if self.higher_is_better else '<='} {self.target:.2f}x"
         return f"{'>=' if self.higher_is_better else '<'} {_num(self.target)} {self.unit}".strip()
+
+    def as_dict(self) -> dict[str, object]:
+        """The row for `--json`."""
+        return {"name": self.name, "measured": self.value, "unit": self.unit, "limit": self.limit,
+                "limit_of": self.limit_of or None, "ratio": self.ratio if self.limit is not None else None,
+                "target_ratio": self.target if self.limit is not None else None,
+                "target": self.target if self.limit is None else None,
+                "higher_is_better": self.higher_is_better, "met": self.met, "note": self.note or None}
 
     def line(self) -> str:
         """The figure as one printed line, with target and ratio when it has a target."""
         out = f"  {self.name:<46} {self.value_text():>18}"
+        if self.limit is not None:
+            out += f"   limit {self.limit_text()} ({self.limit_of})"
         if self.target is not None or self.check is not None:
             ratio = self.ratio
             out += f"   target {self.target_text():<16}"

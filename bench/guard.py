@@ -61,7 +61,8 @@ async def _stop_latency(guard: RuntimeGuard) -> list[float]:
         peek = await asyncio.create_subprocess_exec(
             sys.executable, "-c", f"import time; print(time.monotonic_ns(), flush=True); open('/proc/{vmm.pid}/mem')",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        await guard.next_finding("host_ptrace_vmm", lambda f, pid=vmm.pid: f.target_pid == pid, timeout_s=10)
+        pid = vmm.pid
+        await guard.next_finding("host_ptrace_vmm", lambda f: f.target_pid == pid, timeout_s=10)  # noqa: B023 - awaited here
         os.kill(vmm.pid, signal.SIGKILL)  # what InstanceRuntime.stop_for ends in: the VMM stopped
         await vmm.wait()
         stopped = time.monotonic_ns()
@@ -94,7 +95,7 @@ async def run(tmp: Path) -> list[Figure]:
     root.mkdir()
     build_image(BuildRequest(name="bench", out=images / "bench", kernel=guest_kernel(), publisher_key=priv,
                              rootfs_dir=root, with_busybox=True))
-    keys = dict(load_public_keys([pub]))
+    keys: dict[str, object] = dict(load_public_keys([pub]))
     guard = await RuntimeGuard.start(build_guard())
     try:
         plain = [await _boot_and_work(images, keys, tmp, None, i) for i in range(RUNS)]

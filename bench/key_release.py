@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from bench.common import Figure, say, section, windowed
+from bench.limits import release_crypto_s
 from bench.stack import BenchStack, bench_stack, service_process
 from services.key_broker.store import BUCKET
 from shared.bus import Bus
@@ -40,7 +41,7 @@ from shared.pki import Pki
 __all__ = ["run"]
 
 P50_TARGET_MS = 5.0
-RATE_TARGET = 2000.0
+RATE_TARGET_RATIO = 0.5  # of 1 / (the release's own crypto alone: verify, unwrap, HPKE seal, sign)
 LATENCY_SAMPLES = 300
 BURST = 3000
 NODE = "bench-node"
@@ -68,7 +69,9 @@ async def run(tmp: Path) -> list[Figure]:
         f"and stored wrapped); latency: {LATENCY_SAMPLES} instance.attested published one at a time (signed as "
         "the verifier), timed to the key.released arrival at a push consumer (the node's side), whose sealed key "
         f"is opened with the instance key; throughput: {BURST:,} results pre-signed as the verifier, published "
-        "with 256 in flight, arrivals stamped by subject; releases/s = releases / (first publish -> last arrival)",
+        "with 256 in flight, arrivals stamped by subject; releases/s = releases / (first publish -> last arrival); "
+        "limit: 1 / the CPU time of one release's crypto alone in this process (Ed25519 verify of a signed result, "
+        "AES-256-GCM unwrap under a KEK, HPKE seal to a fresh X25519 key, Ed25519 sign of a key.released)",
     )
     pki = Pki(tmp / "pki")
     pki.init(nodes=[NODE])
@@ -120,6 +123,10 @@ async def run(tmp: Path) -> list[Figure]:
             opened = hpke.open_sealed(bytes.fromhex(sealed[jobs[0]]), keys[0], hpke.release_info("dek", jobs[0], "i-0"))
             assert len(opened) == 32
 
+            sample = verifier.codec.encode(_result(jobs[0], "i-0", _pub(keys[0]), 0), job_id=jobs[0], node_id=NODE)
+            crypto_s = release_crypto_s(sample.data, sample.data, verifier.codec.signer.key)  # type: ignore[union-attr]
+            say(f"  limit: one release's crypto alone {crypto_s * 1e6:.0f} µs -> {1 / crypto_s:,.0f} releases/s")
+
             burst = list(range(LATENCY_SAMPLES, total))
             signed = {i: verifier.codec.encode(_result(jobs[i], f"i-{i}", _pub(keys[i]), i), job_id=jobs[i],
                                                node_id=NODE) for i in burst}  # the verifier's cost: not timed
@@ -142,8 +149,9 @@ async def run(tmp: Path) -> list[Figure]:
     figs = [
         Figure("verified -> released latency p50", p50, "ms", P50_TARGET_MS),
         Figure("verified -> released latency p99", p99, "ms", note=f"max {lat[-1]:.1f} ms"),
-        Figure("key releases/s (burst)", rate, "/s", RATE_TARGET, higher_is_better=True,
-               note=f"{len(done):,} of {len(burst):,} released"),
+        Figure("key releases/s (burst)", rate, "/s", RATE_TARGET_RATIO, higher_is_better=True,
+               note=f"{len(done):,} of {len(burst):,} released", limit=1 / crypto_s,
+               limit_of="1 / release crypto alone"),
     ]
     for f in figs:
         say(f.line())

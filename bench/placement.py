@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.common import Figure, fmt_rate, percentile, say, windowed
+from bench.limits import nats_publish_rate
 from bench.stack import BenchStack, log_problems, scheduler_process
 from services.scheduler.placement import NodeRecord, NodeStatus
 from shared.bus import Bus
@@ -29,8 +30,8 @@ from shared.identity import Role
 from shared.models import GpuInfo, GpuRequest, HardwareProfile, Inventory, ResourceClaim, TpmInfo, TrustState
 
 __all__ = [
-    "GPU_NAME", "ClaimCheck", "RunResult", "check_claims", "job_payload", "kv_sizes", "node_ids", "paced_line",
-    "register_nodes", "report_run", "run_jobs",
+    "GPU_NAME", "ClaimCheck", "RunResult", "bus_floor", "check_claims", "job_payload", "kv_sizes", "node_ids",
+    "paced_line", "register_nodes", "report_run", "run_jobs",
 ]
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
@@ -193,6 +194,14 @@ async def run_jobs(
     return res
 
 
+async def bus_floor(stack: BenchStack, jobs: int, prefix: str) -> float:
+    """The placement's bus floor: job.submitted/s that this stack's NATS stores and acknowledges for one client
+    (pre-signed, published as `run_jobs` publishes them), with no scheduler running."""
+    market = await stack.bus(Role.MARKETPLACE)
+    outs = [market.codec.encode(job_payload(i), job_id=f"{prefix}-{i:05d}") for i in range(jobs)]
+    return await nats_publish_rate(market.js, outs, WINDOW)
+
+
 async def _paced(outs: list[Outgoing], publish: Callable[[Outgoing], Coroutine[Any, Any, None]], rate: float) -> None:
     """Start publish i at t0 + i/rate (each awaits its own ack concurrently); catch up when late."""
     pending: set[asyncio.Task[None]] = set()
@@ -274,8 +283,10 @@ async def check_claims(admin: Bus, nodes: list[str], res: RunResult) -> ClaimChe
     return chk
 
 
-def report_run(res: RunResult, *, p99_target_ms: float | None, rate_target: float | None) -> list[Figure]:
-    """Print one run's figures; returns those for the summary."""
+def report_run(res: RunResult, *, p99_target_ms: float | None, rate_target: float | None,
+               bus_floor: float | None = None) -> list[Figure]:
+    """Print one run's figures; returns those for the summary. With `bus_floor` (ack'd publishes/s of one
+    client, measured in this run), the placement rate is held against it and `rate_target` is the ratio."""
     lat = res.latencies_ms()
     stored = res.stored_latencies_ms()
     placed = len(res.placed_at)
@@ -289,7 +300,8 @@ def report_run(res: RunResult, *, p99_target_ms: float | None, rate_target: floa
             f"p99 {percentile(stored, 99):.1f} ms")
     figs = [
         Figure(f"{res.label}: placements/s", res.throughput() if placed else None, "/s", rate_target,
-               higher_is_better=True, note=f"{placed:,} jobs over {res.span_s():.2f} s, first publish -> last placed"),
+               higher_is_better=True, note=f"{placed:,} jobs over {res.span_s():.2f} s, first publish -> last placed",
+               limit=bus_floor, limit_of="NATS ack'd publishes/s, 1 client" if bus_floor else ""),
         Figure(f"{res.label}: submit->placed p50", percentile(lat, 50) if lat else None, "ms"),
         Figure(f"{res.label}: submit->placed p99", percentile(lat, 99) if lat else None, "ms", p99_target_ms,
                note=f"max {lat[-1]:.1f} ms" if lat else ""),

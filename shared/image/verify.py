@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,20 +20,41 @@ from pydantic import ValidationError
 
 from shared.image.manifest import MANIFEST, SIGNATURE, ImageError, ImageManifest, Part
 
-__all__ = ["file_sha256", "verify_bundle", "verify_open"]
+__all__ = ["fd_sha256", "file_sha256", "verify_bundle", "verify_open"]
 
-CHUNK = 4 << 20
+CHUNK = 2 << 20
 MAX_MANIFEST = 64 * 1024
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
+def fd_sha256(fd: int) -> tuple[str, int]:
+    """SHA-256 and length of everything `fd` holds, read with pread (its offset is left alone).
+
+    A helper thread reads the next chunk into one buffer while this one hashes the other (both calls let go
+    of the GIL), so the copy out of the page cache hides behind the hashing and a part is checked at about
+    the speed of hashing bytes already in memory (`make bench` section 4 holds it against exactly that).
+    Reading, not mapping, the file: a part truncated meanwhile ends short (a digest mismatch), where a
+    mapping would take the process down with SIGBUS."""
     h = hashlib.sha256()
+    buffers = (bytearray(CHUNK), bytearray(CHUNK))
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
+    with ThreadPoolExecutor(1, thread_name_prefix="qvm-image-read") as reader:
+        reads: list[Future[int]] = [reader.submit(os.preadv, fd, [buffers[k]], k * CHUNK) for k in (0, 1)]
+        offset, i = 2 * CHUNK, 0
+        while n := reads[i].result():
+            h.update(memoryview(buffers[i])[:n])
+            size += n
+            if n < CHUNK:  # the end: a short read (the other read, further on, finds nothing)
+                reads[1 - i].result()
+                break
+            reads[i] = reader.submit(os.preadv, fd, [buffers[i]], offset)
+            offset += CHUNK
+            i = 1 - i
     return h.hexdigest(), size
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        return fd_sha256(f.fileno())
 
 
 def verify_bundle(bundle: Path, trusted: Mapping[str, object]) -> ImageManifest:
@@ -102,10 +124,8 @@ def _check_open(f: BinaryIO, part: Part) -> None:
     size = os.fstat(f.fileno()).st_size
     if size != part.size:
         raise ImageError("size_mismatch", f"{part.file}: {size} bytes, manifest says {part.size}")
-    h = hashlib.sha256()
-    while chunk := f.read(CHUNK):
-        h.update(chunk)
-    if h.hexdigest() != part.sha256:
+    digest, _ = fd_sha256(f.fileno())
+    if digest != part.sha256:
         raise ImageError("digest_mismatch", f"{part.file}: sha256 differs from the manifest")
     f.seek(0)
 

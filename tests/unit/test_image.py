@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from shared.image.cpio import initramfs_from_dir
 from shared.image.kernel import module_load_order
 from shared.image.manifest import ImageError, generate_publisher_key, load_private_key, load_public_keys
 from shared.image.rootfs import apply_container_tar
-from shared.image.verify import verify_bundle
+from shared.image.verify import CHUNK, fd_sha256, verify_bundle
 
 
 def _layer(files: dict[str, bytes | None], symlinks: dict[str, str] | None = None) -> bytes:
@@ -166,3 +168,15 @@ async def test_guest_channel_collects_output_and_exit_code() -> None:
     await ch.wait_ready()
     out = await ch.run("true")
     assert (out.exit_code, out.output, out.total_bytes) == (7, b"hi\n", 3)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 7])
+def test_part_digest_over_chunk_boundaries(tmp_path: Path, size: int) -> None:
+    """The double-buffered reader hashes every byte once, in order, whatever the size's relation to the chunk."""
+    data = os.urandom(size)
+    part = tmp_path / "part"
+    part.write_bytes(data)
+    with open(part, "rb") as f:
+        f.seek(5 if size > 5 else 0)
+        assert fd_sha256(f.fileno()) == (hashlib.sha256(data).hexdigest(), size)  # pread: the offset is ignored
+        assert f.tell() == (5 if size > 5 else 0)  # and left alone

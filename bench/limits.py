@@ -1,0 +1,172 @@
+"""The machine's own limits, measured in the same run as the figures held against them.
+
+Absolute figures move with the machine (another host of the same kind, or the same host while something
+else runs, gave 30-45% less on the same commit), so each figure that has a physical or library bound is
+printed beside that bound, measured here and now, and judged by the ratio. Each function below measures
+the bare work a figure cannot beat: the signature checks an audit must do, the bytes a scrub must write and
+read, the hashing an image check must do, the crypto a key release must do, the publishes the bus can
+store for one client, a guest booted by QEMU with nothing of qvm around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import mmap
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from bench.common import windowed
+from shared.codec import Outgoing
+from shared.crypto import hpke
+from shared.crypto.kek import KekRing
+from shared.crypto.secret import zeroize
+
+__all__ = [
+    "bare_qemu_boot_ms", "best_seconds", "cores", "ed25519_sign_s", "ed25519_verify_s", "memset_memcmp_gbs",
+    "nats_publish_rate", "release_crypto_s", "sha256_in_memory_gbs",
+]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_libc.memcmp.restype = ctypes.c_int
+
+
+def cores() -> int:
+    """The cores this process may run on (what a pool of workers can use)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def best_seconds(fn: Callable[[], object], n: int, rounds: int = 3) -> float:
+    """Seconds per call of `fn`: the best of `rounds` loops of `n` calls (the least disturbed by others)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def ed25519_verify_s(key: ed25519.Ed25519PrivateKey, data: bytes, n: int = 2000) -> float:
+    """One Ed25519 verification of `data` (an event as stored), by the library alone."""
+    sig, pub = key.sign(data), key.public_key()
+    return best_seconds(lambda: pub.verify(sig, data), n)
+
+
+def ed25519_sign_s(key: ed25519.Ed25519PrivateKey, data: bytes, n: int = 2000) -> float:
+    return best_seconds(lambda: key.sign(data), n)
+
+
+def memset_memcmp_gbs(size: int, chunk: int = 256 << 10) -> float:
+    """Bytes/s of a plain memset to zero of `size` bytes of resident memory, then a memcmp of all of it
+    against a zero chunk (what a scrub must write and read back), best of 3; no mapping or faults timed."""
+    zero = (ctypes.c_char * chunk)()
+    with mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE,
+                   mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        view = (ctypes.c_char * size).from_buffer(mm)
+        try:
+            base = ctypes.addressof(view)
+            best = float("inf")
+            for _ in range(3):
+                ctypes.memset(base, 0xA5, size)  # data to overwrite, as a guest leaves it
+                t0 = time.perf_counter()
+                ctypes.memset(base, 0, size)
+                bad = sum(1 for off in range(0, size, chunk) if _libc.memcmp(base + off, zero, chunk))
+                best = min(best, time.perf_counter() - t0)
+                assert bad == 0
+        finally:
+            del view
+    return size / best / 1e9
+
+
+def sha256_in_memory_gbs(paths: Sequence[Path]) -> float:
+    """Bytes/s of hashlib SHA-256 over the files' bytes already in this process's memory, best of 3."""
+    blobs = [p.read_bytes() for p in paths]
+    size = sum(len(b) for b in blobs)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for b in blobs:
+            hashlib.sha256(b).digest()
+        best = min(best, time.perf_counter() - t0)
+    return size / best / 1e9
+
+
+def release_crypto_s(signed_result: bytes, released: bytes, key: ed25519.Ed25519PrivateKey, n: int = 500) -> float:
+    """The CPU cost of one key release's own crypto, measured alone: verify the attestation result's
+    signature, unwrap the DEK under the KEK (AES-256-GCM), seal it with HPKE to a fresh instance key, sign
+    the `key.released` event."""
+    sig, pub = key.sign(signed_result), key.public_key()
+    ring = KekRing({1: bytearray(os.urandom(32))})
+    aad = b"qvm-volume-dek\x00bench"
+    wrapped = ring.wrap(os.urandom(32), aad)
+    recipient = x25519.X25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    info = hpke.release_info("dek", "bench", "bench-instance")
+
+    def one() -> None:
+        pub.verify(sig, signed_result)
+        dek = ring.unwrap(wrapped, aad)
+        try:
+            hpke.seal(dek, recipient, info)
+        finally:
+            zeroize(dek)
+        key.sign(released)
+
+    try:
+        return best_seconds(one, n)
+    finally:
+        ring.close()
+
+
+async def nats_publish_rate(js: object, outs: Sequence[Outgoing], window: int = 64) -> float:
+    """Publishes/s that this machine's NATS stores and acknowledges for one client: `outs` (pre-signed)
+    published with `window` in flight, each awaiting its JetStream ack, exactly as the placement bench
+    submits jobs, with nothing consuming them (the bus floor of a placement)."""
+    publish = js.publish  # type: ignore[attr-defined]
+
+    async def one(out: Outgoing) -> None:
+        await publish(out.subject, out.data, headers={"Nats-Msg-Id": out.event_id})
+
+    t0 = time.perf_counter()
+    await windowed(list(outs), one, window)
+    return len(outs) / (time.perf_counter() - t0)
+
+
+async def bare_qemu_boot_ms(argv: list[str], channel: socket.socket, pass_fds: Sequence[int],
+                            timeout_s: float = 120.0) -> float:
+    """Milliseconds from exec of `argv` (QEMU with the same kernel, initramfs, disks and command line the
+    agent would give it; no namespace, cgroup, seccomp or agent RAM) to the guest init's READY line on
+    `channel`; QEMU is killed afterwards."""
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(*argv, pass_fds=tuple(pass_fds), stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                start_new_session=True)
+    try:
+        reader, writer = await asyncio.open_connection(sock=channel)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not (line := await reader.readline()).startswith(b"READY"):
+                    if not line:
+                        raise RuntimeError("the bare guest closed its channel before READY")
+            return (time.perf_counter() - t0) * 1000
+        finally:
+            writer.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
