@@ -138,10 +138,12 @@ async def _placement_and_audit(tmp: Path, logs: LogCounter) -> list[Figure]:
             + ("; rate = half the burst throughput above, rounded down to 50/s" if i else ""),
         )
         async with bench_stack(pki, tmp / f"paced-{i}") as stack:
-            paced = await run_jobs(stack, nodes, jobs, label=f"paced {rate:.0f}/s", prefix=f"paced{i}", rate=rate,
+            half = rate <= res.throughput() / 2  # the p99 budget holds at half the measured capacity, not beyond
+            label = f"paced {rate:.0f}/s" + (" (<= half capacity)" if half else " (over half capacity)")
+            paced = await run_jobs(stack, nodes, jobs, label=label, prefix=f"paced{i}", rate=rate,
                                    deadline_s=60.0)
             say(paced_line(paced, rate))
-            figs += report_run(paced, p99_target_ms=P99_TARGET_MS, rate_target=None)
+            figs += report_run(paced, p99_target_ms=P99_TARGET_MS if half else None, rate_target=None)
             chk = await check_claims(await stack.bus(Role.ADMIN), nodes, paced)
             say(f"  claim check: {chk.line()}")
             fig = Figure(f"paced {rate:.0f}/s: double-booked GPUs / claim errors", chk.problems, "",

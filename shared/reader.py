@@ -70,6 +70,22 @@ async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *
     messages are left (from the end-of-batch status). A batched request ends at that
     status; a single one at its one answer. Nothing stored is a 404 (no messages); any other status is an
     error, never read as "nothing there"."""
+    with map_nats_errors(f"read {stream}"):
+        if not batched:  # one answer: through the connection's shared reply inbox, no subscription of its own
+            msg = await nc.request(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
+                                   timeout=REPLY_TIMEOUT_S)
+            headers = dict(msg.headers or {})
+            status = headers.get("Status")
+            if status is None:
+                return [_stored(stream, msg, headers)], 0
+            if status == "404":
+                return [], 0
+            raise ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}")
+        return await _direct_get_batch(nc, stream, request)
+
+
+async def _direct_get_batch(nc: NatsClient, stream: str, request: dict[str, object]) -> tuple[list[RawMessage], int]:
+    """A batched direct get: many answers, then the end-of-batch status, on an inbox of its own."""
     out: list[RawMessage] = []
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -80,21 +96,18 @@ async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *
         status = headers.get("Status")
         if status is None:
             out.append(_stored(stream, msg, headers))
-            if not batched:
-                done.set_result(0)
         elif status in ("204", "404"):
             done.set_result(int(headers.get("Nats-Num-Pending", "0") or 0))
         else:
             done.set_exception(ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}"))
 
-    with map_nats_errors(f"read {stream}"):
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, cb=on_reply)
-        try:
-            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-            pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
-        finally:
-            await sub.unsubscribe()
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
+    finally:
+        await sub.unsubscribe()
     return out, pending
 
 
@@ -133,9 +146,10 @@ async def follow(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 
 
 
 async def first(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
-    """The earliest stored message on `subject` (None when nothing matches)."""
-    b = await get_batch(nc, stream, subject, seq=1, batch=1)
-    return b.messages[0] if b.messages else None
+    """The earliest stored message on `subject` (None when nothing matches): one request, one answer (the
+    scheduler asks this of every submission, so it takes no subscription of its own)."""
+    out, _ = await _direct_get(nc, stream, {"seq": 1, "next_by_subj": subject}, batched=False)
+    return out[0] if out else None
 
 
 async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
