@@ -105,7 +105,7 @@ async def _placement_and_audit(tmp: Path, logs: LogCounter) -> list[Figure]:
             "signature and fold each job's transitions (jobs partitioned by id); events/s = verified events / "
             "wall time; AuditWorkers() (one shard per core), run twice, then AuditWorkers(workers=0) (inline)",
         )
-        figs += await audit.run(admin, pki)
+        figs += await audit.run(admin, pki, stack.server_pid)
         say("  " + logs.drain())
 
     section(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from bench.common import Figure, say
-from bench.limits import cores, ed25519_verify_s
+from bench.limits import CpuMeter, cores, ed25519_verify_s
 from shared.audit import AuditReport, AuditWorkers, audit_replay
 from shared.bus import Bus
 from shared.codec import Codec
@@ -23,7 +25,7 @@ def _line(label: str, r: AuditReport) -> str:
             f"{len(r.dead_letters)}; streams: {streams}; job states: {states}")
 
 
-async def run(admin: Bus, pki: Pki) -> list[Figure]:
+async def run(admin: Bus, pki: Pki, server_pid: int | None = None) -> list[Figure]:
     bundle, ca = pki.trust_bundle.read_bytes(), pki.ca_cert.read_bytes()
     signer = pki.signer(Identity(Role.MARKETPLACE))
     sample = Codec(signer, pki.load_trust()).encode(JobSubmitted(owner="bench-client", image="img"), job_id="a-1")
@@ -35,8 +37,15 @@ async def run(admin: Bus, pki: Pki) -> list[Figure]:
     try:
         cold = await audit_replay(admin.js, pool)
         say(_line(f"pool of {pool.workers}, first run (includes worker start-up)", cold))
+        pids = {"parent (fetch + route)": os.getpid(), **{f"shard-{i}": pid for i, pid in enumerate(pool.pids)}}
+        if server_pid is not None:
+            pids["nats-server"] = server_pid
+        meter = CpuMeter(pids)
+        meter.start()
         warm = await audit_replay(admin.js, pool)
+        meter.stop()
         say(_line(f"pool of {pool.workers}, second run (warm workers)", warm))
+        say(f"  {meter.per(max(1, warm.events), 'event')}; Ed25519 verify alone {verify_s * 1e6:.0f} µs")
     finally:
         pool.close()
     inline_verifier = AuditWorkers(bundle, ca, workers=0)

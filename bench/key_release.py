@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from bench.common import Figure, say, section, windowed
-from bench.limits import release_crypto_s
+from bench.limits import CpuMeter, release_crypto_s
 from bench.stack import BenchStack, bench_stack, service_process
 from services.key_broker.store import BUCKET
 from shared.bus import Bus
@@ -136,10 +137,16 @@ async def run(tmp: Path) -> list[Figure]:
                 ack = await verifier.js.publish_async(out.subject, out.data, headers={"Nats-Msg-Id": out.event_id})
                 await ack
 
+            broker_pids = CpuMeter.children("services.key_broker")
+            meter = CpuMeter({"key-broker": broker_pids[0], "nats-server": stack.server_pid or os.getpid(),
+                              "bench (verifier + node)": os.getpid()})
+            meter.start()
             t0 = time.perf_counter()
             await windowed(burst, publish, window=256)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_in.wait(), 120)
+            meter.stop()
+            say(f"  burst: {meter.per(len(burst), 'release')}")
             done = [arrived[jobs[i]] for i in burst if jobs[i] in arrived]
             rate = len(done) / (max(done) - t0) if done else 0.0
         finally:

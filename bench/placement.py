@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.common import Figure, fmt_rate, percentile, say, windowed
-from bench.limits import nats_publish_rate
+from bench.limits import CpuMeter, nats_publish_rate
 from bench.stack import BenchStack, log_problems, scheduler_process
 from services.scheduler.placement import NodeRecord, NodeStatus
 from shared.bus import Bus
@@ -96,6 +97,7 @@ class RunResult:
     publish_s: float = 0.0
     log_summary: str = ""
     error: str = ""
+    cpu: str = ""  # CPU per placement, process by process, from first publish to last placement
 
     def latencies_ms(self) -> list[float]:
         return sorted((self.placed_at[j] - self.published_at[j]) * 1000 for j in self.placed_at
@@ -159,6 +161,8 @@ async def run_jobs(
         t0 = time.perf_counter()
         outs = [market.codec.encode(job_payload(i), job_id=f"{prefix}-{i:05d}") for i in range(jobs)]
         res.presign_s = time.perf_counter() - t0
+        meter = _meter(stack)
+        meter.start()
 
         async def publish(out: Outgoing) -> None:
             job = out.envelope.job_id or ""
@@ -187,6 +191,8 @@ async def run_jobs(
         else:
             if not all_placed.is_set():
                 res.error = f"deadline of {deadline_s:.0f} s reached"
+        meter.stop()
+        res.cpu = meter.per(max(1, len(res.placed_at)), "placement")
         res.log_summary = "; ".join(log_problems(log) for log in sched_logs)
     for s in subs:
         with contextlib.suppress(Exception):
@@ -200,6 +206,16 @@ async def bus_floor(stack: BenchStack, jobs: int, prefix: str) -> float:
     market = await stack.bus(Role.MARKETPLACE)
     outs = [market.codec.encode(job_payload(i), job_id=f"{prefix}-{i:05d}") for i in range(jobs)]
     return await nats_publish_rate(market.js, outs, WINDOW)
+
+
+def _meter(stack: BenchStack) -> CpuMeter:
+    """The scheduler processes, nats-server (a single server) and this process (the marketplace's publisher
+    and the admin's placement reader)."""
+    pids = {f"scheduler-{i}": pid for i, pid in enumerate(CpuMeter.children("services.scheduler"))}
+    if stack.server_pid is not None:
+        pids["nats-server"] = stack.server_pid
+    pids["bench"] = os.getpid()
+    return CpuMeter(pids)
 
 
 async def _paced(outs: list[Outgoing], publish: Callable[[Outgoing], Coroutine[Any, Any, None]], rate: float) -> None:
@@ -295,6 +311,7 @@ def report_run(res: RunResult, *, p99_target_ms: float | None, rate_target: floa
     say(f"  placed {placed:,}/{res.jobs:,}, pending {len(res.pending)}, duplicate job.placed {res.duplicates}"
         + (f"; STOPPED: {res.error}" if res.error else ""))
     say(f"  {res.log_summary}")
+    say(f"  {res.cpu}")
     if stored:
         say(f"  publish -> job.placed stored (server timestamp): p50 {percentile(stored, 50):.1f} ms, "
             f"p99 {percentile(stored, 99):.1f} ms")

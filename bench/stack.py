@@ -36,6 +36,12 @@ class BenchStack:
     settings: BenchSettings
     buses: list[Bus] = field(default_factory=list)
 
+    @property
+    def server_pid(self) -> int | None:
+        """The nats-server's process id (a single server; None for a cluster)."""
+        proc = getattr(self.server, "proc", None)
+        return int(proc.pid) if proc is not None else None
+
     async def bus(self, role: Role) -> Bus:
         b = await Bus.connect(self.server.url, self.pki, Identity(role))
         self.buses.append(b)

@@ -224,6 +224,11 @@ class AuditWorkers:
             self._conns.append(parent)
             self._procs.append(proc)
 
+    @property
+    def pids(self) -> list[int]:
+        """The shard processes' ids (none when the shard runs in this process)."""
+        return [int(p.pid) for p in self._procs]
+
     def feed(self, domain: Domain, msgs: list[RawMessage]) -> None:
         """A batch of `domain`'s stream, in stream order. Raw dead letters stay here (they are not events:
         the parent pairs them with the signed reports); everything else is an event and goes to a shard."""
