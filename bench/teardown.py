@@ -39,7 +39,7 @@ async def run(tmp: Path) -> list[Figure]:
         "to zero then memcmp against a zero chunk over an anonymous mapping of the same size, already resident "
         "(no mapping or page faults timed), best of 3, in this process",
     )
-    limit = memset_memcmp_gbs(SIZE)
+    before = memset_memcmp_gbs(SIZE)
     figs = []
     for touched in (1.0, 0.25):
         best = None
@@ -56,6 +56,7 @@ async def run(tmp: Path) -> list[Figure]:
             best = rate if best is None else max(best, rate)
         assert best is not None
         if touched == 1.0:
+            limit = (before + memset_memcmp_gbs(SIZE)) / 2  # on each side of the scrubs: the machine's speed drifts
             figs.append(Figure("guest RAM scrub, overwrite + verify", best, "GB/s", RATE_TARGET_RATIO,
                                higher_is_better=True, note=f"{SIZE >> 30} GiB, all pages written", limit=limit,
                                limit_of="memset + memcmp, same size"))
