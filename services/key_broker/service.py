@@ -20,6 +20,13 @@ pair and agreement, tens of microseconds) runs on the event loop, as the bus's s
 hop to a worker thread and back cost more than the work (a thread-pool future, a wake-up of the loop, the
 GIL handed over twice each way; `make bench` section 6 profiled it at a fifth of the broker's time per
 release). Only loading the KEK ring (scrypt, or a KMS call) goes to a thread.
+
+Each replica remembers the job records it last wrote or read (`RecordCache`), so a result that follows
+its instance's announcement through the same replica is decided without reading the record again. The
+remembered copy is only ever a starting point: a release is a compare-and-set on the revision it was
+decided on (a copy another replica has since superseded fails it, and the record is read again), and a
+decision that ends without a compare-and-set (a refusal, the re-publication of a release) is always taken
+on a record read from the store.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -74,6 +81,30 @@ WAIT_FOR_SUBMISSION = 4
 """Deliveries of an instance's announcement or verdict the broker waits (the consumer's back-off: about 4 s)
 for the job's record, when the submission may still be in another replica's hands."""
 ANNOUNCE_WAIT_S = 2.0  # an attestation result may overtake its instance's announcement between replicas
+RECORDS_REMEMBERED = 4096
+
+
+class RecordCache:
+    """The job records this replica last wrote or read, with their store revisions (most recent last)."""
+
+    def __init__(self, size: int = RECORDS_REMEMBERED) -> None:
+        self.size = size
+        self._records: OrderedDict[str, tuple[JobKeys, int]] = OrderedDict()
+
+    def get(self, job_id: str) -> tuple[JobKeys, int] | None:
+        return self._records.get(job_id)
+
+    def put(self, job_id: str, record: JobKeys, revision: int) -> None:
+        self._records[job_id] = (record, revision)
+        self._records.move_to_end(job_id)
+        while len(self._records) > self.size:
+            self._records.popitem(last=False)
+
+    def forget(self, job_id: str) -> None:
+        self._records.pop(job_id, None)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 def dek_aad(job_id: str) -> bytes:
@@ -92,6 +123,7 @@ class KeyBroker:
         self.refused = 0
         self.revocations: dict[str, NodeRevocation] = {}
         self.revocations_loaded = asyncio.Event()
+        self.records = RecordCache()
 
     @classmethod
     async def create(cls, bus: Bus, settings: KeyBrokerSettings) -> KeyBroker:
@@ -121,7 +153,7 @@ class KeyBroker:
     # ================================================================ consume
     async def on_job_event(self, event: Event) -> None:
         job_id = event.job_id or ""
-        seen: tuple[JobKeys | None, int] = (None, 0)
+        seen: tuple[JobKeys | None, int, bool] = (None, 0, False)
         if isinstance(event.payload, InstanceAttested):
             seen = await self._announced(job_id, event.payload.instance_id or "")
         async with self._locks[job_id]:  # one decision per job at a time in this replica (CAS across replicas)
@@ -183,7 +215,8 @@ class KeyBroker:
         record = JobKeys(job_id=job_id, submitted_id=event.id, policy=spec.key_release, security=spec.security,
                          wrapped=blob.hex(), kek_version=wrapped.kek_version,
                          wrapped_sha256=hashlib.sha256(blob).hexdigest(), plaintext_buffers_zeroed=1)
-        if await self.kv.create(job_key(job_id), record):
+        if revision := await self.kv.create(job_key(job_id), record):
+            self.records.put(job_id, record, revision)
             log.info("volume key made", extra={"kek_version": wrapped.kek_version})
 
     async def _await_submission(self, job_id: str, event: Event) -> bool:
@@ -212,20 +245,23 @@ class KeyBroker:
 
         # The superseded revision holds the same wrapped copy: it is erased with all the others at destruction
         # (an erase costs the store a synchronous overwrite; not on every announcement's path).
-        await self._cas(job_key(job_id), JobKeys, add)
+        stored = await self._cas(job_key(job_id), JobKeys, add)
+        if stored is not None:
+            self.records.put(job_id, *stored)
 
     # ================================================================ decide + act: release
     async def on_attested(self, job_id: str, result: InstanceAttested, event: Event,
-                          seen: tuple[JobKeys | None, int] = (None, 0)) -> None:
-        """`seen`: the record as last read (a compare-and-set on a stale copy fails and reads again)."""
+                          seen: tuple[JobKeys | None, int, bool] = (None, 0, False)) -> None:
+        """`seen`: the record as last read or remembered (its revision; whether it was remembered rather than
+        read now). A release on a stale copy fails its compare-and-set and reads again; a refusal or a
+        re-publication is decided only on a record read now."""
         node = event.node_id or ""
         instance = result.instance_id or ""
         for _ in range(CAS_TRIES):
-            record, revision = seen
-            seen = (None, 0)
+            record, revision, remembered = seen
+            seen = (None, 0, False)
             if record is None:
-                got, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
-                record = got if isinstance(got, JobKeys) else None
+                record, revision = await self._read(job_id)
             if record is None:
                 if await self._await_submission(job_id, event):
                     continue  # its record appeared meanwhile: read it again
@@ -233,6 +269,8 @@ class KeyBroker:
             decision = decide_release(record, result, job_id=job_id, node_id=node, result_id=event.id,
                                       stream_seq=event.stream_seq, now_ns=time.time_ns(),
                                       revocation=self.revocations.get(node))
+            if remembered and (not decision.release or decision.redelivery):
+                continue  # no compare-and-set would check this copy: decide again on the stored record
             if not decision.release:
                 await self._refuse(job_id, node, instance, decision, event)
                 return
@@ -251,7 +289,8 @@ class KeyBroker:
                 try:
                     new_revision = await self.kv.update(job_key(job_id), updated, revision)
                 except Stale:
-                    continue  # another replica decided first: decide again on what it wrote
+                    continue  # another replica decided first (or the copy was stale): decide again on the store
+                self.records.put(job_id, updated, new_revision)
                 if rewrap:  # every copy under the old KEK is erased at once; copies of this one at destruction
                     await self.kv.erase_before(job_key(job_id), new_revision)
                 record = updated
@@ -302,6 +341,7 @@ class KeyBroker:
         published. Resumable: a redelivery or another replica finishes a destruction that stopped midway,
         with the evidence the tombstone fixed (the same event, published once)."""
         key = job_key(job_id)
+        self.records.forget(job_id)
         for _ in range(CAS_TRIES):
             record, revision, _ = await self.kv.get(key, JobKeys)
             if not isinstance(record, JobKeys) or record.destruction_reported:
@@ -339,16 +379,29 @@ class KeyBroker:
         raise Stale(key)
 
     # ================================================================ helpers
-    async def _announced(self, job_id: str, instance: str) -> tuple[JobKeys | None, int]:
+    async def _read(self, job_id: str) -> tuple[JobKeys | None, int]:
+        """The job's record and revision as stored now (remembered for the next decision)."""
+        got, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
+        if isinstance(got, JobKeys):
+            self.records.put(job_id, got, revision)
+            return got, revision
+        self.records.forget(job_id)
+        return None, 0
+
+    async def _announced(self, job_id: str, instance: str) -> tuple[JobKeys | None, int, bool]:
         """Wait (briefly, outside the job's lock) until the instance's announcement is stored: another
-        replica may still be writing it when the result arrives here. Returns the record as read."""
+        replica may still be writing it when the result arrives here. Returns the record, its revision and
+        whether it is the copy this replica remembers (one that names the instance: no read then)."""
+        remembered = self.records.get(job_id)
+        if remembered is not None and instance in remembered[0].instance_keys:
+            return *remembered, True
         deadline = time.monotonic() + ANNOUNCE_WAIT_S
         while True:
-            record, revision, _ = await self.kv.get(job_key(job_id), JobKeys)
-            if not isinstance(record, JobKeys):
-                return None, 0
+            record, revision = await self._read(job_id)
+            if record is None:
+                return None, 0, False
             if instance in record.instance_keys or time.monotonic() >= deadline:
-                return record, revision
+                return record, revision, False
             await asyncio.sleep(0.05)
 
     async def _follow_revocations(self, stop: asyncio.Event) -> None:
@@ -370,16 +423,16 @@ class KeyBroker:
             self.revocations[rec.node_id] = rec
 
     async def _cas(self, key: str, model: type[Record], change: Callable[[Record | None], Record | None], *,
-                   erase_superseded: bool = False) -> None:
-        """Read, apply `change` (None: nothing to write), compare-and-set; again on a lost race."""
+                   erase_superseded: bool = False) -> tuple[Record, int] | None:
+        """Read, apply `change` (None: nothing to write), compare-and-set; again on a lost race. Returns what
+        was written and its revision (None when nothing was)."""
         for _ in range(CAS_TRIES):
             cur, revision, _ = await self.kv.get(key, model)
             new = change(cur if isinstance(cur, model) else None)
             if new is None:
-                return
+                return None
             try:
-                await self.kv.update(key, new, revision, erase_superseded=erase_superseded)
-                return
+                return new, await self.kv.update(key, new, revision, erase_superseded=erase_superseded)
             except Stale:
                 continue
         raise Stale(key)

@@ -360,3 +360,54 @@ async def test_a_job_without_a_volume_is_not_waited_for_forever(stack: Stack, tm
         assert await env.record(job) is None
         assert env.broker.bus.handler_failures == 0
         assert not await env.events(f"qvm.keys.{job}.>")
+
+
+async def test_a_remembered_record_is_only_a_starting_point(stack: Stack, tmp_path: Path) -> None:
+    """The broker remembers the record it wrote at the announcement, so the release needs no read; a copy that
+    another replica has superseded (here: the key destroyed behind its back) never decides anything."""
+    async with broker_env(stack, tmp_path) as env:
+        job = await env.job()
+        await env.announce(job, "i-1")
+        remembered = env.broker.records.get(job)
+        assert remembered is not None and "i-1" in remembered[0].instance_keys  # written here: remembered
+        other = KeyBroker(env.broker.bus, stack.settings, env.broker.ring, env.kv)  # a second replica
+        await other.destroy(job, "job_cancelled")
+        assert env.broker.records.get(job) == remembered  # this replica did not see that
+        await env.verifier.publish(env.result(job, "i-1"), job_id=job, node_id=NODE)
+        answer = await env.answer(job, KeyReleaseRefused)
+        assert isinstance(answer.payload, KeyReleaseRefused) and answer.payload.reason == "keys_destroyed"
+        assert not [e for e in await env.events(f"qvm.keys.{job}.>") if isinstance(e.payload, KeyReleased)]
+
+
+async def test_a_release_from_a_remembered_record_is_a_compare_and_set(stack: Stack, tmp_path: Path) -> None:
+    """A result decided on the remembered copy after another replica changed the record: the compare-and-set
+    fails, the record is read again, and the release goes out once, recorded in the store."""
+    async with broker_env(stack, tmp_path) as env:
+        job = await env.job()
+        await env.announce(job, "i-1")
+        stale = env.broker.records.get(job)
+        assert stale is not None
+        cur, revision, _ = await env.kv.get(job_key(job), JobKeys)
+        assert isinstance(cur, JobKeys)
+        await env.kv.update(job_key(job), cur.model_copy(update={"plaintext_buffers_zeroed": 7}), revision)
+        released = await env.attest(job, env.result(job, "i-1"))
+        assert isinstance(released.payload, KeyReleased)
+        rec = await env.record(job)
+        assert rec is not None and rec.holder == "i-1" and rec.plaintext_buffers_zeroed == 8  # built on the store's
+        assert env.broker.records.get(job) != stale  # and remembered as written
+
+
+def test_the_remembered_records_are_bounded() -> None:
+    from services.key_broker.service import RecordCache
+
+    cache = RecordCache(size=3)
+    rec = JobKeys(job_id="j", submitted_id="s", policy=KeyReleasePolicy(), security=SecurityLevel.BASIC)
+    for i in range(5):
+        cache.put(f"j{i}", rec, i)
+    assert len(cache) == 3 and cache.get("j0") is None and cache.get("j4") == (rec, 4)
+    cache.get("j2")
+    cache.put("j2", rec, 9)  # rewritten: most recent again
+    cache.put("j5", rec, 10)
+    assert cache.get("j3") is None and cache.get("j2") == (rec, 9)
+    cache.forget("j2")
+    assert cache.get("j2") is None
