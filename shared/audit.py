@@ -43,6 +43,7 @@ from shared.events import (
 )
 from shared.identity import Identity
 from shared.lifecycle import JobBook
+from shared.models import field_or
 from shared.pki import TrustBundle
 from shared.replay import RawMessage, read_stream
 
@@ -145,7 +146,7 @@ class AuditShard:
                     r.violations.append(f"{stream} #{seq}: illegal transition: {exc}")
             job = event.job_id or ""
             if event.spec.type in _INSTANCE_EVENTS:  # counted whether the fold took the event or not
-                instance = getattr(event.payload, "instance_id", None) or event.envelope.instance_id
+                instance = field_or(event.payload, "instance_id", None) or event.envelope.instance_id
                 if instance:
                     self.instances.setdefault((job, instance), (stream, seq))
                     if event.spec.type is EventType.INSTANCE_DESTROYED:

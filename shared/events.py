@@ -17,6 +17,7 @@ catalogue is the one place to read what any event carries, where it goes and who
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -38,6 +39,7 @@ from shared.models import (
     TrustState,
     VolumeErasure,
     VramScrub,
+    field_or,
 )
 
 __all__ = [
@@ -884,11 +886,17 @@ def subject_for(
 ) -> str:
     """Render a spec's subject; every placeholder it names must be given."""
     values = {"job_id": job_id, "node_id": node_id, "producer": producer}
-    needed = {k: v for k, v in values.items() if "{" + k + "}" in spec.subject}
+    needed = {k: values[k] for k in _placeholders(spec.subject)}
     missing = [k for k, v in needed.items() if not v]
     if missing:
         raise ValueError(f"{spec.type}: subject needs {', '.join(missing)}")
     return spec.subject.format(**needed)
+
+
+@functools.cache
+def _placeholders(template: str) -> tuple[str, ...]:
+    """The ids a subject template names (once per template: every event encoded or decoded renders one)."""
+    return tuple(k for k in ("job_id", "node_id", "producer") if "{" + k + "}" in template)
 
 
 def subject_filter(spec: EventSpec, **fixed: str) -> str:
@@ -908,5 +916,5 @@ def scope_filter(domain: Domain, scope: str) -> str:
 
 def payload_field_node(payload: Frozen) -> str | None:
     """Events whose payload names a node (placed/accepted/refused) must agree with their subject."""
-    node = getattr(payload, "node_id", None)
+    node = field_or(payload, "node_id", None)
     return node if isinstance(node, str) else None

@@ -35,6 +35,7 @@ from shared.events import (
     JobRefused,
     JobSubmitted,
 )
+from shared.models import field_or
 
 __all__ = ["TERMINAL", "JobBook", "JobState", "JobView", "apply"]
 
@@ -127,7 +128,7 @@ def apply(view: JobView | None, event: Event) -> JobView:
     seen = view.seen | {event.id}
     match etype:
         case EventType.JOB_PENDING:
-            return replace(view, seen=seen, reason=getattr(p, "reason", ""))
+            return replace(view, seen=seen, reason=field_or(p, "reason", ""))
         case EventType.JOB_PLACED:
             assert isinstance(p, JobPlaced)
             if p.attempt != view.attempt:  # a placement from an earlier attempt, arriving late
@@ -136,7 +137,7 @@ def apply(view: JobView | None, event: Event) -> JobView:
             return replace(view, state=_S.PLACED, since_ns=t, node_id=p.node_id, attempt=p.attempt, seen=seen,
                            gpu_uuids=tuple(p.claim.gpu_uuids))
         case EventType.JOB_ACCEPTED | EventType.JOB_REFUSED:
-            if event.node_id != view.node_id or getattr(p, "attempt", -1) != view.attempt:
+            if event.node_id != view.node_id or field_or(p, "attempt", -1) != view.attempt:
                 raise TransitionNotAllowed(job_id, f"{view.state} on {view.node_id}#{view.attempt}", etype.value)
             if isinstance(p, JobRefused):
                 return replace(view, state=_S.PENDING, since_ns=t, node_id=None, attempt=view.attempt + 1,
@@ -146,17 +147,17 @@ def apply(view: JobView | None, event: Event) -> JobView:
             assert isinstance(p, JobCancelRequested)
             return replace(view, cancel_requested=True, reason=p.reason, seen=seen)
         case EventType.JOB_CANCELLED:
-            return replace(view, state=_S.CANCELLED, since_ns=t, reason=getattr(p, "reason", ""), seen=seen)
+            return replace(view, state=_S.CANCELLED, since_ns=t, reason=field_or(p, "reason", ""), seen=seen)
         case EventType.JOB_FAILED:
             assert isinstance(p, JobFailed)
             return replace(view, state=_S.FAILED, since_ns=t, reason=p.reason, seen=seen)
         case EventType.JOB_DONE:
             return replace(view, state=_S.DONE, since_ns=t, seen=seen)
         case EventType.INSTANCE_PROVISIONING | EventType.INSTANCE_OUTPUT | EventType.INSTANCE_SUSPICIOUS:
-            return replace(view, seen=seen, instance_id=getattr(p, "instance_id", view.instance_id))
+            return replace(view, seen=seen, instance_id=field_or(p, "instance_id", view.instance_id))
         case EventType.INSTANCE_BOOTED:
             return replace(view, state=_S.ATTESTING, since_ns=t, seen=seen,
-                           instance_id=getattr(p, "instance_id", view.instance_id))
+                           instance_id=field_or(p, "instance_id", view.instance_id))
         case EventType.INSTANCE_ATTESTED:
             return replace(view, seen=seen, attested=True)
         case EventType.INSTANCE_ATTESTATION_FAILED:

@@ -24,6 +24,7 @@ from shared.codec import Event
 from shared.cvm.errors import expected_report_data
 from shared.events import AttestPurpose, AttestRequested, CvmEvidence, InstanceAttestationFailed, InstanceAttested
 from shared.ids import derive_event_id
+from shared.models import field_or
 from shared.tpm.measurements import AssignmentMeasurement, InstanceMeasurement
 
 __all__ = ["InstanceGate"]
@@ -110,7 +111,7 @@ class InstanceGate:
 
     def resolve(self, event: Event) -> None:
         p = event.payload
-        instance_id = getattr(p, "instance_id", None) or ""
+        instance_id = field_or(p, "instance_id", None) or ""
         future = self._waiting.get(instance_id)
         if future is None or future.done():
             return  # a verdict for an instance no longer waiting (redelivery, agent restart)
