@@ -237,11 +237,21 @@ class Bus:
         with map_nats_errors(f"bind consumer {name}"):
             sub = await self.js.pull_subscribe_bind(name, spec.stream)
         inflight: set[asyncio.Task[None]] = set()
+        refill = max(1, max_inflight // 4)
+        roomy = asyncio.Event()  # set once a quarter of the window is free again
+
+        def finished(task: asyncio.Task[None]) -> None:
+            """O(1) per handler: `asyncio.wait` on the window would hook every task in it each time one ends."""
+            inflight.discard(task)
+            if max_inflight - len(inflight) >= refill:
+                roomy.set()
+
         try:
             while not stop.is_set():
                 room = max_inflight - len(inflight)
-                if room < max(1, max_inflight // 4):
-                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                if room < refill:
+                    roomy.clear()
+                    await roomy.wait()
                     continue
                 try:
                     msgs = await _fetch_now(sub, room)
@@ -256,7 +266,7 @@ class Bus:
                 for m in msgs:
                     task = asyncio.create_task(self._process(m, spec, name, handler))
                     inflight.add(task)
-                    task.add_done_callback(inflight.discard)
+                    task.add_done_callback(finished)
         finally:
             if inflight:
                 await asyncio.wait(inflight, timeout=10)
