@@ -13,7 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from bench.common import Figure
-from bench.limits import CpuMeter, best_seconds, ed25519_verify_s, memset_memcmp_gbs, release_crypto_s
+from bench.limits import (
+    CpuMeter,
+    best_seconds,
+    ed25519_verify_rate_all_cores,
+    ed25519_verify_s,
+    memset_memcmp_gbs,
+    release_crypto_s,
+)
 from bench.report import summary_json
 
 
@@ -57,6 +64,7 @@ def test_limits_measure_real_work() -> None:
     assert memset_memcmp_gbs(8 << 20) > 0
     calls = []
     assert best_seconds(lambda: calls.append(1), 10, rounds=2) >= 0 and len(calls) == 20
+    assert ed25519_verify_rate_all_cores(key, b"event", seconds=0.2) > 0  # every core, one process each
 
 
 def test_cpu_meter_counts_a_child_by_its_module() -> None:
