@@ -59,33 +59,30 @@ async def get_batch(nc: NatsClient, stream: str, subject: str = ">", *, seq: int
         request["start_time"] = datetime.fromtimestamp(max(0, start_ns) / 1e9, UTC).isoformat()
     else:
         request["seq"] = max(1, seq)
-    out, pending = await _direct_get(nc, stream, request, batched=True)
+    out, pending = await _direct_get_batch(nc, stream, request)
     out.sort(key=lambda m: m.seq)
     return Batch(out, pending)
 
 
-async def _direct_get(nc: NatsClient, stream: str, request: dict[str, object], *, batched: bool
-                      ) -> tuple[list[RawMessage], int]:
-    """One `$JS.API.DIRECT.GET` request: the stored messages it answers with, and how many matching
-    messages are left (from the end-of-batch status). A batched request ends at that
-    status; a single one at its one answer. Nothing stored is a 404 (no messages); any other status is an
-    error, never read as "nothing there"."""
+async def _direct_get_one(nc: NatsClient, stream: str, request: dict[str, object]) -> RawMessage | None:
+    """One `$JS.API.DIRECT.GET` with one answer, through the connection's shared reply inbox (no subscription of
+    its own): the stored message, or None when nothing matches (a 404); any other status is an error, never
+    read as "nothing there"."""
     with map_nats_errors(f"read {stream}"):
-        if not batched:  # one answer: through the connection's shared reply inbox, no subscription of its own
-            msg = await nc.request(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(),
-                                   timeout=REPLY_TIMEOUT_S)
-            headers = dict(msg.headers or {})
-            status = headers.get("Status")
-            if status is None:
-                return [_stored(stream, msg, headers)], 0
-            if status == "404":
-                return [], 0
-            raise ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}")
-        return await _direct_get_batch(nc, stream, request)
+        msg = await nc.request(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), timeout=REPLY_TIMEOUT_S)
+        headers = dict(msg.headers or {})
+        status = headers.get("Status")
+        if status is None:
+            return _stored(stream, msg, headers)
+        if status == "404":
+            return None
+        raise ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}")
 
 
 async def _direct_get_batch(nc: NatsClient, stream: str, request: dict[str, object]) -> tuple[list[RawMessage], int]:
-    """A batched direct get: many answers, then the end-of-batch status, on an inbox of its own."""
+    """A batched `$JS.API.DIRECT.GET`, on an inbox of its own: the stored messages it answers with, then the
+    end-of-batch status, which says how many matching messages are left. Nothing stored is a 404 (no
+    messages); any other status is an error, never read as "nothing there"."""
     out: list[RawMessage] = []
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -101,13 +98,14 @@ async def _direct_get_batch(nc: NatsClient, stream: str, request: dict[str, obje
         else:
             done.set_exception(ConnectionError(f"direct get {stream}: {status} {msg.data[:200]!r}"))
 
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
-    finally:
-        await sub.unsubscribe()
+    with map_nats_errors(f"read {stream}"):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_reply)
+        try:
+            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+            pending = await asyncio.wait_for(done, REPLY_TIMEOUT_S)
+        finally:
+            await sub.unsubscribe()
     return out, pending
 
 
@@ -148,14 +146,12 @@ async def follow(nc: NatsClient, stream: str, subject: str = ">", *, seq: int = 
 async def first(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
     """The earliest stored message on `subject` (None when nothing matches): one request, one answer (the
     scheduler asks this of every submission, so it takes no subscription of its own)."""
-    out, _ = await _direct_get(nc, stream, {"seq": 1, "next_by_subj": subject}, batched=False)
-    return out[0] if out else None
+    return await _direct_get_one(nc, stream, {"seq": 1, "next_by_subj": subject})
 
 
 async def last(nc: NatsClient, stream: str, subject: str) -> RawMessage | None:
     """The latest stored message on `subject` (a literal subject: read by subject, not by scanning)."""
-    out, _ = await _direct_get(nc, stream, {"last_by_subj": subject}, batched=False)
-    return out[0] if out else None
+    return await _direct_get_one(nc, stream, {"last_by_subj": subject})
 
 
 def _stored(stream: str, msg: Msg, headers: dict[str, str]) -> RawMessage:
