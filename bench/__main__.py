@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import platform
@@ -189,26 +190,27 @@ async def _codec(tmp: Path, logs: LogCounter) -> list[Figure]:
     return figs
 
 
-SECTIONS = ("codec", "placement", "vm", "attestation", "keys", "teardown", "join", "cvm", "guard", "warm")
+Body = Callable[[Path, LogCounter], Awaitable[list[Figure]]]
+_RUNS: list[tuple[str, str, Body]] = [  # (--only key, heading, body(tmp, logs))
+    ("codec", "1. per-event cost", lambda tmp, logs: _codec(tmp / "codec", logs)),
+    ("placement", "2./3. placement + audit", lambda tmp, logs: _placement_and_audit(tmp / "fleet", logs)),
+    ("vm", "4. micro VM runtime", lambda tmp, _: vm.run(tmp / "vm")),
+    ("attestation", "5. attestation", lambda tmp, _: attestation.run(tmp / "attestation")),
+    ("keys", "6. key release", lambda tmp, _: key_release.run(tmp / "key-release")),
+    ("teardown", "7. teardown", lambda tmp, _: teardown.run(tmp / "teardown")),
+    ("join", "8. joining", lambda tmp, _: join.run(tmp / "join")),
+    ("cvm", "9. CVM evidence", lambda tmp, _: cvm.run(tmp / "cvm")),
+    ("guard", "10. runtime guard", lambda tmp, _: guard.run(tmp / "guard")),
+    ("warm", "11. warm instances", lambda tmp, _: warm.run(tmp / "warm")),
+]
+SECTIONS = tuple(key for key, _, _ in _RUNS)
 
 
 async def _run_all(tmp: Path, logs: LogCounter, only: set[str]) -> list[Figure]:
-    runs: list[tuple[str, str, Callable[[], Awaitable[list[Figure]]]]] = [
-        ("codec", "1. per-event cost", lambda: _codec(tmp / "codec", logs)),
-        ("placement", "2./3. placement + audit", lambda: _placement_and_audit(tmp / "fleet", logs)),
-        ("vm", "4. micro VM runtime", lambda: vm.run(tmp / "vm")),
-        ("attestation", "5. attestation", lambda: attestation.run(tmp / "attestation")),
-        ("keys", "6. key release", lambda: key_release.run(tmp / "key-release")),
-        ("teardown", "7. teardown", lambda: teardown.run(tmp / "teardown")),
-        ("join", "8. joining", lambda: join.run(tmp / "join")),
-        ("cvm", "9. CVM evidence", lambda: cvm.run(tmp / "cvm")),
-        ("guard", "10. runtime guard", lambda: guard.run(tmp / "guard")),
-        ("warm", "11. warm instances", lambda: warm.run(tmp / "warm")),
-    ]
     figs: list[Figure] = []
-    for key, name, body in runs:
+    for key, name, body in _RUNS:
         if key in only:
-            figs += await _guarded(name, logs, body)
+            figs += await _guarded(name, logs, functools.partial(body, tmp, logs))
     return figs
 
 

@@ -37,9 +37,7 @@ async def run(admin: Bus, pki: Pki, server_pid: int | None = None) -> list[Figur
         cold = await audit_replay(admin.js, pool)
         say(_line(f"pool of {pool.workers}, first run (includes worker start-up)", cold))
         pids = {"parent (fetch + route)": os.getpid(), **{f"shard-{i}": pid for i, pid in enumerate(pool.pids)}}
-        if server_pid is not None:
-            pids["nats-server"] = server_pid
-        meter = CpuMeter(pids)
+        meter = CpuMeter.with_server(pids, server_pid)
         meter.start()
         warm = await audit_replay(admin.js, pool)
         meter.stop()

@@ -138,8 +138,8 @@ async def run(tmp: Path) -> list[Figure]:
                 await ack
 
             broker_pids = CpuMeter.children("services.key_broker")
-            meter = CpuMeter({"key-broker": broker_pids[0], "nats-server": stack.server_pid or os.getpid(),
-                              "bench (verifier + node)": os.getpid()})
+            meter = CpuMeter.with_server({"key-broker": broker_pids[0], "bench (verifier + node)": os.getpid()},
+                                         stack.server_pid)
             meter.start()
             t0 = time.perf_counter()
             await windowed(burst, publish, window=256)

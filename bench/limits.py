@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from nats.js import JetStreamContext
 
 from bench.common import windowed
 from shared.codec import Outgoing
@@ -52,6 +53,11 @@ class CpuMeter:
         self.pids = pids
         self._start: dict[str, float] = {}
         self.spent: dict[str, float] = {}
+
+    @classmethod
+    def with_server(cls, pids: dict[str, int], server_pid: int | None) -> CpuMeter:
+        """`pids` and nats-server, where the stack has a single server (a cluster's are not counted)."""
+        return cls({**pids, "nats-server": server_pid} if server_pid is not None else pids)
 
     @staticmethod
     def cpu_s(pid: int) -> float:
@@ -211,14 +217,12 @@ def release_crypto_s(signed_result: bytes, released: bytes, key: ed25519.Ed25519
         ring.close()
 
 
-async def nats_publish_rate(js: object, outs: Sequence[Outgoing], window: int = 64) -> float:
+async def nats_publish_rate(js: JetStreamContext, outs: Sequence[Outgoing], window: int = 64) -> float:
     """Publishes/s that this machine's NATS stores and acknowledges for one client: `outs` (pre-signed)
     published with `window` in flight, each awaiting its JetStream ack, exactly as the placement bench
     submits jobs, with nothing consuming them (the bus floor of a placement)."""
-    publish = js.publish  # type: ignore[attr-defined]
-
     async def one(out: Outgoing) -> None:
-        await publish(out.subject, out.data, headers={"Nats-Msg-Id": out.event_id})
+        await js.publish(out.subject, out.data, headers={"Nats-Msg-Id": out.event_id})
 
     t0 = time.perf_counter()
     await windowed(list(outs), one, window)

@@ -212,10 +212,7 @@ def _meter(stack: BenchStack) -> CpuMeter:
     """The scheduler processes, nats-server (a single server) and this process (the marketplace's publisher
     and the admin's placement reader)."""
     pids = {f"scheduler-{i}": pid for i, pid in enumerate(CpuMeter.children("services.scheduler"))}
-    if stack.server_pid is not None:
-        pids["nats-server"] = stack.server_pid
-    pids["bench"] = os.getpid()
-    return CpuMeter(pids)
+    return CpuMeter.with_server({**pids, "bench": os.getpid()}, stack.server_pid)
 
 
 async def _paced(outs: list[Outgoing], publish: Callable[[Outgoing], Coroutine[Any, Any, None]], rate: float) -> None:

@@ -148,7 +148,7 @@ async def _bare_boot(bundle: Path, manifest: ImageManifest, cmdline: str, accel:
     workdir.mkdir(parents=True)
     scratch = workdir / "scratch.img"
     with open(scratch, "wb") as f:
-        f.truncate(InstanceSpec("x", "x", bundle, ()).scratch_mib << 20)
+        f.truncate(InstanceSpec.scratch_mib << 20)  # the agent's default scratch disk, sparse
     parts = manifest.parts()
     with contextlib.ExitStack() as opened:
         fds = [opened.enter_context(open(bundle / part.file, "rb")).fileno() for part in parts]
